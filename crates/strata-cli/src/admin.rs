@@ -1,0 +1,73 @@
+//! `strata admin ...`
+
+use clap::Subcommand;
+use strata_common::Config;
+use strata_common::size::format_size;
+
+#[derive(Subcommand)]
+pub enum AdminCmd {
+    /// Workers, capacity, usage and cache hit ratio.
+    Report,
+}
+
+pub async fn run(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
+    let c = crate::client(cfg)?;
+    match cmd {
+        AdminCmd::Report => {
+            let workers = c.workers().await?;
+            let mounts = c.mounts().await?;
+            let live = workers.iter().filter(|w| w.live).count();
+            let (mut cap, mut used, mut hits, mut misses, mut ufs) = (0, 0, 0, 0, 0);
+            for w in &workers {
+                let s = w.stats.unwrap_or_default();
+                if w.live {
+                    cap += s.capacity_bytes;
+                    used += s.used_bytes;
+                }
+                hits += s.hits;
+                misses += s.misses;
+                ufs += s.ufs_bytes_read;
+            }
+            println!("master:          {}", c.master_addr());
+            println!("mounts:          {}", mounts.len());
+            println!("workers:         {live} live / {} known", workers.len());
+            println!("capacity:        {}", format_size(cap));
+            println!(
+                "used:            {} ({:.1}%)",
+                format_size(used),
+                100.0 * used as f64 / cap.max(1) as f64
+            );
+            let ratio = if hits + misses == 0 {
+                "n/a".to_string()
+            } else {
+                format!("{:.1}%", 100.0 * hits as f64 / (hits + misses) as f64)
+            };
+            println!("cache hit ratio: {ratio} ({hits} page hits, {misses} misses)");
+            println!("read from UFS:   {}", format_size(ufs));
+            println!();
+            println!(
+                "{:<20} {:<22} {:>5} {:>12} {:>12} {:>9} {:>10}",
+                "worker", "data address", "live", "capacity", "used", "hit%", "evictions"
+            );
+            for w in workers {
+                let s = w.stats.unwrap_or_default();
+                let hr = if s.hits + s.misses == 0 {
+                    "n/a".to_string()
+                } else {
+                    format!("{:.1}", 100.0 * s.hits as f64 / (s.hits + s.misses) as f64)
+                };
+                println!(
+                    "{:<20} {:<22} {:>5} {:>12} {:>12} {:>9} {:>10}",
+                    w.worker_id,
+                    w.data_addr,
+                    if w.live { "yes" } else { "no" },
+                    format_size(s.capacity_bytes),
+                    format_size(s.used_bytes),
+                    hr,
+                    s.evictions
+                );
+            }
+        }
+    }
+    Ok(())
+}

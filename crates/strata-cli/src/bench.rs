@@ -1,0 +1,342 @@
+//! `strata bench ...`: every figure is printed next to baselines measured in
+//! the same run on the same bytes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Subcommand;
+use futures::StreamExt;
+use strata_client::{Client, FileInfo};
+use strata_common::Config;
+use strata_common::size::format_size;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use xxhash_rust::xxh3::Xxh3;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Read a file set through the SDK cold and warm, next to a direct UFS
+    /// read and a plain loopback TCP stream of the same number of bytes.
+    Read {
+        /// A file or directory in the namespace (under a mount).
+        #[arg(long)]
+        path: String,
+        /// Parallel readers (a single file is split into this many ranges).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Hash every byte and check all runs read identical data.
+        #[arg(long)]
+        verify: bool,
+    },
+}
+
+#[derive(Clone)]
+struct Task {
+    file: FileInfo,
+    off: u64,
+    len: u64,
+}
+
+struct RunResult {
+    secs: f64,
+    bytes: u64,
+    /// Per-task hashes (order of tasks), when verifying.
+    hashes: Vec<u64>,
+}
+
+fn split(files: &[FileInfo], threads: usize) -> Vec<Task> {
+    let mut tasks = Vec::new();
+    for f in files {
+        let parts = if files.len() >= threads {
+            1
+        } else {
+            threads.div_ceil(files.len())
+        } as u64;
+        let step = f.size.div_ceil(parts).max(1);
+        let mut off = 0;
+        while off < f.size {
+            let len = step.min(f.size - off);
+            tasks.push(Task {
+                file: f.clone(),
+                off,
+                len,
+            });
+            off += len;
+        }
+    }
+    tasks
+}
+
+/// Runs `tasks` on `threads` workers; each task's bytes come from `read`.
+async fn run_tasks<F, Fut>(
+    tasks: &[Task],
+    threads: usize,
+    verify: bool,
+    read: F,
+) -> anyhow::Result<RunResult>
+where
+    F: Fn(Task) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<
+            Output = anyhow::Result<futures::stream::BoxStream<'static, anyhow::Result<Bytes>>>,
+        > + Send,
+{
+    let queue = Arc::new(Mutex::new((0..tasks.len()).collect::<Vec<_>>()));
+    let hashes = Arc::new(Mutex::new(vec![0u64; tasks.len()]));
+    let tasks = Arc::new(tasks.to_vec());
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..threads.max(1) {
+        let (queue, hashes, tasks, read) =
+            (queue.clone(), hashes.clone(), tasks.clone(), read.clone());
+        handles.push(tokio::spawn(async move {
+            let mut bytes = 0u64;
+            loop {
+                let next = queue
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("queue poisoned"))?
+                    .pop();
+                let Some(i) = next else { break };
+                let t = tasks[i].clone();
+                let want = t.len;
+                let mut s = read(t).await?;
+                let mut h = Xxh3::new();
+                let mut got = 0u64;
+                while let Some(chunk) = s.next().await {
+                    let chunk = chunk?;
+                    if verify {
+                        h.update(&chunk);
+                    }
+                    got += chunk.len() as u64;
+                }
+                if got != want {
+                    bail!("short read: wanted {want} bytes, got {got}");
+                }
+                bytes += got;
+                hashes.lock().map_err(|_| anyhow::anyhow!("poisoned"))?[i] = h.digest();
+            }
+            anyhow::Ok(bytes)
+        }));
+    }
+    let mut bytes = 0;
+    for h in handles {
+        bytes += h.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let hashes = hashes
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    Ok(RunResult {
+        secs,
+        bytes,
+        hashes,
+    })
+}
+
+async fn ufs_bytes_read(c: &Client) -> u64 {
+    c.workers()
+        .await
+        .map(|ws| {
+            ws.iter()
+                .filter_map(|w| w.stats)
+                .map(|s| s.ufs_bytes_read)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A plain TCP stream over loopback: `threads` connections carrying `total`
+/// bytes from a memory buffer, read into buffers and dropped. It is the
+/// ceiling of the network path the data protocol runs on.
+async fn loopback_tcp(
+    total: u64,
+    threads: usize,
+    sample: Bytes,
+    verify: bool,
+) -> anyhow::Result<RunResult> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let per = total.div_ceil(threads as u64);
+    let server = tokio::spawn(async move {
+        let mut hs = Vec::new();
+        for _ in 0..threads {
+            let (mut s, _) = listener.accept().await?;
+            let sample = sample.clone();
+            hs.push(tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut left = per;
+                while left > 0 {
+                    let n = (sample.len() as u64).min(left) as usize;
+                    s.write_all(&sample[..n]).await?;
+                    left -= n as u64;
+                }
+                s.shutdown().await?;
+                anyhow::Ok(())
+            }));
+        }
+        for h in hs {
+            h.await??;
+        }
+        anyhow::Ok(())
+    });
+    let started = Instant::now();
+    let mut hs = Vec::new();
+    for _ in 0..threads {
+        hs.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            let _ = s.set_nodelay(true);
+            let mut h = Xxh3::new();
+            let mut got = 0u64;
+            loop {
+                // A fresh buffer per megabyte, as the SDK hands out `Bytes`.
+                let mut buf = bytes::BytesMut::with_capacity(1 << 20);
+                let n = s.read_buf(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                if verify {
+                    h.update(&buf);
+                }
+                got += n as u64;
+            }
+            anyhow::Ok(got)
+        }));
+    }
+    let mut bytes = 0;
+    for h in hs {
+        bytes += h.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    server.await??;
+    Ok(RunResult {
+        secs,
+        bytes,
+        hashes: Vec::new(),
+    })
+}
+
+pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
+    let BenchCmd::Read {
+        path,
+        threads,
+        verify,
+    } = cmd;
+    let c = crate::client(cfg)?;
+    let files = c.list_files_recursive(&path).await?;
+    if files.is_empty() {
+        bail!("{path}: no files to read");
+    }
+    let mut mounts = BTreeMap::new();
+    for f in &files {
+        if f.mount_id == 0 || f.persist_state != strata_client::PersistState::Persisted as i32 {
+            bail!(
+                "{}: not a persisted file under a mount; the bench compares against the UFS",
+                f.path
+            );
+        }
+        if let std::collections::btree_map::Entry::Vacant(e) = mounts.entry(f.mount_id) {
+            let m = c.mount_details(f.mount_id).await?;
+            let opts: BTreeMap<String, String> = m.options.into_iter().collect();
+            let uri = strata_ufs::UfsUri::parse(&m.ufs_uri, &opts)?;
+            e.insert(strata_ufs::open(&uri)?);
+        }
+    }
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    let tasks = split(&files, threads);
+    println!(
+        "bench read {path}: {} file(s), {} ({} bytes), {threads} reader(s), {} task(s)",
+        files.len(),
+        format_size(total),
+        total,
+        tasks.len()
+    );
+
+    // Cold: nothing of these files cached.
+    c.free(&path).await?;
+    let sdk = |c: Client| {
+        move |t: Task| {
+            let c = c.clone();
+            async move {
+                let r = c.open(&t.file.path).await?;
+                let s = r
+                    .stream_range(t.off, t.len)
+                    .map(|b| b.map_err(anyhow::Error::from));
+                anyhow::Ok(s.boxed())
+            }
+        }
+    };
+    let u0 = ufs_bytes_read(&c).await;
+    let cold = run_tasks(&tasks, threads, verify, sdk(c.clone()))
+        .await
+        .context("cold SDK read")?;
+    let u1 = ufs_bytes_read(&c).await;
+    let warm = run_tasks(&tasks, threads, verify, sdk(c.clone()))
+        .await
+        .context("warm SDK read")?;
+    let u2 = ufs_bytes_read(&c).await;
+
+    let mounts = Arc::new(mounts);
+    let direct = run_tasks(&tasks, threads, verify, move |t: Task| {
+        let mounts = mounts.clone();
+        async move {
+            let ufs = mounts
+                .get(&t.file.mount_id)
+                .context("mount vanished")?
+                .clone();
+            let path = t.file.ufs_path.clone();
+            let s = ufs.read_stream(&path, t.off..t.off + t.len).await?;
+            anyhow::Ok(s.map(|b| b.map_err(anyhow::Error::from)).boxed())
+        }
+    })
+    .await
+    .context("direct UFS read")?;
+
+    let first = &files[0];
+    let sample = c
+        .open(&first.path)
+        .await?
+        .read_at(0, (16 << 20).min(first.size))
+        .await?;
+    let tcp = loopback_tcp(total, threads.max(1), sample, false).await?;
+
+    if verify {
+        if cold.hashes != warm.hashes || warm.hashes != direct.hashes {
+            bail!("verification failed: cold, warm and direct reads returned different bytes");
+        }
+        println!(
+            "verify: cold, warm and direct UFS reads returned identical bytes (xxh3 per range)"
+        );
+    }
+
+    let rate = |r: &RunResult| r.bytes as f64 / r.secs.max(1e-9);
+    let mib = |r: &RunResult| rate(r) / (1 << 20) as f64;
+    println!();
+    println!(
+        "{:<28} {:>9} {:>11} {:>14} {:>16} {:>14}",
+        "run", "seconds", "MiB/s", "x direct UFS", "% loopback TCP", "UFS bytes read"
+    );
+    let row = |name: &str, r: &RunResult, ufs: Option<u64>| {
+        println!(
+            "{:<28} {:>9.3} {:>11.1} {:>14.2} {:>15.1}% {:>14}",
+            name,
+            r.secs,
+            mib(r),
+            rate(r) / rate(&direct),
+            100.0 * rate(r) / rate(&tcp),
+            ufs.map(|u| u.to_string()).unwrap_or_else(|| "-".into())
+        );
+    };
+    row("direct UFS read", &direct, None);
+    row("strata cold read (SDK)", &cold, Some(u1 - u0));
+    row("strata warm read (SDK)", &warm, Some(u2 - u1));
+    row("loopback TCP (baseline)", &tcp, None);
+    println!();
+    println!(
+        "warm/direct = {:.2}x, warm/loopback TCP = {:.1}%",
+        rate(&warm) / rate(&direct),
+        100.0 * rate(&warm) / rate(&tcp)
+    );
+    Ok(())
+}

@@ -1,0 +1,385 @@
+//! `strata fs ...`: file-system commands over the SDK.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Subcommand, ValueEnum};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use strata_client::{Client, FileInfo, MountOptions, WriteOptions, WriteType};
+use strata_common::Config;
+use strata_common::size::{format_size, parse_size};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum WriteTypeArg {
+    /// Cache only; the bytes are pinned on the workers and never reach the UFS.
+    MustCache,
+    /// Write the UFS before returning, and keep a cached copy.
+    CacheThrough,
+    /// Write the UFS only.
+    Through,
+}
+
+#[derive(Subcommand)]
+pub enum FsCmd {
+    /// List a directory.
+    Ls {
+        #[arg(default_value = "/")]
+        path: String,
+        /// Long format: kind, size, persistence, mtime.
+        #[arg(short = 'l', long)]
+        long: bool,
+    },
+    /// Show a file's or directory's metadata.
+    Stat { path: String },
+    /// Print a file to standard output.
+    Cat { path: String },
+    /// Copy a file from Strata to a local path ("-" for stdout).
+    Get { path: String, local: PathBuf },
+    /// Copy a local file ("-" for stdin) into Strata.
+    Put {
+        local: PathBuf,
+        path: String,
+        #[arg(long, value_enum, default_value = "cache-through")]
+        write_type: WriteTypeArg,
+        /// Replace an existing file.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Create a directory.
+    Mkdir {
+        path: String,
+        /// Create parents as needed.
+        #[arg(short = 'p', long)]
+        parents: bool,
+    },
+    /// Remove a file, or a directory with -r.
+    Rm {
+        path: String,
+        #[arg(short = 'r', long)]
+        recursive: bool,
+    },
+    /// Rename or move.
+    Mv { src: String, dst: String },
+    /// Total size and file count below a path.
+    Du { path: String },
+    /// Mount a UFS, or list mounts when called without arguments.
+    Mount {
+        path: Option<String>,
+        /// file:///abs/dir or s3://bucket[/prefix][?endpoint=...]
+        uri: Option<String>,
+        /// UFS option KEY=VALUE (endpoint, region, path_style, access_key_id, ...).
+        #[arg(long = "option", short = 'o', value_name = "KEY=VALUE")]
+        options: Vec<String>,
+        #[arg(long)]
+        read_only: bool,
+        /// Seconds before a listing is re-validated (-1 never, 0 always).
+        #[arg(long, allow_hyphen_values = true)]
+        sync_interval: Option<i64>,
+        #[arg(long, value_name = "SIZE")]
+        block_size: Option<String>,
+        #[arg(long, value_name = "SIZE")]
+        page_size: Option<String>,
+    },
+    /// Remove a mount (cached data stays until evicted or freed).
+    Unmount { path: String },
+    /// Re-validate a path against the UFS now.
+    Sync { path: String },
+    /// Cache every file below a path on the workers.
+    Load { path: String },
+    /// Drop cached pages of every file below a path.
+    Free { path: String },
+}
+
+fn bar(total: u64, msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+fn persist_name(i: &FileInfo) -> &'static str {
+    match i.persist_state {
+        1 => "persisted",
+        2 => "not-persisted",
+        3 => "to-be-persisted",
+        _ => "-",
+    }
+}
+
+fn print_stat(i: &FileInfo) {
+    println!("path:          {}", i.path);
+    println!(
+        "kind:          {}",
+        if i.is_dir { "directory" } else { "file" }
+    );
+    if !i.is_dir {
+        println!("size:          {} ({})", i.size, format_size(i.size));
+        println!("fingerprint:   {}", i.fingerprint);
+        println!("cache id:      {}", i.cache_id);
+        println!("block size:    {}", format_size(i.block_size));
+        println!("page size:     {}", format_size(i.page_size));
+        println!("complete:      {}", i.complete);
+    }
+    println!("persistence:   {}", persist_name(i));
+    println!("mtime (ms):    {}", i.mtime_ms);
+    println!("inode:         {}", i.id);
+    if i.mount_id != 0 {
+        println!("mount id:      {}", i.mount_id);
+        println!("ufs path:      {}", i.ufs_path);
+    }
+    if i.is_mount_point {
+        println!("mount point:   yes");
+    }
+}
+
+pub async fn run(cfg: &Config, cmd: FsCmd) -> anyhow::Result<()> {
+    let c = crate::client(cfg)?;
+    match cmd {
+        FsCmd::Ls { path, long } => {
+            for e in c.list(&path).await? {
+                if long {
+                    println!(
+                        "{:<4} {:>14} {:<15} {:>14}  {}{}",
+                        if e.is_dir { "dir" } else { "file" },
+                        e.size,
+                        persist_name(&e),
+                        e.mtime_ms,
+                        e.path,
+                        if e.is_dir { "/" } else { "" }
+                    );
+                } else {
+                    println!("{}{}", e.name, if e.is_dir { "/" } else { "" });
+                }
+            }
+        }
+        FsCmd::Stat { path } => print_stat(&c.stat(&path).await?),
+        FsCmd::Cat { path } => {
+            let r = c.open(&path).await?;
+            let mut s = Box::pin(r.stream(0));
+            let mut out = tokio::io::stdout();
+            while let Some(chunk) = s.next().await {
+                out.write_all(&chunk?).await?;
+            }
+            out.flush().await?;
+        }
+        FsCmd::Get { path, local } => get(&c, &path, &local).await?,
+        FsCmd::Put {
+            local,
+            path,
+            write_type,
+            overwrite,
+        } => {
+            let wt = match write_type {
+                WriteTypeArg::MustCache => WriteType::MustCache,
+                WriteTypeArg::CacheThrough => WriteType::CacheThrough,
+                WriteTypeArg::Through => WriteType::Through,
+            };
+            put(
+                &c,
+                &local,
+                &path,
+                WriteOptions {
+                    write_type: wt,
+                    overwrite,
+                    recursive: true,
+                },
+            )
+            .await?
+        }
+        FsCmd::Mkdir { path, parents } => {
+            c.mkdir(&path, parents).await?;
+        }
+        FsCmd::Rm { path, recursive } => {
+            let n = c.delete(&path, recursive).await?;
+            if recursive {
+                println!("removed {n} entries");
+            }
+        }
+        FsCmd::Mv { src, dst } => c.rename(&src, &dst).await?,
+        FsCmd::Du { path } => {
+            let files = c.list_files_recursive(&path).await?;
+            let total: u64 = files.iter().map(|f| f.size).sum();
+            println!(
+                "{} ({total} bytes) in {} files  {path}",
+                format_size(total),
+                files.len()
+            );
+        }
+        FsCmd::Mount {
+            path,
+            uri,
+            options,
+            read_only,
+            sync_interval,
+            block_size,
+            page_size,
+        } => match (path, uri) {
+            (None, None) => {
+                for m in c.mounts().await? {
+                    println!(
+                        "{:<24} {}  (sync {}s, block {}, page {}{})",
+                        m.path,
+                        m.ufs_uri,
+                        m.sync_interval,
+                        format_size(m.block_size),
+                        format_size(m.page_size),
+                        if m.read_only { ", read-only" } else { "" }
+                    );
+                }
+            }
+            (Some(p), Some(u)) => {
+                let mut opts = BTreeMap::new();
+                for o in options {
+                    let (k, v) = o
+                        .split_once('=')
+                        .with_context(|| format!("--option {o:?}: expected KEY=VALUE"))?;
+                    opts.insert(k.to_string(), v.to_string());
+                }
+                let m = c
+                    .mount(
+                        &p,
+                        &u,
+                        MountOptions {
+                            options: opts,
+                            read_only,
+                            sync_interval,
+                            block_size: block_size.map(|s| parse_size(&s)).transpose()?,
+                            page_size: page_size.map(|s| parse_size(&s)).transpose()?,
+                        },
+                    )
+                    .await?;
+                println!("mounted {} -> {}", m.path, m.ufs_uri);
+            }
+            _ => bail!(
+                "usage: strata fs mount /NS_PATH UFS_URI [--option K=V]...  (or no arguments to list)"
+            ),
+        },
+        FsCmd::Unmount { path } => c.unmount(&path).await?,
+        FsCmd::Sync { path } => {
+            let r = c.sync(&path).await?;
+            println!(
+                "synced {} directories, {} entries changed",
+                r.directories_synced, r.files_changed
+            );
+        }
+        FsCmd::Load { path } => {
+            let started = Instant::now();
+            let pb = bar(0, "loading");
+            let p = c
+                .load(&path, |p| {
+                    pb.set_length(p.bytes_total);
+                    pb.set_position(p.bytes_done);
+                    pb.set_message(format!("loading {}/{} files", p.files_done, p.files_total));
+                })
+                .await;
+            pb.finish_and_clear();
+            let p = p?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "loaded {} files, {} in {secs:.2}s ({}/s); {} pages fetched from the UFS, {} already cached",
+                p.files_done,
+                format_size(p.bytes_done),
+                format_size((p.bytes_done as f64 / secs.max(1e-9)) as u64),
+                p.ufs_pages,
+                p.cached_pages
+            );
+        }
+        FsCmd::Free { path } => {
+            let n = c.free(&path).await?;
+            println!("freed {n} cached pages");
+        }
+    }
+    Ok(())
+}
+
+async fn get(c: &Client, path: &str, local: &PathBuf) -> anyhow::Result<()> {
+    let r = c.open(path).await?;
+    let to_stdout = local.as_os_str() == "-";
+    let pb = if to_stdout {
+        ProgressBar::hidden()
+    } else {
+        bar(r.len(), "get")
+    };
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if to_stdout {
+        Box::new(tokio::io::stdout())
+    } else {
+        let tmp = local.with_extension("strata-part");
+        Box::new(
+            tokio::fs::File::create(&tmp)
+                .await
+                .with_context(|| format!("cannot create {}", tmp.display()))?,
+        )
+    };
+    let mut s = Box::pin(r.stream(0));
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk?;
+        out.write_all(&chunk).await?;
+        pb.inc(chunk.len() as u64);
+    }
+    out.flush().await?;
+    drop(out);
+    pb.finish_and_clear();
+    if !to_stdout {
+        // Only a complete copy appears under the requested name.
+        tokio::fs::rename(local.with_extension("strata-part"), local)
+            .await
+            .with_context(|| format!("cannot rename into {}", local.display()))?;
+    }
+    Ok(())
+}
+
+async fn put(c: &Client, local: &PathBuf, path: &str, opts: WriteOptions) -> anyhow::Result<()> {
+    let from_stdin = local.as_os_str() == "-";
+    let (mut input, len): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, u64) = if from_stdin {
+        (Box::new(tokio::io::stdin()), 0)
+    } else {
+        let f = tokio::fs::File::open(local)
+            .await
+            .with_context(|| format!("cannot open {}", local.display()))?;
+        let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+        (Box::new(f), len)
+    };
+    let pb = if from_stdin {
+        ProgressBar::hidden()
+    } else {
+        bar(len, "put")
+    };
+    let mut w = c.create(path, opts).await?;
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = match input.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                w.abort().await;
+                return Err(anyhow::anyhow!("reading {}: {e}", local.display()));
+            }
+        };
+        if let Err(e) = w.write(&buf[..n]).await {
+            w.abort().await;
+            return Err(e.into());
+        }
+        pb.inc(n as u64);
+    }
+    let info = w.close().await?;
+    pb.finish_and_clear();
+    let _ = std::io::stdout().flush();
+    println!(
+        "wrote {} ({} bytes, {})",
+        info.path,
+        info.size,
+        persist_name(&info)
+    );
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! The `strata` binary: argument parsing and wiring only. Servers live in
+//! `strata-master` / `strata-worker`, client logic in `strata-client`.
+
+mod admin;
+mod bench;
+mod fs;
+mod local;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use strata_common::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "strata",
+    version,
+    about = "Strata: a distributed cache over object stores and file systems"
+)]
+struct Cli {
+    /// Configuration file (default: $STRATA_CONFIG, else ./strata.toml if present).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Master address HOST:PORT (overrides cluster.master; env STRATA_MASTER).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    master: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a master (namespace, mount table, worker membership).
+    Master,
+    /// Run a worker (page cache, data server).
+    Worker,
+    /// Run a master and a worker in one process, for a first run and tests.
+    Local(local::LocalArgs),
+    /// File-system commands.
+    #[command(subcommand)]
+    Fs(fs::FsCmd),
+    /// Cluster administration.
+    #[command(subcommand)]
+    Admin(admin::AdminCmd),
+    /// Benchmarks with same-run baselines.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+    /// Print the effective configuration (file + environment) as TOML.
+    Config,
+}
+
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    if let Some(m) = &cli.master {
+        cfg.cluster.master = m.clone();
+    }
+    Ok(cfg)
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("strata: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let server = matches!(cli.cmd, Cmd::Master | Cmd::Worker | Cmd::Local(_));
+    init_logs(if server { "info" } else { "warn" });
+    let cfg = load_config(&cli)?;
+    match cli.cmd {
+        Cmd::Master => {
+            let m = strata_master::start(&cfg).await?;
+            println!("strata master listening on {}", m.addr);
+            wait_for_signal().await;
+            m.stop().await;
+            Ok(())
+        }
+        Cmd::Worker => {
+            let w = strata_worker::start(&cfg)
+                .await
+                .context("starting the worker")?;
+            println!(
+                "strata worker {} serving data on {} (master {})",
+                w.id, w.data_addr, cfg.cluster.master
+            );
+            wait_for_signal().await;
+            w.stop().await;
+            Ok(())
+        }
+        Cmd::Local(args) => local::run(cfg, args).await,
+        Cmd::Fs(c) => fs::run(&cfg, c).await,
+        Cmd::Admin(c) => admin::run(&cfg, c).await,
+        Cmd::Bench(c) => bench::run(&cfg, c).await,
+        Cmd::Config => {
+            print!("{}", cfg.to_toml());
+            Ok(())
+        }
+    }
+}
+
+pub(crate) fn client(cfg: &Config) -> anyhow::Result<strata_client::Client> {
+    Ok(strata_client::Client::new(
+        &cfg.cluster.master,
+        cfg.client.clone(),
+    )?)
+}

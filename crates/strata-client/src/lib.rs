@@ -1,0 +1,471 @@
+//! The Rust SDK. Every other interface (CLI, FUSE, gateway, Python) is built
+//! on it. It talks gRPC to the master for metadata and the binary data
+//! protocol to workers for bytes, choosing each block's worker by rendezvous
+//! hashing over the live workers. It knows nothing about how workers store
+//! pages or how the master stores the namespace.
+
+mod conn;
+mod error;
+mod reader;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt, stream};
+use strata_common::config::ClientConfig;
+use strata_common::ids::block_placement_key;
+use strata_common::placement::{Candidate, owners};
+use strata_common::{CacheId, NsPath};
+use strata_proto::data::{Message, ReadSpec, Source};
+use strata_proto::pb::{self, master_client::MasterClient};
+use tonic::transport::Channel;
+
+pub use error::ClientError;
+pub use pb::{FileInfo, MountInfo, PersistState, WorkerInfo, WriteType};
+pub use reader::Reader;
+pub use writer::{WriteOptions, Writer};
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// How long a fetched worker list is trusted before asking the master again.
+const WORKER_LIST_TTL: Duration = Duration::from_secs(2);
+
+pub(crate) struct Inner {
+    master_addr: String,
+    master: MasterClient<Channel>,
+    cfg: ClientConfig,
+    workers: Mutex<Option<(Instant, Vec<WorkerInfo>)>>,
+    pool: conn::Pool,
+}
+
+/// A handle to a Strata cluster; cheap to clone and share across tasks.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// Progress of a [`Client::load`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadProgress {
+    pub files_total: u64,
+    pub bytes_total: u64,
+    pub files_done: u64,
+    pub bytes_done: u64,
+    /// Pages the workers had to fetch from the UFS.
+    pub ufs_pages: u64,
+    pub cached_pages: u64,
+}
+
+/// Mount options for [`Client::mount`].
+#[derive(Clone, Debug, Default)]
+pub struct MountOptions {
+    pub options: BTreeMap<String, String>,
+    pub read_only: bool,
+    pub sync_interval: Option<i64>,
+    pub block_size: Option<u64>,
+    pub page_size: Option<u64>,
+}
+
+fn parse_path(p: &str) -> Result<NsPath> {
+    NsPath::parse(p).map_err(|e| ClientError::InvalidArgument(e.to_string()))
+}
+
+impl Client {
+    /// Creates a client for the master at `addr` (`host:port`). Nothing is
+    /// dialled until the first call.
+    pub fn new(addr: &str, cfg: ClientConfig) -> Result<Client> {
+        let uri = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let ep = tonic::transport::Endpoint::from_shared(uri).map_err(|e| {
+            ClientError::InvalidArgument(format!("invalid master address {addr:?}: {e}"))
+        })?;
+        let ch = ep
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let timeout = Duration::from_secs(cfg.io_timeout_secs.max(1));
+        Ok(Client {
+            inner: Arc::new(Inner {
+                master_addr: addr.to_string(),
+                master: MasterClient::new(ch)
+                    .max_decoding_message_size(256 << 20)
+                    .max_encoding_message_size(64 << 20),
+                cfg,
+                workers: Mutex::new(None),
+                pool: conn::Pool::new(timeout),
+            }),
+        })
+    }
+
+    pub fn master_addr(&self) -> &str {
+        &self.inner.master_addr
+    }
+
+    pub(crate) fn master(&self) -> MasterClient<Channel> {
+        self.inner.master.clone()
+    }
+
+    pub(crate) fn status(&self, s: tonic::Status) -> ClientError {
+        ClientError::from_status(s, &self.inner.master_addr)
+    }
+
+    pub async fn stat(&self, path: &str) -> Result<FileInfo> {
+        let p = parse_path(path)?;
+        self.master()
+            .get_file_info(pb::PathRequest {
+                path: p.to_string(),
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.status(s))
+    }
+
+    pub async fn list(&self, path: &str) -> Result<Vec<FileInfo>> {
+        let p = parse_path(path)?;
+        self.master()
+            .list_status(pb::PathRequest {
+                path: p.to_string(),
+            })
+            .await
+            .map(|r| r.into_inner().entries)
+            .map_err(|s| self.status(s))
+    }
+
+    /// Every file below `path` (or `path` itself if it is a file).
+    pub async fn list_files_recursive(&self, path: &str) -> Result<Vec<FileInfo>> {
+        let mut out = Vec::new();
+        let mut stack = vec![path.to_string()];
+        while let Some(p) = stack.pop() {
+            for e in self.list(&p).await? {
+                if e.is_dir {
+                    stack.push(e.path.clone());
+                } else {
+                    out.push(e);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    pub async fn mkdir(&self, path: &str, recursive: bool) -> Result<FileInfo> {
+        let p = parse_path(path)?;
+        self.master()
+            .create_directory(pb::MkdirRequest {
+                path: p.to_string(),
+                recursive,
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.status(s))
+    }
+
+    /// Deletes a file or (with `recursive`) a directory tree. Bytes that lived
+    /// only in the cache are freed on the workers.
+    pub async fn delete(&self, path: &str, recursive: bool) -> Result<u64> {
+        let p = parse_path(path)?;
+        let r = self
+            .master()
+            .delete(pb::DeleteRequest {
+                path: p.to_string(),
+                recursive,
+            })
+            .await
+            .map_err(|s| self.status(s))?
+            .into_inner();
+        for id in r.unpersisted_cache_ids {
+            if let Some(id) = CacheId::from_hex(&id) {
+                self.free_everywhere(id).await;
+            }
+        }
+        Ok(r.inodes_removed)
+    }
+
+    pub async fn rename(&self, src: &str, dst: &str) -> Result<()> {
+        let (s, d) = (parse_path(src)?, parse_path(dst)?);
+        self.master()
+            .rename(pb::RenameRequest {
+                src: s.to_string(),
+                dst: d.to_string(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| self.status(s))
+    }
+
+    pub async fn mount(&self, path: &str, ufs_uri: &str, opts: MountOptions) -> Result<MountInfo> {
+        let p = parse_path(path)?;
+        self.master()
+            .mount(pb::MountRequest {
+                path: p.to_string(),
+                ufs_uri: ufs_uri.to_string(),
+                options: opts.options.into_iter().collect(),
+                read_only: opts.read_only,
+                sync_interval: opts.sync_interval,
+                block_size: opts.block_size,
+                page_size: opts.page_size,
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.status(s))
+    }
+
+    pub async fn unmount(&self, path: &str) -> Result<()> {
+        let p = parse_path(path)?;
+        self.master()
+            .unmount(pb::PathRequest {
+                path: p.to_string(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| self.status(s))
+    }
+
+    pub async fn mounts(&self) -> Result<Vec<MountInfo>> {
+        self.master()
+            .list_mounts(pb::Empty {})
+            .await
+            .map(|r| r.into_inner().mounts)
+            .map_err(|s| self.status(s))
+    }
+
+    /// A mount with its credentials (what workers use to reach the UFS).
+    pub async fn mount_details(&self, id: u64) -> Result<MountInfo> {
+        self.master()
+            .get_mount(pb::MountIdRequest { id })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.status(s))
+    }
+
+    /// Re-validates `path` against the UFS now.
+    pub async fn sync(&self, path: &str) -> Result<pb::SyncResponse> {
+        let p = parse_path(path)?;
+        self.master()
+            .sync(pb::PathRequest {
+                path: p.to_string(),
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.status(s))
+    }
+
+    /// All workers the master knows, live or not.
+    pub async fn workers(&self) -> Result<Vec<WorkerInfo>> {
+        self.master()
+            .list_workers(pb::Empty {})
+            .await
+            .map(|r| r.into_inner().workers)
+            .map_err(|s| self.status(s))
+    }
+
+    pub(crate) async fn live_workers(&self, refresh: bool) -> Result<Vec<WorkerInfo>> {
+        if !refresh {
+            if let Some((t, w)) = &*self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()) {
+                if t.elapsed() < WORKER_LIST_TTL {
+                    return Ok(w.clone());
+                }
+            }
+        }
+        let live: Vec<WorkerInfo> = self
+            .workers()
+            .await?
+            .into_iter()
+            .filter(|w| w.live)
+            .collect();
+        if live.is_empty() {
+            return Err(ClientError::NoWorkers(self.inner.master_addr.clone()));
+        }
+        *self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), live.clone()));
+        Ok(live)
+    }
+
+    /// The worker that owns `block` of `cache_id` (rendezvous hashing).
+    pub(crate) async fn owner(
+        &self,
+        cache_id: CacheId,
+        block: u64,
+        refresh: bool,
+    ) -> Result<String> {
+        let live = self.live_workers(refresh).await?;
+        let cands: Vec<Candidate> = live
+            .iter()
+            .map(|w| Candidate {
+                id: w.worker_id,
+                weight: w.stats.map(|s| s.capacity_bytes).unwrap_or(1),
+            })
+            .collect();
+        let id = owners(block_placement_key(cache_id, block), &cands, 1)
+            .first()
+            .copied()
+            .ok_or_else(|| ClientError::NoWorkers(self.inner.master_addr.clone()))?;
+        Ok(live
+            .iter()
+            .find(|w| w.worker_id == id)
+            .map(|w| w.data_addr.clone())
+            .unwrap_or_default())
+    }
+
+    /// Opens a file for reading.
+    pub async fn open(&self, path: &str) -> Result<Reader> {
+        let info = self.stat(path).await?;
+        Reader::new(self.clone(), info)
+    }
+
+    /// Reads a whole file. If the UFS object changes under the read, the
+    /// namespace is re-synced and the read starts over once.
+    pub async fn read_file(&self, path: &str) -> Result<bytes::Bytes> {
+        let r = self.open(path).await?;
+        match r.read_at(0, r.len()).await {
+            Err(ClientError::Changed { .. }) => {
+                self.sync(path).await?;
+                let r = self.open(path).await?;
+                r.read_at(0, r.len()).await
+            }
+            other => other,
+        }
+    }
+
+    pub async fn create(&self, path: &str, opts: WriteOptions) -> Result<Writer> {
+        Writer::create(self.clone(), path, opts).await
+    }
+
+    /// Writes a whole buffer as a new file.
+    pub async fn write_file(
+        &self,
+        path: &str,
+        data: &[u8],
+        opts: WriteOptions,
+    ) -> Result<FileInfo> {
+        let mut w = self.create(path, opts).await?;
+        if let Err(e) = w.write(data).await {
+            w.abort().await;
+            return Err(e);
+        }
+        w.close().await
+    }
+
+    /// Makes every block of every file below `path` cached on its owner.
+    pub async fn load(
+        &self,
+        path: &str,
+        mut progress: impl FnMut(&LoadProgress),
+    ) -> Result<LoadProgress> {
+        let files = self.list_files_recursive(path).await?;
+        let mut p = LoadProgress {
+            files_total: files.len() as u64,
+            bytes_total: files.iter().map(|f| f.size).sum(),
+            ..Default::default()
+        };
+        progress(&p);
+        let mut tasks = Vec::new();
+        for f in &files {
+            let r = Reader::new(self.clone(), f.clone())?;
+            let chunk = self.inner.cfg.read_chunk.0.max(f.page_size);
+            let mut off = 0;
+            while off < f.size {
+                let (bs, _) = r.block_bounds(off);
+                let end = (off + chunk).min(bs).min(f.size);
+                tasks.push((r.clone(), off, end - off, end == f.size));
+                off = end;
+            }
+            if f.size == 0 {
+                p.files_done += 1;
+            }
+        }
+        let parallel = self.inner.cfg.read_ahead_blocks.max(1) * 2;
+        let mut results = stream::iter(tasks)
+            .map(|(r, off, len, last)| async move {
+                r.load_range(off, len).await.map(|(c, u)| (len, c, u, last))
+            })
+            .buffer_unordered(parallel);
+        while let Some((len, c, u, last)) = results.try_next().await? {
+            p.bytes_done += len;
+            p.cached_pages += c;
+            p.ufs_pages += u;
+            if last {
+                p.files_done += 1;
+            }
+            progress(&p);
+        }
+        Ok(p)
+    }
+
+    /// Drops the cached pages of every file below `path` on all workers.
+    /// Files that exist only in the cache are skipped (freeing them would
+    /// lose them).
+    pub async fn free(&self, path: &str) -> Result<u64> {
+        let files = self.list_files_recursive(path).await?;
+        let mut pages = 0;
+        for f in files {
+            if f.persist_state != pb::PersistState::Persisted as i32 {
+                continue;
+            }
+            if let Some(id) = CacheId::from_hex(&f.cache_id) {
+                pages += self.free_everywhere(id).await;
+            }
+        }
+        Ok(pages)
+    }
+
+    async fn free_everywhere(&self, id: CacheId) -> u64 {
+        let Ok(workers) = self.live_workers(false).await else {
+            return 0;
+        };
+        let mut n = 0;
+        for w in workers {
+            if let Ok(Message::End { cached_pages, .. }) = self
+                .request(&w.data_addr, &Message::Free { cache_id: id.0 })
+                .await
+            {
+                n += cached_pages;
+            }
+        }
+        n
+    }
+
+    /// One request/response exchange on a pooled connection.
+    pub(crate) async fn request(&self, addr: &str, m: &Message) -> Result<Message> {
+        let mut c = self.inner.pool.get(addr).await?;
+        c.send(m).await?;
+        c.flush().await?;
+        let reply = c.recv().await;
+        match &reply {
+            Ok(_) => self.inner.pool.put(c),
+            Err(_) => self.inner.pool.drop_addr(addr),
+        }
+        reply
+    }
+
+    pub(crate) fn read_spec(info: &FileInfo, offset: u64, len: u64) -> Result<ReadSpec> {
+        let cache_id = CacheId::from_hex(&info.cache_id)
+            .ok_or_else(|| ClientError::Other(format!("{}: master sent no cache id", info.path)))?;
+        let persisted = info.persist_state == pb::PersistState::Persisted as i32;
+        Ok(ReadSpec {
+            cache_id: cache_id.0,
+            source: if persisted && info.mount_id != 0 {
+                Source::Ufs
+            } else {
+                Source::CacheOnly
+            },
+            mount_id: info.mount_id,
+            ufs_path: if info.mount_id != 0 {
+                info.ufs_path.clone()
+            } else {
+                info.path.clone()
+            },
+            fingerprint: info.fingerprint.clone(),
+            file_len: info.size,
+            block_size: info.block_size,
+            page_size: info.page_size,
+            offset,
+            len,
+        })
+    }
+}

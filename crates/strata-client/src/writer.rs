@@ -1,0 +1,233 @@
+//! Writing files. MUST_CACHE sends each block to its owner worker, pinned;
+//! CACHE_THROUGH and THROUGH stream the whole file through one worker, which
+//! writes the UFS object and returns its fingerprint before `close` returns.
+
+use bytes::{Bytes, BytesMut};
+use strata_common::CacheId;
+use strata_proto::data::{ErrorCode, Message, WriteMode, WriteSpec};
+use strata_proto::pb::{self, FileInfo, WriteType};
+
+use crate::conn::DataConn;
+use crate::{Client, ClientError, Result};
+
+/// Bytes gathered before a `Data` frame is sent.
+const FRAME: usize = 4 << 20;
+
+#[derive(Clone, Copy, Debug)]
+pub struct WriteOptions {
+    pub write_type: WriteType,
+    pub overwrite: bool,
+    /// Create missing parent directories.
+    pub recursive: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            write_type: WriteType::CacheThrough,
+            overwrite: false,
+            recursive: true,
+        }
+    }
+}
+
+struct Sink {
+    conn: DataConn,
+    /// For MUST_CACHE: the block this stream carries.
+    block: u64,
+}
+
+pub struct Writer {
+    client: Client,
+    info: FileInfo,
+    mode: WriteMode,
+    cache_id: CacheId,
+    buf: BytesMut,
+    sent: u64,
+    sink: Option<Sink>,
+    done: Option<(String, i64)>,
+}
+
+impl Writer {
+    pub(crate) async fn create(client: Client, path: &str, opts: WriteOptions) -> Result<Writer> {
+        let p = strata_common::NsPath::parse(path)
+            .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+        let info = client
+            .master()
+            .create_file(pb::CreateFileRequest {
+                path: p.to_string(),
+                write_type: opts.write_type as i32,
+                overwrite: opts.overwrite,
+                recursive: opts.recursive,
+            })
+            .await
+            .map_err(|s| client.status(s))?
+            .into_inner();
+        let cache_id = CacheId::for_inode(info.id, info.generation);
+        let mode = match opts.write_type {
+            WriteType::CacheThrough => WriteMode::CacheThrough,
+            WriteType::Through => WriteMode::Through,
+            _ => WriteMode::MustCache,
+        };
+        Ok(Writer {
+            client,
+            info,
+            mode,
+            cache_id,
+            buf: BytesMut::with_capacity(FRAME),
+            sent: 0,
+            sink: None,
+            done: None,
+        })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.info.path
+    }
+
+    pub async fn write(&mut self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            let room = FRAME - self.buf.len();
+            let n = room.min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() >= FRAME {
+                self.flush_buf().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_buf(&mut self) -> Result<()> {
+        while !self.buf.is_empty() {
+            let take = match self.mode {
+                WriteMode::MustCache => {
+                    let bs = self.info.block_size.max(1);
+                    let to_block_end = bs - self.sent % bs;
+                    (to_block_end as usize).min(self.buf.len())
+                }
+                _ => self.buf.len(),
+            };
+            let piece = self.buf.split_to(take).freeze();
+            self.send(piece).await?;
+        }
+        Ok(())
+    }
+
+    async fn open_sink(&mut self, block: u64) -> Result<()> {
+        let addr = self.client.owner(self.cache_id, block, false).await?;
+        let mut conn = self.client.inner.pool.get(&addr).await?;
+        conn.send(&Message::WriteBegin(WriteSpec {
+            mode: self.mode,
+            cache_id: self.cache_id.0,
+            mount_id: self.info.mount_id,
+            ufs_path: self.info.ufs_path.clone(),
+            block_size: self.info.block_size,
+            page_size: self.info.page_size,
+            offset: block * self.info.block_size,
+        }))
+        .await?;
+        self.sink = Some(Sink { conn, block });
+        Ok(())
+    }
+
+    async fn send(&mut self, piece: Bytes) -> Result<()> {
+        let block = match self.mode {
+            WriteMode::MustCache => self.sent / self.info.block_size.max(1),
+            _ => 0,
+        };
+        if self.sink.as_ref().map(|s| s.block) != Some(block) {
+            self.finish_sink().await?;
+            self.open_sink(block).await?;
+        }
+        self.sent += piece.len() as u64;
+        if let Some(s) = self.sink.as_mut() {
+            s.conn.send(&Message::Data(piece)).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish_sink(&mut self) -> Result<()> {
+        let Some(mut s) = self.sink.take() else {
+            return Ok(());
+        };
+        s.conn.send(&Message::WriteEnd).await?;
+        s.conn.flush().await?;
+        let addr = s.conn.addr.clone();
+        match s.conn.recv().await? {
+            Message::WriteDone {
+                fingerprint,
+                mtime_ms,
+                ..
+            } => {
+                self.client.inner.pool.put(s.conn);
+                self.done = Some((fingerprint, mtime_ms));
+                Ok(())
+            }
+            Message::Error { code, message } => {
+                self.client.inner.pool.put(s.conn);
+                Err(ClientError::Worker {
+                    addr,
+                    code,
+                    msg: format!("writing {}: {message}", self.info.path),
+                })
+            }
+            other => Err(ClientError::Connection {
+                addr,
+                msg: format!("unexpected reply to a write: {other:?}"),
+            }),
+        }
+    }
+
+    /// Completes the file; it is visible to readers once this returns.
+    pub async fn close(mut self) -> Result<FileInfo> {
+        let res = self.close_inner().await;
+        if res.is_err() {
+            self.abort_ref().await;
+        }
+        res
+    }
+
+    async fn close_inner(&mut self) -> Result<FileInfo> {
+        self.flush_buf().await?;
+        if self.sink.is_none() && self.mode != WriteMode::MustCache {
+            // An empty file still needs its UFS object.
+            self.open_sink(0).await?;
+        }
+        self.finish_sink().await?;
+        let (fingerprint, mtime_ms) = match self.mode {
+            WriteMode::MustCache => (String::new(), 0),
+            _ => self.done.clone().ok_or_else(|| ClientError::Worker {
+                addr: String::new(),
+                code: ErrorCode::Internal,
+                msg: format!(
+                    "{}: the worker did not confirm the UFS write",
+                    self.info.path
+                ),
+            })?,
+        };
+        self.client
+            .master()
+            .complete_file(pb::CompleteFileRequest {
+                id: self.info.id,
+                generation: self.info.generation,
+                size: self.sent,
+                fingerprint,
+                mtime_ms,
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.client.status(s))
+    }
+
+    async fn abort_ref(&mut self) {
+        self.sink = None;
+        let _ = self.client.delete(&self.info.path, false).await;
+        let _ = self.client.free_everywhere(self.cache_id).await;
+    }
+
+    /// Abandons the file: it is removed and its cached pages freed.
+    pub async fn abort(mut self) {
+        self.abort_ref().await;
+    }
+}

@@ -1,0 +1,280 @@
+//! The one configuration file (TOML) and its environment overrides.
+//!
+//! Every key has a default (see `docs/configuration.md`). Any key can be
+//! overridden with `STRATA_<SECTION>_<KEY>` (upper case), for example
+//! `STRATA_WORKER_CACHE_CAPACITY=20GiB`; `STRATA_MASTER` is the master
+//! address clients and workers dial (`cluster.master`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::CommonError;
+use crate::size::parse_size;
+
+pub const DEFAULT_MASTER_ADDR: &str = "127.0.0.1:19998";
+pub const DEFAULT_WORKER_DATA_ADDR: &str = "127.0.0.1:29999";
+
+/// A byte count written as a number or a string with a unit ("64MiB").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => parse_size(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub cluster: ClusterConfig,
+    pub master: MasterConfig,
+    pub worker: WorkerConfig,
+    pub client: ClientConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Master gRPC address that workers and clients dial.
+    pub master: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            master: DEFAULT_MASTER_ADDR.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MasterConfig {
+    /// Address the master's gRPC service listens on.
+    pub rpc_addr: String,
+    /// Directory of the metadata store (namespace, mount table).
+    pub data_dir: PathBuf,
+    /// Default seconds before a directory's UFS listing is re-validated:
+    /// -1 never, 0 on every access.
+    pub sync_interval: i64,
+    /// A worker missing heartbeats for this long is no longer given blocks.
+    pub worker_timeout_ms: u64,
+    /// Default block size (placement unit) for new mounts.
+    pub block_size: ByteSize,
+    /// Default page size (cache and UFS I/O unit) for new mounts.
+    pub page_size: ByteSize,
+    /// Seconds a mount's UFS may take to answer the reachability check.
+    pub mount_check_timeout_secs: u64,
+}
+
+impl Default for MasterConfig {
+    fn default() -> Self {
+        MasterConfig {
+            rpc_addr: DEFAULT_MASTER_ADDR.into(),
+            data_dir: PathBuf::from("./strata-data/master"),
+            sync_interval: 60,
+            worker_timeout_ms: 10_000,
+            block_size: ByteSize(crate::geometry::DEFAULT_BLOCK_SIZE),
+            page_size: ByteSize(crate::geometry::DEFAULT_PAGE_SIZE),
+            mount_check_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Address the data server listens on (the dedicated TCP data protocol).
+    pub data_addr: String,
+    /// Address clients are told to dial, if different from `data_addr`
+    /// (e.g. when listening on 0.0.0.0).
+    pub advertise_addr: Option<String>,
+    /// Directory that holds cached pages.
+    pub cache_dir: PathBuf,
+    /// Byte quota of the cache directory.
+    pub cache_capacity: ByteSize,
+    /// Milliseconds between heartbeats to the master.
+    pub heartbeat_interval_ms: u64,
+    /// Parallel ranged GETs one cold read may issue to the UFS.
+    pub ufs_read_concurrency: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            data_addr: DEFAULT_WORKER_DATA_ADDR.into(),
+            advertise_addr: None,
+            cache_dir: PathBuf::from("./strata-data/worker"),
+            cache_capacity: ByteSize(10 << 30),
+            heartbeat_interval_ms: 1000,
+            ufs_read_concurrency: 8,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Blocks a streaming read fetches ahead of the reader, in parallel.
+    pub read_ahead_blocks: usize,
+    /// Bytes per data-protocol read request (a slice of one block).
+    pub read_chunk: ByteSize,
+    /// Seconds a data-protocol request may stall before it fails.
+    pub io_timeout_secs: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            read_ahead_blocks: 4,
+            read_chunk: ByteSize(16 << 20),
+            io_timeout_secs: 60,
+        }
+    }
+}
+
+const SECTIONS: [&str; 4] = ["cluster", "master", "worker", "client"];
+
+impl Config {
+    /// Loads `path` if given, else `$STRATA_CONFIG`, else `./strata.toml`
+    /// when it exists, else the defaults; then applies environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Config, CommonError> {
+        let chosen: Option<PathBuf> = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => match std::env::var_os("STRATA_CONFIG") {
+                Some(p) => Some(PathBuf::from(p)),
+                None => {
+                    let local = PathBuf::from("strata.toml");
+                    local.exists().then_some(local)
+                }
+            },
+        };
+        let (text, origin) = match &chosen {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|e| CommonError::Config {
+                    origin: p.display().to_string(),
+                    msg: format!("cannot read the file: {e}"),
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "defaults".to_string()),
+        };
+        Self::from_toml_with_env(&text, &origin, std::env::vars())
+    }
+
+    /// Parses TOML text and applies `STRATA_*` overrides from `env`.
+    pub fn from_toml_with_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, CommonError> {
+        let err = |msg: String| CommonError::Config {
+            origin: origin.to_string(),
+            msg,
+        };
+        let mut table: toml::Table = text.parse().map_err(|e| err(format!("{e}")))?;
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix("STRATA_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            let (section, key) = if rest == "master" {
+                ("cluster".to_string(), "master".to_string())
+            } else if rest == "config" {
+                continue;
+            } else {
+                match SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) {
+                    Some(s) => (s.to_string(), rest[s.len() + 1..].to_string()),
+                    None => continue,
+                }
+            };
+            let value = if let Ok(i) = v.parse::<i64>() {
+                toml::Value::Integer(i)
+            } else if let Ok(b) = v.parse::<bool>() {
+                toml::Value::Boolean(b)
+            } else {
+                toml::Value::String(v.clone())
+            };
+            let sect = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            match sect {
+                toml::Value::Table(t) => {
+                    t.insert(key, value);
+                }
+                _ => return Err(err(format!("[{section}] must be a table"))),
+            }
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| err(format!("{e}")))?;
+        cfg.validate().map_err(|m| err(m))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        crate::Geometry {
+            block_size: self.master.block_size.0,
+            page_size: self.master.page_size.0,
+        }
+        .validate()
+        .map_err(|e| format!("master.block_size/master.page_size: {e}"))?;
+        if self.worker.cache_capacity.0 < self.master.page_size.0 {
+            return Err("worker.cache_capacity must hold at least one page".into());
+        }
+        if self.master.sync_interval < -1 {
+            return Err("master.sync_interval is -1 (never), 0 (always) or seconds".into());
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, every key with its value.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_env_and_errors() {
+        let c = Config::from_toml_with_env("", "t", Vec::new()).unwrap();
+        assert_eq!(c.cluster.master, DEFAULT_MASTER_ADDR);
+        let c = Config::from_toml_with_env(
+            "[worker]\ncache_capacity = \"2GiB\"\n",
+            "t",
+            vec![
+                ("STRATA_MASTER".into(), "10.0.0.1:1".into()),
+                ("STRATA_MASTER_SYNC_INTERVAL".into(), "0".into()),
+                ("STRATA_WORKER_DATA_ADDR".into(), "127.0.0.1:5".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.worker.cache_capacity.0, 2 << 30);
+        assert_eq!(c.cluster.master, "10.0.0.1:1");
+        assert_eq!(c.master.sync_interval, 0);
+        assert_eq!(c.worker.data_addr, "127.0.0.1:5");
+        let e = Config::from_toml_with_env("[worker]\ncache_capasity = 1\n", "f.toml", Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("f.toml") && e.contains("cache_capasity"), "{e}");
+        // The printed defaults parse back.
+        let d = Config::default().to_toml();
+        Config::from_toml_with_env(&d, "t", Vec::new()).unwrap();
+    }
+}

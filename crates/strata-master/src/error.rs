@@ -1,0 +1,57 @@
+use strata_meta::MetaError;
+use strata_ufs::{UfsError, UfsErrorKind};
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error("{path}: no such file or directory")]
+    NotFound { path: String },
+    #[error("{path}: already exists")]
+    Exists { path: String },
+    #[error("{path}: not a directory")]
+    NotDir { path: String },
+    #[error("{path}: is a directory")]
+    IsDir { path: String },
+    #[error("{path}: directory not empty (use recursive delete)")]
+    NotEmpty { path: String },
+    #[error("{path}: {msg}")]
+    Invalid { path: String, msg: String },
+    #[error("{0}")]
+    Path(#[from] strata_common::CommonError),
+    #[error("{path}: under storage error: {err}")]
+    Ufs { path: String, err: UfsError },
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("cannot listen on {addr}: {msg} (is another master running? set master.rpc_addr)")]
+    Bind { addr: String, msg: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<MasterError> for Status {
+    fn from(e: MasterError) -> Status {
+        let code = match &e {
+            MasterError::NotFound { .. } => Code::NotFound,
+            MasterError::Exists { .. } => Code::AlreadyExists,
+            MasterError::NotDir { .. }
+            | MasterError::IsDir { .. }
+            | MasterError::NotEmpty { .. } => Code::FailedPrecondition,
+            MasterError::Invalid { .. } | MasterError::Path(_) => Code::InvalidArgument,
+            MasterError::Ufs { err, .. } => match err.kind {
+                UfsErrorKind::NotFound => Code::NotFound,
+                UfsErrorKind::PermissionDenied => Code::PermissionDenied,
+                UfsErrorKind::Unreachable => Code::Unavailable,
+                UfsErrorKind::InvalidUri => Code::InvalidArgument,
+                UfsErrorKind::AlreadyExists => Code::AlreadyExists,
+                UfsErrorKind::Unsupported => Code::Unimplemented,
+                _ => Code::Internal,
+            },
+            MasterError::Meta(MetaError::Exists(_)) => Code::AlreadyExists,
+            MasterError::Meta(MetaError::Invalid(_)) => Code::InvalidArgument,
+            MasterError::Meta(_) | MasterError::Bind { .. } | MasterError::Internal(_) => {
+                Code::Internal
+            }
+        };
+        Status::new(code, e.to_string())
+    }
+}

@@ -1,0 +1,793 @@
+//! Namespace operations: path resolution with lazy UFS sync, and every
+//! user-visible metadata call, each turned into `strata_meta::Command`s.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use strata_common::{CacheId, Config, NsPath, now_ms};
+use strata_meta::{Command, Inode, MetaStore, MountEntry, PersistState, ROOT_ID, UfsEntry};
+use strata_proto::pb;
+use strata_ufs::{Ufs, UfsError, UfsErrorKind, UfsUri};
+
+use crate::error::MasterError;
+use crate::workers::Membership;
+
+/// A resolved path: the inode and, when it lies under a mount, the mount and
+/// the path relative to the mount's UFS root.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub path: NsPath,
+    pub inode: Inode,
+    pub mount: Option<MountEntry>,
+    pub rel: String,
+}
+
+pub struct Namespace {
+    store: Arc<MetaStore>,
+    config: Config,
+    ufs: Mutex<HashMap<u64, Ufs>>,
+    /// Serialises check-then-apply sequences (one writer at a time).
+    write_lock: tokio::sync::Mutex<()>,
+    /// One UFS listing per directory at a time.
+    sync_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    pub membership: Membership,
+}
+
+fn join_rel(rel: &str, name: &str) -> String {
+    strata_ufs::join(rel, name)
+}
+
+impl Namespace {
+    pub fn open(config: &Config) -> Result<Self, MasterError> {
+        let store = MetaStore::open(&config.master.data_dir)?;
+        Ok(Namespace {
+            store: Arc::new(store),
+            config: config.clone(),
+            ufs: Mutex::new(HashMap::new()),
+            write_lock: tokio::sync::Mutex::new(()),
+            sync_locks: Mutex::new(HashMap::new()),
+            membership: Membership::new(config.master.worker_timeout_ms),
+        })
+    }
+
+    async fn apply(&self, cmd: Command) -> Result<strata_meta::Output, MasterError> {
+        let store = self.store.clone();
+        // redb commits fsync; keep them off the async runtime threads.
+        tokio::task::spawn_blocking(move || store.apply(&cmd))
+            .await
+            .map_err(|e| MasterError::Internal(format!("apply task failed: {e}")))?
+            .map_err(MasterError::from)
+    }
+
+    fn ufs_for(&self, mount: &MountEntry) -> Result<Ufs, MasterError> {
+        let mut map = self.ufs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(u) = map.get(&mount.id) {
+            return Ok(u.clone());
+        }
+        let opts: BTreeMap<String, String> = mount.options.iter().cloned().collect();
+        let uri = UfsUri::parse(&mount.ufs_uri, &opts).map_err(|err| MasterError::Ufs {
+            path: mount.path.clone(),
+            err,
+        })?;
+        let u = strata_ufs::open(&uri).map_err(|err| MasterError::Ufs {
+            path: mount.path.clone(),
+            err,
+        })?;
+        map.insert(mount.id, u.clone());
+        Ok(u)
+    }
+
+    fn mount_of(&self, ino: &Inode) -> Result<Option<MountEntry>, MasterError> {
+        if ino.mount_id == 0 {
+            return Ok(None);
+        }
+        Ok(self.store.mount(ino.mount_id)?)
+    }
+
+    fn needs_sync(&self, dir: &Inode, mount: &MountEntry) -> bool {
+        match dir.synced_ms {
+            None => true,
+            Some(t) => match mount.sync_interval {
+                -1 => false,
+                0 => true,
+                secs => now_ms() - t >= secs * 1000,
+            },
+        }
+    }
+
+    /// Lists `dir` from the UFS and merges it, if its listing is stale.
+    async fn ensure_synced(
+        &self,
+        dir: &Inode,
+        path: &NsPath,
+        mount: &MountEntry,
+        rel: &str,
+        force: bool,
+    ) -> Result<Inode, MasterError> {
+        Ok(self.sync_dir(dir, path, mount, rel, force).await?.0)
+    }
+
+    /// Like `ensure_synced`, also returning how many entries changed.
+    async fn sync_dir(
+        &self,
+        dir: &Inode,
+        path: &NsPath,
+        mount: &MountEntry,
+        rel: &str,
+        force: bool,
+    ) -> Result<(Inode, u64), MasterError> {
+        if !force && !self.needs_sync(dir, mount) {
+            return Ok((dir.clone(), 0));
+        }
+        let lock = {
+            let mut m = self.sync_locks.lock().unwrap_or_else(|p| p.into_inner());
+            m.entry(dir.id).or_default().clone()
+        };
+        let started = now_ms();
+        let _g = lock.lock().await;
+        // Someone else may have synced while we waited.
+        let current = self
+            .store
+            .inode(dir.id)?
+            .ok_or_else(|| MasterError::NotFound {
+                path: path.to_string(),
+            })?;
+        if let Some(t) = current.synced_ms {
+            if t >= started || (!force && !self.needs_sync(&current, mount)) {
+                return Ok((current, 0));
+            }
+        }
+        let ufs = self.ufs_for(mount)?;
+        let listing = match ufs.list(rel).await {
+            Ok(l) => l,
+            Err(err) if current.synced_ms.is_some() && err.kind == UfsErrorKind::Unreachable => {
+                // Serve the last good listing while the store is unreachable.
+                tracing::warn!(%path, %err, "UFS unreachable; serving cached metadata");
+                return Ok((current, 0));
+            }
+            Err(err) => {
+                return Err(MasterError::Ufs {
+                    path: path.to_string(),
+                    err,
+                });
+            }
+        };
+        let entries = listing
+            .into_iter()
+            .map(|s| UfsEntry {
+                name: s.name,
+                is_dir: s.is_dir,
+                size: s.size,
+                mtime_ms: s.mtime_ms,
+                fingerprint: s.fingerprint,
+            })
+            .collect();
+        let _w = self.write_lock.lock().await;
+        let out = self
+            .apply(Command::SyncDir {
+                dir: dir.id,
+                synced_ms: now_ms(),
+                entries,
+            })
+            .await?;
+        let changed = out.changed + out.removed.len() as u64;
+        Ok((self.store.inode(dir.id)?.unwrap_or(current), changed))
+    }
+
+    /// Resolves a path, listing directories from the UFS on the way as needed.
+    pub async fn resolve(&self, path: &NsPath) -> Result<Resolved, MasterError> {
+        let mut cur = self
+            .store
+            .inode(ROOT_ID)?
+            .ok_or_else(|| MasterError::Internal("root inode missing".into()))?;
+        let mut cur_path = NsPath::root();
+        let mut mount: Option<MountEntry> = None;
+        let mut rel = String::new();
+        for seg in path.segments() {
+            if !cur.is_dir {
+                return Err(MasterError::NotDir {
+                    path: cur_path.to_string(),
+                });
+            }
+            if let Some(m) = &mount {
+                cur = self.ensure_synced(&cur, &cur_path, m, &rel, false).await?;
+            }
+            let child = self
+                .store
+                .lookup(cur.id, seg)?
+                .ok_or_else(|| MasterError::NotFound {
+                    path: path.to_string(),
+                })?;
+            cur_path = cur_path.join(seg)?;
+            if child.is_mount_point {
+                mount = self.mount_of(&child)?;
+                rel = String::new();
+            } else if mount.is_some() {
+                rel = join_rel(&rel, seg);
+            }
+            cur = child;
+        }
+        Ok(Resolved {
+            path: cur_path,
+            inode: cur,
+            mount,
+            rel,
+        })
+    }
+
+    async fn resolve_parent(&self, path: &NsPath) -> Result<(Resolved, String), MasterError> {
+        let parent = path.parent().ok_or_else(|| MasterError::Invalid {
+            path: path.to_string(),
+            msg: "the root has no parent".into(),
+        })?;
+        let name = path.name().unwrap_or_default().to_string();
+        let mut r = self.resolve(&parent).await?;
+        if !r.inode.is_dir {
+            return Err(MasterError::NotDir {
+                path: parent.to_string(),
+            });
+        }
+        if let Some(m) = &r.mount {
+            r.inode = self
+                .ensure_synced(&r.inode, &r.path, m, &r.rel, false)
+                .await?;
+        }
+        Ok((r, name))
+    }
+
+    pub fn file_info(&self, r: &Resolved) -> pb::FileInfo {
+        let i = &r.inode;
+        let (block_size, page_size) = match &r.mount {
+            Some(m) => (m.block_size, m.page_size),
+            None => (
+                self.config.master.block_size.0,
+                self.config.master.page_size.0,
+            ),
+        };
+        let cache_id = if i.is_dir {
+            String::new()
+        } else if i.persist == PersistState::Persisted && !i.fingerprint.is_empty() {
+            match r.mount.as_ref().map(|m| self.ufs_for(m)) {
+                Some(Ok(u)) => {
+                    CacheId::for_ufs_object(&u.object_identity(&r.rel), &i.fingerprint).to_hex()
+                }
+                _ => CacheId::for_inode(i.id, i.generation).to_hex(),
+            }
+        } else {
+            CacheId::for_inode(i.id, i.generation).to_hex()
+        };
+        pb::FileInfo {
+            id: i.id,
+            path: r.path.to_string(),
+            name: i.name.clone(),
+            is_dir: i.is_dir,
+            size: i.size,
+            mtime_ms: i.mtime_ms,
+            mode: i.mode,
+            fingerprint: i.fingerprint.clone(),
+            cache_id,
+            block_size,
+            page_size,
+            mount_id: r.mount.as_ref().map(|m| m.id).unwrap_or(0),
+            ufs_path: r.rel.clone(),
+            persist_state: match i.persist {
+                PersistState::Persisted => pb::PersistState::Persisted,
+                PersistState::NotPersisted => pb::PersistState::NotPersisted,
+                PersistState::ToBePersisted => pb::PersistState::ToBePersisted,
+            } as i32,
+            complete: i.complete,
+            generation: i.generation,
+            is_mount_point: i.is_mount_point,
+        }
+    }
+
+    fn child_resolved(&self, parent: &Resolved, child: Inode) -> Result<Resolved, MasterError> {
+        let path = parent.path.join(&child.name)?;
+        let (mount, rel) = if child.is_mount_point {
+            (self.mount_of(&child)?, String::new())
+        } else if parent.mount.is_some() {
+            (parent.mount.clone(), join_rel(&parent.rel, &child.name))
+        } else {
+            (None, String::new())
+        };
+        Ok(Resolved {
+            path,
+            inode: child,
+            mount,
+            rel,
+        })
+    }
+
+    pub async fn stat(&self, path: &NsPath) -> Result<pb::FileInfo, MasterError> {
+        let r = self.resolve(path).await?;
+        Ok(self.file_info(&r))
+    }
+
+    pub async fn list(&self, path: &NsPath) -> Result<Vec<pb::FileInfo>, MasterError> {
+        let mut r = self.resolve(path).await?;
+        if !r.inode.is_dir {
+            return Ok(vec![self.file_info(&r)]);
+        }
+        if let Some(m) = &r.mount {
+            r.inode = self
+                .ensure_synced(&r.inode, &r.path, m, &r.rel, false)
+                .await?;
+        }
+        let mut out = Vec::new();
+        for c in self.store.children(r.inode.id)? {
+            let cr = self.child_resolved(&r, c)?;
+            out.push(self.file_info(&cr));
+        }
+        Ok(out)
+    }
+
+    fn check_writable(&self, r: &Resolved) -> Result<(), MasterError> {
+        if let Some(m) = &r.mount {
+            if m.read_only {
+                return Err(MasterError::Invalid {
+                    path: r.path.to_string(),
+                    msg: format!("mount {} is read-only", m.path),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn ufs_err(path: &NsPath) -> impl Fn(UfsError) -> MasterError + '_ {
+        move |err| MasterError::Ufs {
+            path: path.to_string(),
+            err,
+        }
+    }
+
+    pub async fn mkdir(&self, path: &NsPath, recursive: bool) -> Result<pb::FileInfo, MasterError> {
+        if path.is_root() {
+            return Err(MasterError::Exists { path: "/".into() });
+        }
+        let parent = path.parent().unwrap_or_else(NsPath::root);
+        if recursive {
+            match self.resolve(&parent).await {
+                Ok(_) => {}
+                Err(MasterError::NotFound { .. }) => {
+                    Box::pin(self.mkdir(&parent, true)).await?;
+                }
+                Err(e) => return Err(e),
+            }
+            if let Ok(r) = self.resolve(path).await {
+                if r.inode.is_dir {
+                    return Ok(self.file_info(&r));
+                }
+            }
+        }
+        let (pr, name) = self.resolve_parent(path).await?;
+        self.check_writable(&pr)?;
+        let rel = join_rel(&pr.rel, &name);
+        if let Some(m) = &pr.mount {
+            let ufs = self.ufs_for(m)?;
+            ufs.mkdir(&rel).await.map_err(Self::ufs_err(path))?;
+        }
+        let _w = self.write_lock.lock().await;
+        if self.store.lookup(pr.inode.id, &name)?.is_some() {
+            return Err(MasterError::Exists {
+                path: path.to_string(),
+            });
+        }
+        self.apply(Command::Mkdir {
+            parent: pr.inode.id,
+            name,
+            mtime_ms: now_ms(),
+            synced_ms: pr.mount.as_ref().map(|_| now_ms()),
+        })
+        .await?;
+        drop(_w);
+        self.stat(path).await
+    }
+
+    pub async fn create_file(
+        &self,
+        path: &NsPath,
+        write_type: pb::WriteType,
+        overwrite: bool,
+        recursive: bool,
+    ) -> Result<pb::FileInfo, MasterError> {
+        if recursive {
+            if let Some(p) = path.parent() {
+                if let Err(MasterError::NotFound { .. }) = self.resolve(&p).await {
+                    self.mkdir(&p, true).await?;
+                }
+            }
+        }
+        let (pr, name) = self.resolve_parent(path).await?;
+        self.check_writable(&pr)?;
+        let persist = match write_type {
+            pb::WriteType::MustCache | pb::WriteType::Unspecified => PersistState::NotPersisted,
+            pb::WriteType::CacheThrough | pb::WriteType::Through => {
+                if pr.mount.is_none() {
+                    return Err(MasterError::Invalid {
+                        path: path.to_string(),
+                        msg: "not under a mount, so there is no UFS to write through to; \
+                              write with MUST_CACHE or under a mounted path"
+                            .into(),
+                    });
+                }
+                PersistState::ToBePersisted
+            }
+        };
+        let _w = self.write_lock.lock().await;
+        if let Some(old) = self.store.lookup(pr.inode.id, &name)? {
+            if old.is_dir {
+                return Err(MasterError::IsDir {
+                    path: path.to_string(),
+                });
+            }
+            if !overwrite {
+                return Err(MasterError::Exists {
+                    path: path.to_string(),
+                });
+            }
+        }
+        self.apply(Command::CreateFile {
+            parent: pr.inode.id,
+            name: name.clone(),
+            mtime_ms: now_ms(),
+            persist,
+            overwrite,
+        })
+        .await?;
+        let ino = self
+            .store
+            .lookup(pr.inode.id, &name)?
+            .ok_or_else(|| MasterError::Internal("created file vanished".into()))?;
+        let r = self.child_resolved(&pr, ino)?;
+        Ok(self.file_info(&r))
+    }
+
+    pub async fn complete_file(
+        &self,
+        req: pb::CompleteFileRequest,
+    ) -> Result<pb::FileInfo, MasterError> {
+        let _w = self.write_lock.lock().await;
+        self.apply(Command::CompleteFile {
+            id: req.id,
+            generation: req.generation,
+            size: req.size,
+            fingerprint: req.fingerprint,
+            mtime_ms: if req.mtime_ms > 0 {
+                req.mtime_ms
+            } else {
+                now_ms()
+            },
+        })
+        .await?;
+        drop(_w);
+        let path = self.path_of(req.id)?;
+        self.stat(&path).await
+    }
+
+    /// Rebuilds an inode's path by walking parents.
+    fn path_of(&self, mut id: u64) -> Result<NsPath, MasterError> {
+        let mut names = Vec::new();
+        while id != ROOT_ID {
+            let i = self.store.inode(id)?.ok_or_else(|| MasterError::NotFound {
+                path: format!("inode {id}"),
+            })?;
+            names.push(i.name);
+            id = i.parent;
+        }
+        let mut p = NsPath::root();
+        for n in names.iter().rev() {
+            p = p.join(n)?;
+        }
+        Ok(p)
+    }
+
+    pub async fn delete(
+        &self,
+        path: &NsPath,
+        recursive: bool,
+    ) -> Result<pb::DeleteResponse, MasterError> {
+        if path.is_root() {
+            return Err(MasterError::Invalid {
+                path: "/".into(),
+                msg: "the root cannot be deleted".into(),
+            });
+        }
+        let mut r = self.resolve(path).await?;
+        if r.inode.is_mount_point {
+            return Err(MasterError::Invalid {
+                path: path.to_string(),
+                msg: "is a mount point; use `strata fs unmount`".into(),
+            });
+        }
+        self.check_writable(&r)?;
+        if r.inode.is_dir {
+            if let Some(m) = &r.mount {
+                r.inode = self
+                    .ensure_synced(&r.inode, &r.path, m, &r.rel, false)
+                    .await?;
+            }
+            let children = self.store.children(r.inode.id)?;
+            if !recursive && !children.is_empty() {
+                return Err(MasterError::NotEmpty {
+                    path: path.to_string(),
+                });
+            }
+            if has_mount_below(&self.store, r.inode.id)? {
+                return Err(MasterError::Invalid {
+                    path: path.to_string(),
+                    msg: "contains a mount point; unmount it first".into(),
+                });
+            }
+        }
+        if let Some(m) = &r.mount {
+            if r.inode.is_dir || r.inode.persist == PersistState::Persisted {
+                let ufs = self.ufs_for(m)?;
+                match ufs.delete(&r.rel, r.inode.is_dir).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind == UfsErrorKind::NotFound => {}
+                    Err(err) => {
+                        return Err(MasterError::Ufs {
+                            path: path.to_string(),
+                            err,
+                        });
+                    }
+                }
+            }
+        }
+        let _w = self.write_lock.lock().await;
+        let out = self.apply(Command::Delete { id: r.inode.id }).await?;
+        let unpersisted = out
+            .removed
+            .iter()
+            .filter(|i| !i.is_dir && i.persist != PersistState::Persisted)
+            .map(|i| CacheId::for_inode(i.id, i.generation).to_hex())
+            .collect();
+        Ok(pb::DeleteResponse {
+            inodes_removed: out.removed.len() as u64,
+            unpersisted_cache_ids: unpersisted,
+        })
+    }
+
+    pub async fn rename(&self, src: &NsPath, dst: &NsPath) -> Result<(), MasterError> {
+        let r = self.resolve(src).await?;
+        if r.inode.is_mount_point {
+            return Err(MasterError::Invalid {
+                path: src.to_string(),
+                msg: "is a mount point; unmount and mount again elsewhere".into(),
+            });
+        }
+        if dst.starts_with(src) {
+            return Err(MasterError::Invalid {
+                path: dst.to_string(),
+                msg: format!("cannot move {src} below itself"),
+            });
+        }
+        let (pr, name) = self.resolve_parent(dst).await?;
+        self.check_writable(&r)?;
+        self.check_writable(&pr)?;
+        if pr.mount.as_ref().map(|m| m.id) != r.mount.as_ref().map(|m| m.id) {
+            return Err(MasterError::Invalid {
+                path: dst.to_string(),
+                msg: format!("cannot rename across mounts (from {src}); copy and delete instead"),
+            });
+        }
+        if self.store.lookup(pr.inode.id, &name)?.is_some() {
+            return Err(MasterError::Exists {
+                path: dst.to_string(),
+            });
+        }
+        if let Some(m) = &r.mount {
+            if r.inode.is_dir || r.inode.persist == PersistState::Persisted {
+                let ufs = self.ufs_for(m)?;
+                ufs.rename(&r.rel, &join_rel(&pr.rel, &name), r.inode.is_dir)
+                    .await
+                    .map_err(Self::ufs_err(src))?;
+            }
+        }
+        let _w = self.write_lock.lock().await;
+        self.apply(Command::Rename {
+            id: r.inode.id,
+            new_parent: pr.inode.id,
+            new_name: name,
+            mtime_ms: now_ms(),
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn mount(&self, req: pb::MountRequest) -> Result<pb::MountInfo, MasterError> {
+        let path = NsPath::parse(&req.path)?;
+        let opts: BTreeMap<String, String> = req.options.clone().into_iter().collect();
+        let uri = UfsUri::parse(&req.ufs_uri, &opts).map_err(Self::ufs_err(&path))?;
+        let block_size = req.block_size.unwrap_or(self.config.master.block_size.0);
+        let page_size = req.page_size.unwrap_or(self.config.master.page_size.0);
+        strata_common::Geometry::new(block_size, page_size).map_err(|e| MasterError::Invalid {
+            path: path.to_string(),
+            msg: e.to_string(),
+        })?;
+        let sync_interval = req
+            .sync_interval
+            .unwrap_or(self.config.master.sync_interval);
+        if sync_interval < -1 {
+            return Err(MasterError::Invalid {
+                path: path.to_string(),
+                msg: "sync interval is -1 (never), 0 (always) or a number of seconds".into(),
+            });
+        }
+        let ufs = strata_ufs::open(&uri).map_err(Self::ufs_err(&path))?;
+        let timeout = Duration::from_secs(self.config.master.mount_check_timeout_secs);
+        match tokio::time::timeout(timeout, ufs.check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                return Err(MasterError::Ufs {
+                    path: path.to_string(),
+                    err,
+                });
+            }
+            Err(_) => {
+                return Err(MasterError::Ufs {
+                    path: path.to_string(),
+                    err: UfsError::new(
+                        UfsErrorKind::Unreachable,
+                        uri.display(),
+                        format!("no answer within {}s", timeout.as_secs()),
+                    ),
+                });
+            }
+        }
+        let (pr, name) = self.resolve_parent(&path).await?;
+        if pr.mount.is_some() {
+            return Err(MasterError::Invalid {
+                path: path.to_string(),
+                msg: "cannot mount inside another mount".into(),
+            });
+        }
+        let _w = self.write_lock.lock().await;
+        if self.store.lookup(pr.inode.id, &name)?.is_some() {
+            return Err(MasterError::Exists {
+                path: path.to_string(),
+            });
+        }
+        let mut options: Vec<(String, String)> = opts.into_iter().collect();
+        options.sort();
+        let out = self
+            .apply(Command::AddMount {
+                parent: pr.inode.id,
+                name,
+                mtime_ms: now_ms(),
+                mount: MountEntry {
+                    id: 0,
+                    inode: 0,
+                    path: path.to_string(),
+                    ufs_uri: req.ufs_uri.clone(),
+                    options,
+                    read_only: req.read_only,
+                    sync_interval,
+                    block_size,
+                    page_size,
+                },
+            })
+            .await?;
+        let ino = out
+            .inode
+            .ok_or_else(|| MasterError::Internal("mount created no inode".into()))?;
+        let m = self
+            .store
+            .mounts()?
+            .into_iter()
+            .find(|m| m.inode == ino)
+            .ok_or_else(|| MasterError::Internal("mount row missing".into()))?;
+        tracing::info!(path = %m.path, uri = %uri.display(), "mounted");
+        Ok(mount_info(&m, false))
+    }
+
+    pub async fn unmount(&self, path: &NsPath) -> Result<(), MasterError> {
+        let _w = self.write_lock.lock().await;
+        let m = self
+            .store
+            .mounts()?
+            .into_iter()
+            .find(|m| m.path == path.as_str())
+            .ok_or_else(|| MasterError::Invalid {
+                path: path.to_string(),
+                msg: "is not a mount point (see `strata fs mount` with no arguments)".into(),
+            })?;
+        self.apply(Command::RemoveMount { mount_id: m.id }).await?;
+        self.ufs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&m.id);
+        Ok(())
+    }
+
+    pub fn mounts(&self) -> Result<Vec<pb::MountInfo>, MasterError> {
+        Ok(self
+            .store
+            .mounts()?
+            .iter()
+            .map(|m| mount_info(m, false))
+            .collect())
+    }
+
+    /// Mount with credentials, for workers.
+    pub fn mount_by_id(&self, id: u64) -> Result<pb::MountInfo, MasterError> {
+        let m = self.store.mount(id)?.ok_or_else(|| MasterError::NotFound {
+            path: format!("mount {id}"),
+        })?;
+        Ok(mount_info(&m, true))
+    }
+
+    /// Forces re-validation of `path` (a file's parent, or a directory and
+    /// every directory below it that was listed before).
+    pub async fn sync(&self, path: &NsPath) -> Result<pb::SyncResponse, MasterError> {
+        let target = match self.resolve(path).await {
+            Ok(r) => r,
+            Err(MasterError::NotFound { .. }) => {
+                // The path may have appeared in the UFS: sync the closest parent.
+                let parent = path.parent().ok_or_else(|| MasterError::NotFound {
+                    path: path.to_string(),
+                })?;
+                return Box::pin(self.sync(&parent)).await;
+            }
+            Err(e) => return Err(e),
+        };
+        let start = if target.inode.is_dir {
+            target
+        } else {
+            let p = target.path.parent().unwrap_or_else(NsPath::root);
+            self.resolve(&p).await?
+        };
+        let mut resp = pb::SyncResponse::default();
+        let mut stack = vec![start];
+        while let Some(r) = stack.pop() {
+            if let Some(m) = r.mount.clone() {
+                if r.inode.synced_ms.is_some() || resp.directories_synced == 0 {
+                    let (_, changed) = self.sync_dir(&r.inode, &r.path, &m, &r.rel, true).await?;
+                    resp.directories_synced += 1;
+                    resp.files_changed += changed;
+                }
+            }
+            for c in self.store.children(r.inode.id)? {
+                if c.is_dir && (c.synced_ms.is_some() || c.is_mount_point) {
+                    stack.push(self.child_resolved(&r, c)?);
+                }
+            }
+        }
+        Ok(resp)
+    }
+}
+
+fn has_mount_below(store: &MetaStore, id: u64) -> Result<bool, MasterError> {
+    for c in store.children(id)? {
+        if c.is_mount_point || (c.is_dir && has_mount_below(store, c.id)?) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn mount_info(m: &MountEntry, with_secrets: bool) -> pb::MountInfo {
+    pb::MountInfo {
+        id: m.id,
+        path: m.path.clone(),
+        ufs_uri: m.ufs_uri.clone(),
+        options: m
+            .options
+            .iter()
+            .map(|(k, v)| {
+                let secret = k.contains("secret") || k.contains("token");
+                let v = if secret && !with_secrets {
+                    "****".to_string()
+                } else {
+                    v.clone()
+                };
+                (k.clone(), v)
+            })
+            .collect(),
+        read_only: m.read_only,
+        sync_interval: m.sync_interval,
+        block_size: m.block_size,
+        page_size: m.page_size,
+    }
+}

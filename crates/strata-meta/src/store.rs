@@ -1,0 +1,722 @@
+//! redb-backed state: tables for inodes, directory entries and mounts.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
+use strata_common::InodeId;
+
+use crate::command::{Command, Output, UfsEntry};
+use crate::{Inode, MetaError, MountEntry, PersistState, ROOT_ID};
+
+const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
+const CHILDREN: TableDefinition<(u64, &str), u64> = TableDefinition::new("children");
+const MOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("mounts");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+const NEXT_INODE: &str = "next_inode";
+const NEXT_MOUNT: &str = "next_mount";
+const APPLIED: &str = "applied_commands";
+
+pub struct MetaStore {
+    db: Database,
+    path: PathBuf,
+}
+
+fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Serialising plain structs to a Vec cannot fail.
+    postcard::to_allocvec(v).unwrap_or_default()
+}
+
+impl MetaStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<MetaStore, MetaError> {
+        let path = dir.join("meta.redb");
+        let store_err = |msg: String| MetaError::Store {
+            path: path.display().to_string(),
+            msg,
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| store_err(format!("cannot create directory: {e}")))?;
+        let db = Database::create(&path).map_err(|e| store_err(e.to_string()))?;
+        let s = MetaStore { db, path };
+        s.init()?;
+        Ok(s)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> MetaError {
+        MetaError::Store {
+            path: self.path.display().to_string(),
+            msg: e.to_string(),
+        }
+    }
+
+    fn init(&self) -> Result<(), MetaError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut inodes = tx.open_table(INODES).map_err(|e| self.err(e))?;
+            tx.open_table(CHILDREN).map_err(|e| self.err(e))?;
+            tx.open_table(MOUNTS).map_err(|e| self.err(e))?;
+            let mut counters = tx.open_table(COUNTERS).map_err(|e| self.err(e))?;
+            if inodes.get(ROOT_ID).map_err(|e| self.err(e))?.is_none() {
+                let root = Inode {
+                    id: ROOT_ID,
+                    parent: ROOT_ID,
+                    name: String::new(),
+                    is_dir: true,
+                    size: 0,
+                    mtime_ms: 0,
+                    mode: 0o755,
+                    fingerprint: String::new(),
+                    persist: PersistState::NotPersisted,
+                    complete: true,
+                    generation: 0,
+                    mount_id: 0,
+                    synced_ms: None,
+                    is_mount_point: false,
+                };
+                inodes
+                    .insert(ROOT_ID, enc(&root).as_slice())
+                    .map_err(|e| self.err(e))?;
+                counters
+                    .insert(NEXT_INODE, ROOT_ID + 1)
+                    .map_err(|e| self.err(e))?;
+                counters.insert(NEXT_MOUNT, 1).map_err(|e| self.err(e))?;
+                counters.insert(APPLIED, 0).map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    pub fn inode(&self, id: InodeId) -> Result<Option<Inode>, MetaError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(INODES).map_err(|e| self.err(e))?;
+        let v = t.get(id).map_err(|e| self.err(e))?;
+        v.map(|g| postcard::from_bytes(g.value()).map_err(|e| self.err(e)))
+            .transpose()
+    }
+
+    pub fn lookup(&self, parent: InodeId, name: &str) -> Result<Option<Inode>, MetaError> {
+        let id = {
+            let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+            let t = tx.open_table(CHILDREN).map_err(|e| self.err(e))?;
+            let v = t.get((parent, name)).map_err(|e| self.err(e))?;
+            v.map(|g| g.value())
+        };
+        match id {
+            Some(id) => self.inode(id),
+            None => Ok(None),
+        }
+    }
+
+    pub fn children(&self, parent: InodeId) -> Result<Vec<Inode>, MetaError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let ct = tx.open_table(CHILDREN).map_err(|e| self.err(e))?;
+        let it = tx.open_table(INODES).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for kv in ct
+            .range((parent, "")..(parent + 1, ""))
+            .map_err(|e| self.err(e))?
+        {
+            let (_, v) = kv.map_err(|e| self.err(e))?;
+            if let Some(g) = it.get(v.value()).map_err(|e| self.err(e))? {
+                out.push(postcard::from_bytes(g.value()).map_err(|e| self.err(e))?);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn mount(&self, id: u64) -> Result<Option<MountEntry>, MetaError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(MOUNTS).map_err(|e| self.err(e))?;
+        let v = t.get(id).map_err(|e| self.err(e))?;
+        v.map(|g| postcard::from_bytes(g.value()).map_err(|e| self.err(e)))
+            .transpose()
+    }
+
+    pub fn mounts(&self) -> Result<Vec<MountEntry>, MetaError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(MOUNTS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for kv in t.iter().map_err(|e| self.err(e))? {
+            let (_, v) = kv.map_err(|e| self.err(e))?;
+            out.push(postcard::from_bytes(v.value()).map_err(|e| self.err(e))?);
+        }
+        Ok(out)
+    }
+
+    /// Number of commands applied since the store was created.
+    pub fn applied(&self) -> Result<u64, MetaError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(COUNTERS).map_err(|e| self.err(e))?;
+        Ok(t.get(APPLIED)
+            .map_err(|e| self.err(e))?
+            .map(|g| g.value())
+            .unwrap_or(0))
+    }
+
+    /// Applies one command atomically and durably. On error nothing changes.
+    pub fn apply(&self, cmd: &Command) -> Result<Output, MetaError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let out = {
+            let mut t = Tables {
+                inodes: tx.open_table(INODES).map_err(|e| self.err(e))?,
+                children: tx.open_table(CHILDREN).map_err(|e| self.err(e))?,
+                mounts: tx.open_table(MOUNTS).map_err(|e| self.err(e))?,
+                counters: tx.open_table(COUNTERS).map_err(|e| self.err(e))?,
+                store: self,
+            };
+            let out = t.apply(cmd)?;
+            let n = t.counter(APPLIED)?;
+            t.set_counter(APPLIED, n + 1)?;
+            out
+        };
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+}
+
+struct Tables<'t> {
+    inodes: Table<'t, u64, &'static [u8]>,
+    children: Table<'t, (u64, &'static str), u64>,
+    mounts: Table<'t, u64, &'static [u8]>,
+    counters: Table<'t, &'static str, u64>,
+    store: &'t MetaStore,
+}
+
+impl Tables<'_> {
+    fn e(&self, e: impl std::fmt::Display) -> MetaError {
+        self.store.err(e)
+    }
+
+    fn counter(&self, k: &str) -> Result<u64, MetaError> {
+        Ok(self
+            .counters
+            .get(k)
+            .map_err(|e| self.e(e))?
+            .map(|g| g.value())
+            .unwrap_or(0))
+    }
+
+    fn set_counter(&mut self, k: &str, v: u64) -> Result<(), MetaError> {
+        self.counters.insert(k, v).map_err(|e| self.store.err(e))?;
+        Ok(())
+    }
+
+    fn next_id(&mut self, k: &str) -> Result<u64, MetaError> {
+        let id = self.counter(k)?;
+        self.set_counter(k, id + 1)?;
+        Ok(id)
+    }
+
+    fn get(&self, id: InodeId) -> Result<Inode, MetaError> {
+        let g = self
+            .inodes
+            .get(id)
+            .map_err(|e| self.e(e))?
+            .ok_or(MetaError::NoInode(id))?;
+        postcard::from_bytes(g.value()).map_err(|e| self.e(e))
+    }
+
+    fn put(&mut self, ino: &Inode) -> Result<(), MetaError> {
+        self.inodes
+            .insert(ino.id, enc(ino).as_slice())
+            .map_err(|e| self.store.err(e))?;
+        Ok(())
+    }
+
+    fn child(&self, parent: InodeId, name: &str) -> Result<Option<InodeId>, MetaError> {
+        Ok(self
+            .children
+            .get((parent, name))
+            .map_err(|e| self.e(e))?
+            .map(|g| g.value()))
+    }
+
+    fn child_ids(&self, parent: InodeId) -> Result<Vec<(String, InodeId)>, MetaError> {
+        let mut out = Vec::new();
+        for kv in self
+            .children
+            .range((parent, "")..(parent + 1, ""))
+            .map_err(|e| self.e(e))?
+        {
+            let (k, v) = kv.map_err(|e| self.e(e))?;
+            out.push((k.value().1.to_string(), v.value()));
+        }
+        Ok(out)
+    }
+
+    fn dir(&self, id: InodeId) -> Result<Inode, MetaError> {
+        let d = self.get(id)?;
+        if !d.is_dir {
+            return Err(MetaError::NotDir(id));
+        }
+        Ok(d)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        parent: &Inode,
+        name: &str,
+        is_dir: bool,
+        mtime_ms: i64,
+        persist: PersistState,
+        complete: bool,
+        synced_ms: Option<i64>,
+    ) -> Result<Inode, MetaError> {
+        validate_name(name)?;
+        if self.child(parent.id, name)?.is_some() {
+            return Err(MetaError::Exists(name.to_string()));
+        }
+        let id = self.next_id(NEXT_INODE)?;
+        let ino = Inode {
+            id,
+            parent: parent.id,
+            name: name.to_string(),
+            is_dir,
+            size: 0,
+            mtime_ms,
+            mode: if is_dir { 0o755 } else { 0o644 },
+            fingerprint: String::new(),
+            persist,
+            complete,
+            generation: 1,
+            mount_id: parent.mount_id,
+            synced_ms,
+            is_mount_point: false,
+        };
+        self.put(&ino)?;
+        self.children
+            .insert((parent.id, name), id)
+            .map_err(|e| self.store.err(e))?;
+        Ok(ino)
+    }
+
+    /// Removes `id` and its subtree; returns what was removed.
+    fn remove_tree(&mut self, id: InodeId, removed: &mut Vec<Inode>) -> Result<(), MetaError> {
+        let ino = self.get(id)?;
+        if ino.is_dir {
+            for (_, c) in self.child_ids(id)? {
+                self.remove_tree(c, removed)?;
+            }
+        }
+        self.children
+            .remove((ino.parent, ino.name.as_str()))
+            .map_err(|e| self.store.err(e))?;
+        self.inodes.remove(id).map_err(|e| self.store.err(e))?;
+        removed.push(ino);
+        Ok(())
+    }
+
+    fn is_ancestor(&self, anc: InodeId, mut id: InodeId) -> Result<bool, MetaError> {
+        loop {
+            if id == anc {
+                return Ok(true);
+            }
+            if id == ROOT_ID {
+                return Ok(false);
+            }
+            id = self.get(id)?.parent;
+        }
+    }
+
+    fn apply(&mut self, cmd: &Command) -> Result<Output, MetaError> {
+        let mut out = Output::default();
+        match cmd {
+            Command::Mkdir {
+                parent,
+                name,
+                mtime_ms,
+                synced_ms,
+            } => {
+                let p = self.dir(*parent)?;
+                let persist = if p.mount_id != 0 {
+                    PersistState::Persisted
+                } else {
+                    PersistState::NotPersisted
+                };
+                let d = self.create(&p, name, true, *mtime_ms, persist, true, *synced_ms)?;
+                out.inode = Some(d.id);
+            }
+            Command::CreateFile {
+                parent,
+                name,
+                mtime_ms,
+                persist,
+                overwrite,
+            } => {
+                let p = self.dir(*parent)?;
+                let mut generation = 1;
+                if let Some(old) = self.child(p.id, name)? {
+                    let o = self.get(old)?;
+                    if !*overwrite || o.is_dir {
+                        return Err(MetaError::Exists(name.clone()));
+                    }
+                    generation = o.generation + 1;
+                    self.remove_tree(old, &mut out.removed)?;
+                }
+                let mut f = self.create(&p, name, false, *mtime_ms, *persist, false, None)?;
+                f.generation = generation;
+                self.put(&f)?;
+                out.inode = Some(f.id);
+            }
+            Command::CompleteFile {
+                id,
+                generation,
+                size,
+                fingerprint,
+                mtime_ms,
+            } => {
+                let mut f = self.get(*id)?;
+                if f.is_dir || f.generation != *generation {
+                    return Err(MetaError::Invalid(format!(
+                        "inode {id} generation {generation} is not an open file"
+                    )));
+                }
+                f.size = *size;
+                f.fingerprint = fingerprint.clone();
+                f.mtime_ms = *mtime_ms;
+                f.complete = true;
+                if !fingerprint.is_empty() {
+                    f.persist = PersistState::Persisted;
+                }
+                self.put(&f)?;
+                out.inode = Some(f.id);
+            }
+            Command::Delete { id } => {
+                if *id == ROOT_ID {
+                    return Err(MetaError::Invalid("the root cannot be deleted".into()));
+                }
+                self.remove_tree(*id, &mut out.removed)?;
+            }
+            Command::Rename {
+                id,
+                new_parent,
+                new_name,
+                mtime_ms,
+            } => {
+                validate_name(new_name)?;
+                let mut ino = self.get(*id)?;
+                let np = self.dir(*new_parent)?;
+                if ino.is_dir && self.is_ancestor(*id, np.id)? {
+                    return Err(MetaError::Invalid(
+                        "cannot move a directory below itself".into(),
+                    ));
+                }
+                if self.child(np.id, new_name)?.is_some() {
+                    return Err(MetaError::Exists(new_name.clone()));
+                }
+                self.children
+                    .remove((ino.parent, ino.name.as_str()))
+                    .map_err(|e| self.store.err(e))?;
+                ino.parent = np.id;
+                ino.name = new_name.clone();
+                ino.mtime_ms = *mtime_ms;
+                self.put(&ino)?;
+                self.children
+                    .insert((np.id, new_name.as_str()), ino.id)
+                    .map_err(|e| self.store.err(e))?;
+                out.inode = Some(ino.id);
+            }
+            Command::SyncDir {
+                dir,
+                synced_ms,
+                entries,
+            } => {
+                let mut d = self.dir(*dir)?;
+                let existing = self.child_ids(d.id)?;
+                let mut seen = std::collections::HashSet::new();
+                for en in entries {
+                    if validate_name(&en.name).is_err() {
+                        // A UFS name the namespace cannot represent is skipped.
+                        continue;
+                    }
+                    seen.insert(en.name.as_str());
+                    match self.child(d.id, &en.name)? {
+                        None => {
+                            self.add_ufs_entry(&d, en, &mut out)?;
+                        }
+                        Some(cid) => {
+                            let mut c = self.get(cid)?;
+                            if c.is_mount_point
+                                || !c.complete
+                                || c.persist != PersistState::Persisted
+                            {
+                                continue;
+                            }
+                            if c.is_dir != en.is_dir {
+                                self.remove_tree(cid, &mut out.removed)?;
+                                self.add_ufs_entry(&d, en, &mut out)?;
+                            } else if !c.is_dir && c.fingerprint != en.fingerprint {
+                                c.size = en.size;
+                                c.mtime_ms = en.mtime_ms;
+                                c.fingerprint = en.fingerprint.clone();
+                                c.generation += 1;
+                                self.put(&c)?;
+                                out.changed += 1;
+                            }
+                        }
+                    }
+                }
+                for (name, cid) in existing {
+                    if seen.contains(name.as_str()) {
+                        continue;
+                    }
+                    let c = self.get(cid)?;
+                    if c.is_mount_point || !c.complete || c.persist != PersistState::Persisted {
+                        continue;
+                    }
+                    self.remove_tree(cid, &mut out.removed)?;
+                }
+                d.synced_ms = Some(*synced_ms);
+                self.put(&d)?;
+                out.inode = Some(d.id);
+            }
+            Command::Invalidate { dir } => {
+                let mut d = self.dir(*dir)?;
+                d.synced_ms = None;
+                self.put(&d)?;
+                out.inode = Some(d.id);
+            }
+            Command::AddMount {
+                parent,
+                name,
+                mtime_ms,
+                mount,
+            } => {
+                let p = self.dir(*parent)?;
+                if p.mount_id != 0 {
+                    return Err(MetaError::Invalid(
+                        "cannot mount inside another mount".into(),
+                    ));
+                }
+                let mount_id = self.next_id(NEXT_MOUNT)?;
+                let mut d = self.create(
+                    &p,
+                    name,
+                    true,
+                    *mtime_ms,
+                    PersistState::Persisted,
+                    true,
+                    None,
+                )?;
+                d.mount_id = mount_id;
+                d.is_mount_point = true;
+                self.put(&d)?;
+                let m = MountEntry {
+                    id: mount_id,
+                    inode: d.id,
+                    ..mount.clone()
+                };
+                self.mounts
+                    .insert(mount_id, enc(&m).as_slice())
+                    .map_err(|e| self.store.err(e))?;
+                out.inode = Some(d.id);
+            }
+            Command::RemoveMount { mount_id } => {
+                let g = self
+                    .mounts
+                    .get(*mount_id)
+                    .map_err(|e| self.e(e))?
+                    .ok_or_else(|| MetaError::Invalid(format!("no mount {mount_id}")))?;
+                let m: MountEntry = postcard::from_bytes(g.value()).map_err(|e| self.e(e))?;
+                drop(g);
+                self.remove_tree(m.inode, &mut out.removed)?;
+                self.mounts
+                    .remove(*mount_id)
+                    .map_err(|e| self.store.err(e))?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn add_ufs_entry(
+        &mut self,
+        d: &Inode,
+        en: &UfsEntry,
+        out: &mut Output,
+    ) -> Result<(), MetaError> {
+        let mut c = self.create(
+            d,
+            &en.name,
+            en.is_dir,
+            en.mtime_ms,
+            PersistState::Persisted,
+            true,
+            None,
+        )?;
+        if !en.is_dir {
+            c.size = en.size;
+            c.fingerprint = en.fingerprint.clone();
+            self.put(&c)?;
+        }
+        out.changed += 1;
+        Ok(())
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), MetaError> {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.contains('\0')
+        || name.len() > 255
+    {
+        return Err(MetaError::Invalid(format!("invalid name {name:?}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mkdir(s: &MetaStore, parent: u64, name: &str) -> u64 {
+        s.apply(&Command::Mkdir {
+            parent,
+            name: name.into(),
+            mtime_ms: 1,
+            synced_ms: None,
+        })
+        .unwrap()
+        .inode
+        .unwrap()
+    }
+
+    fn entry(name: &str, fp: &str) -> UfsEntry {
+        UfsEntry {
+            name: name.into(),
+            is_dir: false,
+            size: 3,
+            mtime_ms: 5,
+            fingerprint: fp.into(),
+        }
+    }
+
+    #[test]
+    fn persists_across_reopen_and_rejects_bad_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let a;
+        {
+            let s = MetaStore::open(dir.path()).unwrap();
+            a = mkdir(&s, ROOT_ID, "a");
+            mkdir(&s, a, "b");
+            assert!(matches!(
+                s.apply(&Command::Mkdir {
+                    parent: a,
+                    name: "b".into(),
+                    mtime_ms: 1,
+                    synced_ms: None
+                }),
+                Err(MetaError::Exists(_))
+            ));
+            assert!(
+                s.apply(&Command::Mkdir {
+                    parent: a,
+                    name: "..".into(),
+                    mtime_ms: 1,
+                    synced_ms: None
+                })
+                .is_err()
+            );
+            // moving a dir below itself fails and changes nothing
+            let b = s.lookup(a, "b").unwrap().unwrap().id;
+            assert!(
+                s.apply(&Command::Rename {
+                    id: a,
+                    new_parent: b,
+                    new_name: "x".into(),
+                    mtime_ms: 2
+                })
+                .is_err()
+            );
+            assert_eq!(s.lookup(ROOT_ID, "a").unwrap().unwrap().id, a);
+        }
+        let s = MetaStore::open(dir.path()).unwrap();
+        assert_eq!(s.children(a).unwrap().len(), 1);
+        assert_eq!(s.applied().unwrap(), 2);
+    }
+
+    #[test]
+    fn sync_dir_merges_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MetaStore::open(dir.path()).unwrap();
+        let d = mkdir(&s, ROOT_ID, "d");
+        s.apply(&Command::SyncDir {
+            dir: d,
+            synced_ms: 10,
+            entries: vec![entry("x", "e1"), entry("y", "e1")],
+        })
+        .unwrap();
+        // a local unpersisted file survives a sync that does not list it
+        s.apply(&Command::CreateFile {
+            parent: d,
+            name: "local".into(),
+            mtime_ms: 1,
+            persist: PersistState::NotPersisted,
+            overwrite: false,
+        })
+        .unwrap();
+        let out = s
+            .apply(&Command::SyncDir {
+                dir: d,
+                synced_ms: 20,
+                entries: vec![entry("x", "e2")],
+            })
+            .unwrap();
+        assert_eq!(out.changed, 1);
+        assert_eq!(out.removed.len(), 1);
+        let x = s.lookup(d, "x").unwrap().unwrap();
+        assert_eq!((x.fingerprint.as_str(), x.generation), ("e2", 2));
+        assert!(s.lookup(d, "y").unwrap().is_none());
+        assert!(s.lookup(d, "local").unwrap().is_some());
+        assert_eq!(s.inode(d).unwrap().unwrap().synced_ms, Some(20));
+    }
+
+    #[test]
+    fn replaying_commands_is_deterministic() {
+        let cmds = vec![
+            Command::Mkdir {
+                parent: ROOT_ID,
+                name: "a".into(),
+                mtime_ms: 1,
+                synced_ms: None,
+            },
+            Command::CreateFile {
+                parent: 2,
+                name: "f".into(),
+                mtime_ms: 1,
+                persist: PersistState::NotPersisted,
+                overwrite: false,
+            },
+            Command::CompleteFile {
+                id: 3,
+                generation: 1,
+                size: 9,
+                fingerprint: "".into(),
+                mtime_ms: 2,
+            },
+            Command::Rename {
+                id: 3,
+                new_parent: ROOT_ID,
+                new_name: "g".into(),
+                mtime_ms: 3,
+            },
+            Command::Delete { id: 2 },
+        ];
+        let snap = |s: &MetaStore| (s.children(ROOT_ID).unwrap(), s.applied().unwrap());
+        let d1 = tempfile::tempdir().unwrap();
+        let d2 = tempfile::tempdir().unwrap();
+        let (s1, s2) = (
+            MetaStore::open(d1.path()).unwrap(),
+            MetaStore::open(d2.path()).unwrap(),
+        );
+        for c in &cmds {
+            s1.apply(c).unwrap();
+            s2.apply(c).unwrap();
+        }
+        assert_eq!(snap(&s1), snap(&s2));
+        assert_eq!(s1.children(ROOT_ID).unwrap()[0].name, "g");
+    }
+}

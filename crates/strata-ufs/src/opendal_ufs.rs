@@ -1,0 +1,505 @@
+//! [`UnderStorage`] over OpenDAL.
+
+use std::ops::Range;
+use std::sync::Once;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use opendal::layers::{RetryLayer, TimeoutLayer};
+use opendal::{ErrorKind, Operator};
+
+use crate::error::{UfsError, UfsErrorKind};
+use crate::uri::{Scheme, UfsUri};
+use crate::{UfsStatus, UfsWriter, UnderStorage};
+
+/// Installs the TLS provider and HTTP transport once per process. We build
+/// rustls on `ring` rather than the default aws-lc, which needs a long C build.
+fn init_http() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        opendal_http_transport_reqwest::install_default();
+    });
+}
+
+pub struct OpendalUfs {
+    uri: UfsUri,
+    op: Operator,
+    /// Same backend without retries, for fast-failing checks.
+    probe: Operator,
+    describe: String,
+    /// Whether the store can refuse a read whose ETag changed.
+    read_if_match: bool,
+}
+
+impl OpendalUfs {
+    pub fn new(uri: &UfsUri) -> Result<Self, UfsError> {
+        init_http();
+        let describe = uri.display();
+        let map_build = |e: opendal::Error| {
+            UfsError::new(
+                UfsErrorKind::InvalidUri,
+                &describe,
+                format!("cannot configure: {e}"),
+            )
+        };
+        let base = match uri.scheme {
+            Scheme::File => {
+                let b = opendal::services::Fs::default().root(&uri.root);
+                Operator::new(b).map_err(map_build)?
+            }
+            Scheme::S3 => {
+                let o = &uri.options;
+                let mut b = opendal::services::S3::default()
+                    .bucket(&uri.bucket)
+                    .root(&format!("/{}", uri.root))
+                    .endpoint(&uri.endpoint())
+                    .region(
+                        o.get("region")
+                            .map(String::as_str)
+                            .or(std::env::var("AWS_REGION").ok().as_deref())
+                            .unwrap_or("us-east-1"),
+                    )
+                    // Never probe the EC2 metadata address: Strata must only
+                    // talk to the endpoints it was given.
+                    .disable_ec2_metadata();
+                if o.get("path_style").map(|v| v == "false") == Some(true) {
+                    b = b.enable_virtual_host_style();
+                }
+                if o.get("anonymous").map(|v| v == "true") == Some(true) {
+                    b = b.skip_signature().disable_config_load();
+                }
+                if let (Some(k), Some(s)) = (o.get("access_key_id"), o.get("secret_access_key")) {
+                    b = b
+                        .access_key_id(k)
+                        .secret_access_key(s)
+                        .disable_config_load();
+                    if let Some(t) = o.get("session_token") {
+                        b = b.session_token(t);
+                    }
+                }
+                Operator::new(b).map_err(map_build)?
+            }
+        };
+        let op = base
+            .clone()
+            .layer(
+                TimeoutLayer::new()
+                    .with_timeout(Duration::from_secs(60))
+                    .with_io_timeout(Duration::from_secs(30)),
+            )
+            .layer(
+                RetryLayer::new()
+                    .with_max_times(4)
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(4))
+                    .with_jitter(),
+            );
+        let probe = base.layer(TimeoutLayer::new().with_timeout(Duration::from_secs(10)));
+        let read_if_match = op.info().capability().read_with_if_match;
+        Ok(OpendalUfs {
+            uri: uri.clone(),
+            op,
+            probe,
+            describe,
+            read_if_match,
+        })
+    }
+
+    fn target(&self, path: &str) -> String {
+        match self.uri.scheme {
+            Scheme::File => format!("file://{}", join_abs(&self.uri.root, path)),
+            Scheme::S3 => format!(
+                "s3://{}/{} at {}",
+                self.uri.bucket,
+                join_abs(&self.uri.root, path).trim_start_matches('/'),
+                self.uri.endpoint()
+            ),
+        }
+    }
+
+    fn err(&self, path: &str, e: opendal::Error) -> UfsError {
+        classify(self.target(path), e)
+    }
+}
+
+/// Our fallback fingerprint ("size-mtime") is not an ETag a server knows.
+fn is_size_mtime(fp: &str) -> bool {
+    match fp.split_once('-') {
+        Some((a, b)) => {
+            a.bytes().all(|c| c.is_ascii_digit())
+                && b.trim_start_matches('-')
+                    .bytes()
+                    .all(|c| c.is_ascii_digit())
+        }
+        None => false,
+    }
+}
+
+fn join_abs(root: &str, rel: &str) -> String {
+    if rel.is_empty() {
+        root.to_string()
+    } else {
+        format!("{}/{rel}", root.trim_end_matches('/'))
+    }
+}
+
+pub(crate) fn classify(target: String, e: opendal::Error) -> UfsError {
+    let text = format!("{e:#}");
+    let lower = text.to_ascii_lowercase();
+    let kind = match e.kind() {
+        ErrorKind::NotFound => UfsErrorKind::NotFound,
+        ErrorKind::PermissionDenied => UfsErrorKind::PermissionDenied,
+        ErrorKind::ConditionNotMatch => UfsErrorKind::Stale,
+        ErrorKind::AlreadyExists => UfsErrorKind::AlreadyExists,
+        ErrorKind::Unsupported => UfsErrorKind::Unsupported,
+        _ if lower.contains("connect")
+            || lower.contains("dns")
+            || lower.contains("timed out")
+            || lower.contains("timeout") =>
+        {
+            UfsErrorKind::Unreachable
+        }
+        // Some servers answer a bad signature with 400 rather than 403.
+        _ if lower.contains("signaturedoesnotmatch")
+            || lower.contains("invalidaccesskeyid")
+            || lower.contains("accessdenied") =>
+        {
+            UfsErrorKind::PermissionDenied
+        }
+        _ => UfsErrorKind::Other,
+    };
+    // Keep messages readable: the first line of OpenDAL's context is enough.
+    let message = text
+        .lines()
+        .next()
+        .unwrap_or(&text)
+        .chars()
+        .take(400)
+        .collect::<String>();
+    UfsError::new(kind, target, message)
+}
+
+fn status_of(name: &str, meta: &opendal::Metadata) -> UfsStatus {
+    let is_dir = meta.is_dir();
+    let mtime_ms = meta
+        .last_modified()
+        .map(|t| t.into_inner().as_millisecond())
+        .unwrap_or(0);
+    let size = if is_dir { 0 } else { meta.content_length() };
+    let fingerprint = if is_dir {
+        String::new()
+    } else {
+        match meta.etag() {
+            Some(e) if !e.is_empty() => e.trim_matches('"').to_string(),
+            _ => format!("{size}-{mtime_ms}"),
+        }
+    };
+    UfsStatus {
+        name: name
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string(),
+        is_dir,
+        size,
+        mtime_ms,
+        fingerprint,
+    }
+}
+
+struct OpendalWriter {
+    w: opendal::Writer,
+    op: Operator,
+    path: String,
+    target: String,
+}
+
+impl UfsWriter for OpendalWriter {
+    fn write(&mut self, data: Bytes) -> BoxFuture<'_, Result<(), UfsError>> {
+        async move {
+            self.w
+                .write(data)
+                .await
+                .map_err(|e| classify(self.target.clone(), e))
+        }
+        .boxed()
+    }
+
+    fn close(mut self: Box<Self>) -> BoxFuture<'static, Result<UfsStatus, UfsError>> {
+        async move {
+            self.w
+                .close()
+                .await
+                .map_err(|e| classify(self.target.clone(), e))?;
+            // Stat for the authoritative fingerprint (fs has no ETag; S3
+            // multipart ETags differ from single-part ones).
+            let meta = self
+                .op
+                .stat(&self.path)
+                .await
+                .map_err(|e| classify(self.target.clone(), e))?;
+            Ok(status_of(&self.path, &meta))
+        }
+        .boxed()
+    }
+
+    fn abort(mut self: Box<Self>) -> BoxFuture<'static, Result<(), UfsError>> {
+        async move {
+            self.w
+                .abort()
+                .await
+                .map_err(|e| classify(self.target.clone(), e))
+        }
+        .boxed()
+    }
+}
+
+impl UnderStorage for OpendalUfs {
+    fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    fn object_identity(&self, path: &str) -> String {
+        self.uri.object_identity(path)
+    }
+
+    fn stat<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<UfsStatus, UfsError>> {
+        async move {
+            match self.op.stat(path).await {
+                Ok(m) => Ok(status_of(path, &m)),
+                Err(e) if e.kind() == ErrorKind::NotFound && !path.is_empty() => {
+                    // Object stores have no directory objects: a prefix with
+                    // children is a directory.
+                    let dir = format!("{path}/");
+                    let mut entries = self
+                        .op
+                        .list_with(&dir)
+                        .limit(1)
+                        .await
+                        .map_err(|e| self.err(path, e))?;
+                    entries.retain(|en| en.path() != dir);
+                    if entries.is_empty() {
+                        Err(self.err(path, e))
+                    } else {
+                        Ok(UfsStatus {
+                            name: path.rsplit('/').next().unwrap_or("").to_string(),
+                            is_dir: true,
+                            size: 0,
+                            mtime_ms: 0,
+                            fingerprint: String::new(),
+                        })
+                    }
+                }
+                Err(e) => Err(self.err(path, e)),
+            }
+        }
+        .boxed()
+    }
+
+    fn list<'a>(&'a self, dir: &'a str) -> BoxFuture<'a, Result<Vec<UfsStatus>, UfsError>> {
+        async move {
+            let prefix = if dir.is_empty() {
+                String::new()
+            } else {
+                format!("{}/", dir.trim_end_matches('/'))
+            };
+            let entries = self.op.list(&prefix).await.map_err(|e| self.err(dir, e))?;
+            let mut out = Vec::with_capacity(entries.len());
+            for en in entries {
+                let p = en.path();
+                if p == prefix || p.is_empty() || p == "/" {
+                    continue;
+                }
+                let mut st = status_of(p, en.metadata());
+                // fs listings may omit sizes and times; stat files to fill them.
+                if !st.is_dir && self.uri.scheme == Scheme::File {
+                    if let Ok(m) = self.op.stat(p).await {
+                        st = status_of(p, &m);
+                    }
+                }
+                if st.name.is_empty() {
+                    continue;
+                }
+                out.push(st);
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn read<'a>(
+        &'a self,
+        path: &'a str,
+        range: Range<u64>,
+        fingerprint: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Bytes, UfsError>> {
+        async move {
+            if range.is_empty() {
+                return Ok(Bytes::new());
+            }
+            let mut req = self.op.read_with(path).range(range.clone());
+            match fingerprint {
+                Some(fp) if self.read_if_match && !is_size_mtime(fp) => {
+                    req = req.if_match(&format!("\"{fp}\""));
+                }
+                Some(fp) => {
+                    // No conditional reads (fs): compare a fresh stat.
+                    let st = self.op.stat(path).await.map_err(|e| self.err(path, e))?;
+                    let now = status_of(path, &st);
+                    if now.fingerprint != fp {
+                        return Err(UfsError::new(
+                            UfsErrorKind::Stale,
+                            self.target(path),
+                            format!(
+                                "object changed (fingerprint {fp} is now {})",
+                                now.fingerprint
+                            ),
+                        ));
+                    }
+                }
+                None => {}
+            }
+            let buf = req.await.map_err(|e| self.err(path, e))?;
+            let bytes = buf.to_bytes();
+            if (bytes.len() as u64) < range.end - range.start {
+                return Err(UfsError::new(
+                    UfsErrorKind::Stale,
+                    self.target(path),
+                    format!(
+                        "short read: wanted {} bytes at {}, got {} (object truncated?)",
+                        range.end - range.start,
+                        range.start,
+                        bytes.len()
+                    ),
+                ));
+            }
+            Ok(bytes)
+        }
+        .boxed()
+    }
+
+    fn read_stream<'a>(
+        &'a self,
+        path: &'a str,
+        range: Range<u64>,
+    ) -> BoxFuture<'a, Result<BoxStream<'static, Result<Bytes, UfsError>>, UfsError>> {
+        async move {
+            let target = self.target(path);
+            let r = self
+                .op
+                .reader_with(path)
+                .chunk(8 << 20)
+                .await
+                .map_err(|e| self.err(path, e))?;
+            let s = r
+                .into_bytes_stream(range)
+                .await
+                .map_err(|e| self.err(path, e))?;
+            let t2 = target.clone();
+            Ok(
+                s.map_err(move |e| UfsError::new(UfsErrorKind::Other, t2.clone(), e.to_string()))
+                    .boxed(),
+            )
+        }
+        .boxed()
+    }
+
+    fn writer<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Box<dyn UfsWriter>, UfsError>> {
+        async move {
+            let w = self
+                .op
+                .writer_with(path)
+                .chunk(8 << 20)
+                .concurrent(4)
+                .await
+                .map_err(|e| self.err(path, e))?;
+            Ok(Box::new(OpendalWriter {
+                w,
+                op: self.op.clone(),
+                path: path.to_string(),
+                target: self.target(path),
+            }) as Box<dyn UfsWriter>)
+        }
+        .boxed()
+    }
+
+    fn mkdir<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<(), UfsError>> {
+        async move {
+            if path.is_empty() {
+                return Ok(());
+            }
+            self.op
+                .create_dir(&format!("{}/", path.trim_end_matches('/')))
+                .await
+                .map_err(|e| self.err(path, e))
+        }
+        .boxed()
+    }
+
+    fn delete<'a>(&'a self, path: &'a str, is_dir: bool) -> BoxFuture<'a, Result<(), UfsError>> {
+        async move {
+            if is_dir {
+                self.op
+                    .delete_with(&format!("{}/", path.trim_end_matches('/')))
+                    .recursive(true)
+                    .await
+                    .map_err(|e| self.err(path, e))
+            } else {
+                self.op.delete(path).await.map_err(|e| self.err(path, e))
+            }
+        }
+        .boxed()
+    }
+
+    fn rename<'a>(
+        &'a self,
+        from: &'a str,
+        to: &'a str,
+        is_dir: bool,
+    ) -> BoxFuture<'a, Result<(), UfsError>> {
+        async move {
+            let cap = self.op.info().capability();
+            if cap.rename {
+                let (f, t) = if is_dir {
+                    (format!("{from}/"), format!("{to}/"))
+                } else {
+                    (from.to_string(), to.to_string())
+                };
+                return self.op.rename(&f, &t).await.map_err(|e| self.err(from, e));
+            }
+            if is_dir {
+                return Err(UfsError::new(
+                    UfsErrorKind::Unsupported,
+                    self.target(from),
+                    "renaming a directory in an object store would copy every object; not supported",
+                ));
+            }
+            self.op.copy(from, to).await.map_err(|e| self.err(from, e))?;
+            self.op.delete(from).await.map_err(|e| self.err(from, e))
+        }
+        .boxed()
+    }
+
+    fn check<'a>(&'a self) -> BoxFuture<'a, Result<(), UfsError>> {
+        async move {
+            let res = self.probe.list_with("").limit(1).await;
+            match res {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == ErrorKind::NotFound && self.uri.scheme == Scheme::File => {
+                    Err(UfsError::new(
+                        UfsErrorKind::NotFound,
+                        self.describe.clone(),
+                        "directory does not exist",
+                    ))
+                }
+                Err(e) => Err(classify(self.describe.clone(), e)),
+            }
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,491 @@
+//! The data server: one task per connection, requests handled in order.
+//! Reads stream pages as `Data` frames straight from the page store or, on a
+//! miss, from the UFS (parallel ranged GETs, cached on the way through).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, stream};
+use strata_common::geometry::PageSpan;
+use strata_common::ids::PageKey;
+use strata_common::{CacheId, Geometry};
+use strata_proto::data::{
+    ErrorCode, FrameError, Message, ReadSpec, Source, WriteMode, WriteSpec, read_message,
+    write_data, write_message,
+};
+use strata_ufs::{Ufs, UfsError, UfsErrorKind};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::Shared;
+use crate::page_store::StoreError;
+
+/// Largest byte range one read request may ask for; clients split larger reads.
+pub const MAX_READ: u64 = 1 << 30;
+/// Pages a hit-only read keeps in flight (file reads overlap socket writes).
+const HIT_PIPELINE: usize = 4;
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            acc = listener.accept() => match acc {
+                Ok((sock, peer)) => {
+                    let _ = sock.set_nodelay(true);
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let (rd, wr) = sock.into_split();
+                        let mut rd = BufReader::with_capacity(256 << 10, rd);
+                        let mut wr = BufWriter::with_capacity(64 << 10, wr);
+                        if let Err(e) = handle_conn(&shared, &mut rd, &mut wr).await {
+                            tracing::debug!(%peer, error = %e, "data connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            },
+            _ = crate::stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// A failure reported to the client as an `Error` frame.
+#[derive(Debug)]
+pub struct Failure {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+    fn to_msg(&self) -> Message {
+        Message::Error {
+            code: self.code,
+            message: self.message.clone(),
+        }
+    }
+}
+
+impl From<UfsError> for Failure {
+    fn from(e: UfsError) -> Self {
+        let code = match e.kind {
+            UfsErrorKind::NotFound => ErrorCode::NotFound,
+            UfsErrorKind::Stale => ErrorCode::Stale,
+            UfsErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
+            UfsErrorKind::Unreachable => ErrorCode::UfsUnavailable,
+            UfsErrorKind::InvalidUri => ErrorCode::BadRequest,
+            _ => ErrorCode::Internal,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        let code = match e {
+            StoreError::Full { .. } => ErrorCode::CacheFull,
+            StoreError::Io { .. } => ErrorCode::Internal,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+enum ConnError {
+    Frame(FrameError),
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for ConnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnError::Frame(e) => write!(f, "{e}"),
+            ConnError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<std::io::Error> for ConnError {
+    fn from(e: std::io::Error) -> Self {
+        ConnError::Io(e)
+    }
+}
+
+async fn handle_conn<R, W>(shared: &Shared, rd: &mut R, wr: &mut W) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let msg = match read_message(rd).await {
+            Ok(m) => m,
+            Err(FrameError::Closed) => return Ok(()),
+            Err(e) => {
+                // Tell the peer why, then drop the connection: after a bad
+                // frame the stream position can no longer be trusted.
+                let f = Failure::new(ErrorCode::BadRequest, format!("bad frame: {e}"));
+                let _ = write_message(wr, &f.to_msg()).await;
+                let _ = wr.flush().await;
+                return Err(ConnError::Frame(e));
+            }
+        };
+        match msg {
+            Message::Read(spec) => {
+                let reply = match read_range(shared, &spec, Some(wr)).await {
+                    Ok(end) => end,
+                    Err(f) => f.to_msg(),
+                };
+                write_message(wr, &reply).await?;
+            }
+            Message::Load(spec) => {
+                let reply = match read_range::<W>(shared, &spec, None).await {
+                    Ok(end) => end,
+                    Err(f) => f.to_msg(),
+                };
+                write_message(wr, &reply).await?;
+            }
+            Message::Free { cache_id } => {
+                let n = shared.store.free(CacheId(cache_id)).await;
+                write_message(
+                    wr,
+                    &Message::End {
+                        bytes: 0,
+                        cached_pages: n,
+                        ufs_pages: 0,
+                    },
+                )
+                .await?;
+            }
+            Message::WriteBegin(ws) => {
+                let reply = match handle_write(shared, &ws, rd).await {
+                    Ok(m) => m,
+                    Err(WriteFailure::Client(f)) => f.to_msg(),
+                    Err(WriteFailure::Conn(e)) => return Err(e),
+                };
+                write_message(wr, &reply).await?;
+            }
+            other => {
+                let f = Failure::new(
+                    ErrorCode::BadRequest,
+                    format!("unexpected frame {:?} outside a request", kind_name(&other)),
+                );
+                write_message(wr, &f.to_msg()).await?;
+            }
+        }
+        wr.flush().await?;
+    }
+}
+
+fn kind_name(m: &Message) -> &'static str {
+    match m {
+        Message::Read(_) => "Read",
+        Message::Load(_) => "Load",
+        Message::Free { .. } => "Free",
+        Message::WriteBegin(_) => "WriteBegin",
+        Message::WriteEnd => "WriteEnd",
+        Message::Data(_) => "Data",
+        Message::End { .. } => "End",
+        Message::WriteDone { .. } => "WriteDone",
+        Message::Error { .. } => "Error",
+    }
+}
+
+fn geometry(block_size: u64, page_size: u64) -> Result<Geometry, Failure> {
+    Geometry::new(block_size, page_size)
+        .map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))
+}
+
+/// Serves (or, with `out == None`, only caches) a byte range.
+async fn read_range<W: AsyncWrite + Unpin>(
+    shared: &Shared,
+    spec: &ReadSpec,
+    mut out: Option<&mut W>,
+) -> Result<Message, Failure> {
+    let g = geometry(spec.block_size, spec.page_size)?;
+    if spec.offset > spec.file_len {
+        return Err(Failure::new(
+            ErrorCode::BadRequest,
+            format!(
+                "offset {} is beyond the end of {} ({} bytes)",
+                spec.offset, spec.ufs_path, spec.file_len
+            ),
+        ));
+    }
+    if spec.len > MAX_READ {
+        return Err(Failure::new(
+            ErrorCode::BadRequest,
+            format!(
+                "read of {} bytes exceeds the {MAX_READ}-byte request limit",
+                spec.len
+            ),
+        ));
+    }
+    let ufs = match spec.source {
+        Source::Ufs => Some(shared.mounts.get(spec.mount_id).await?),
+        Source::CacheOnly => None,
+    };
+    let spans = g.spans(spec.file_len, spec.offset, spec.len);
+    let concurrency = shared.config.worker.ufs_read_concurrency.max(HIT_PIPELINE);
+    let ufs_ref = ufs.as_ref();
+    let mut pages = stream::iter(spans)
+        .map(|s| fetch_page(shared, spec, ufs_ref, s))
+        .buffered(concurrency);
+    let (mut bytes, mut cached, mut fetched) = (0u64, 0u64, 0u64);
+    while let Some(r) = pages.next().await {
+        let (span, data, hit) = r?;
+        if hit {
+            cached += 1;
+        } else {
+            fetched += 1;
+        }
+        if let Some(w) = out.as_deref_mut() {
+            let slice = &data[span.skip as usize..(span.skip + span.take) as usize];
+            write_data(w, slice)
+                .await
+                .map_err(|e| Failure::new(ErrorCode::Internal, format!("client went away: {e}")))?;
+            shared
+                .counters
+                .bytes_served
+                .fetch_add(span.take, Ordering::Relaxed);
+        }
+        bytes += span.take;
+    }
+    Ok(Message::End {
+        bytes,
+        cached_pages: cached,
+        ufs_pages: fetched,
+    })
+}
+
+async fn fetch_page(
+    shared: &Shared,
+    spec: &ReadSpec,
+    ufs: Option<&Ufs>,
+    span: PageSpan,
+) -> Result<(PageSpan, Bytes, bool), Failure> {
+    let key = PageKey {
+        cache_id: CacheId(spec.cache_id),
+        block: span.block,
+        page: span.page,
+    };
+    if let Some(b) = shared.store.get(&key).await {
+        if b.len() as u64 == span.page_len {
+            return Ok((span, b, true));
+        }
+        // A page of the wrong length is a torn write: drop and refetch.
+        shared.store.free_page(&key).await;
+    }
+    let Some(ufs) = ufs else {
+        return Err(Failure::new(
+            ErrorCode::DataLost,
+            format!(
+                "page {}/{} of cache-only file {} is not on this worker; \
+                 data written with MUST_CACHE exists only in the cache",
+                span.block, span.page, spec.ufs_path
+            ),
+        ));
+    };
+    let range = span.page_start..span.page_start + span.page_len;
+    let data = ufs
+        .read(&spec.ufs_path, range, Some(&spec.fingerprint))
+        .await?;
+    shared
+        .counters
+        .ufs_bytes_read
+        .fetch_add(data.len() as u64, Ordering::Relaxed);
+    if let Err(e) = shared.store.put(key, data.clone(), false).await {
+        // The read still succeeds; the page is just not cached.
+        tracing::warn!(error = %e, "page not cached");
+    }
+    Ok((span, data, false))
+}
+
+enum WriteFailure {
+    Client(Failure),
+    Conn(ConnError),
+}
+
+impl From<UfsError> for WriteFailure {
+    fn from(e: UfsError) -> Self {
+        WriteFailure::Client(e.into())
+    }
+}
+
+impl From<Failure> for WriteFailure {
+    fn from(f: Failure) -> Self {
+        WriteFailure::Client(f)
+    }
+}
+
+/// Receives a write stream (Data frames up to WriteEnd).
+async fn handle_write<R: AsyncRead + Unpin>(
+    shared: &Shared,
+    ws: &WriteSpec,
+    rd: &mut R,
+) -> Result<Message, WriteFailure> {
+    let (pin, mut page_id) = match ws.mode {
+        WriteMode::MustCache => (true, Some(CacheId(ws.cache_id))),
+        // Staged under a temporary id until the UFS returns the fingerprint.
+        WriteMode::CacheThrough => (false, Some(CacheId(rand::random::<u128>()))),
+        WriteMode::Through => (false, None),
+    };
+    let setup = async {
+        let g = geometry(ws.block_size, ws.page_size)?;
+        if ws.offset % g.page_size != 0 {
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                "write offset is not page aligned",
+            ));
+        }
+        let ufs = match ws.mode {
+            WriteMode::MustCache => None,
+            _ => Some(shared.mounts.get(ws.mount_id).await?),
+        };
+        let writer = match &ufs {
+            Some(u) => Some(u.writer(&ws.ufs_path).await?),
+            None => None,
+        };
+        Ok((g, ufs, writer))
+    };
+    // On a failed setup the client's Data frames are still drained up to
+    // WriteEnd, so the connection stays in step.
+    let mut failure: Option<Failure> = None;
+    let (g, ufs, mut writer) = match setup.await {
+        Ok(v) => v,
+        Err(f) => {
+            failure = Some(f);
+            page_id = None;
+            (Geometry::default(), None, None)
+        }
+    };
+    let mut pending = BytesMut::new();
+    let mut pos = ws.offset;
+    let mut total = 0u64;
+    let cleanup = |id: Option<CacheId>| async move {
+        if let Some(id) = id {
+            shared.store.free(id).await;
+        }
+    };
+    loop {
+        let msg = match read_message(rd).await {
+            Ok(m) => m,
+            Err(e) => {
+                // Connection lost mid-write: nothing becomes visible.
+                if let Some(w) = writer.take() {
+                    let _ = w.abort().await;
+                }
+                cleanup(page_id).await;
+                return Err(WriteFailure::Conn(ConnError::Frame(e)));
+            }
+        };
+        match msg {
+            Message::Data(b) => {
+                if failure.is_some() {
+                    continue;
+                }
+                total += b.len() as u64;
+                if let Some(w) = writer.as_mut() {
+                    if let Err(e) = w.write(b.clone()).await {
+                        failure = Some(e.into());
+                        continue;
+                    }
+                }
+                if let Some(id) = page_id {
+                    pending.extend_from_slice(&b);
+                    while pending.len() as u64 >= g.page_size {
+                        let page = pending.split_to(g.page_size as usize).freeze();
+                        if let Err(e) = put_page(shared, &g, id, pos, page, pin).await {
+                            failure = Some(e);
+                            break;
+                        }
+                        pos += g.page_size;
+                    }
+                }
+            }
+            Message::WriteEnd => break,
+            other => {
+                failure.get_or_insert(Failure::new(
+                    ErrorCode::BadRequest,
+                    format!("unexpected {} frame inside a write", kind_name(&other)),
+                ));
+                break;
+            }
+        }
+    }
+    if failure.is_none() && !pending.is_empty() {
+        if let Some(id) = page_id {
+            if let Err(e) = put_page(shared, &g, id, pos, pending.freeze(), pin).await {
+                failure = Some(e);
+            }
+        }
+    }
+    if let Some(f) = failure {
+        if let Some(w) = writer.take() {
+            let _ = w.abort().await;
+        }
+        cleanup(page_id).await;
+        return Err(f.into());
+    }
+    match (writer, ufs) {
+        (Some(w), Some(u)) => {
+            let st = match w.close().await {
+                Ok(st) => st,
+                Err(e) => {
+                    cleanup(page_id).await;
+                    return Err(Failure::from(e).into());
+                }
+            };
+            let final_id =
+                CacheId::for_ufs_object(&u.object_identity(&ws.ufs_path), &st.fingerprint);
+            if let Some(tmp) = page_id {
+                shared.store.rekey(tmp, final_id).await;
+            }
+            Ok(Message::WriteDone {
+                bytes: total,
+                fingerprint: st.fingerprint,
+                mtime_ms: st.mtime_ms,
+                cache_id: final_id.0,
+            })
+        }
+        _ => Ok(Message::WriteDone {
+            bytes: total,
+            fingerprint: String::new(),
+            mtime_ms: 0,
+            cache_id: ws.cache_id,
+        }),
+    }
+}
+
+async fn put_page(
+    shared: &Shared,
+    g: &Geometry,
+    id: CacheId,
+    pos: u64,
+    data: Bytes,
+    pin: bool,
+) -> Result<(), Failure> {
+    let block = pos / g.block_size;
+    let page = ((pos % g.block_size) / g.page_size) as u32;
+    let key = PageKey {
+        cache_id: id,
+        block,
+        page,
+    };
+    match shared.store.put(key, data, pin).await {
+        Ok(()) => Ok(()),
+        // Through-the-UFS writes do not need the cache copy.
+        Err(e) if !pin => {
+            tracing::debug!(error = %e, "write-through page not cached");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
