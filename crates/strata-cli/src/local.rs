@@ -74,7 +74,7 @@ pub async fn run(mut cfg: Config, args: LocalArgs) -> anyhow::Result<()> {
     let existing = client.mounts().await?;
     for (p, u) in parsed {
         match existing.iter().find(|m| m.path == p) {
-            Some(m) if m.ufs_uri == u => {}
+            Some(m) if m.ufs_uri == strata_ufs::redact_uri(&u) => {}
             Some(m) => bail!(
                 "--mount {p}={u}: {p} is already mounted from {} (kept in {}); \
                  unmount it with `strata fs unmount {p}` or pick another path",

@@ -771,7 +771,11 @@ fn mount_info(m: &MountEntry, with_secrets: bool) -> pb::MountInfo {
     pb::MountInfo {
         id: m.id,
         path: m.path.clone(),
-        ufs_uri: m.ufs_uri.clone(),
+        ufs_uri: if with_secrets {
+            m.ufs_uri.clone()
+        } else {
+            strata_ufs::redact_uri(&m.ufs_uri)
+        },
         options: m
             .options
             .iter()

@@ -16,7 +16,7 @@ use futures::stream::BoxStream;
 
 pub use error::{UfsError, UfsErrorKind};
 pub use opendal_ufs::OpendalUfs;
-pub use uri::{Scheme, UfsUri};
+pub use uri::{Scheme, UfsUri, redact_uri};
 
 /// What the UFS says about one object or directory.
 #[derive(Clone, Debug, PartialEq, Eq)]

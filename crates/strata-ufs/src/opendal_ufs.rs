@@ -48,6 +48,25 @@ impl OpendalUfs {
         };
         let base = match uri.scheme {
             Scheme::File => {
+                // OpenDAL would create a missing root; a mount of a typo must
+                // fail instead.
+                match std::fs::metadata(&uri.root) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        return Err(UfsError::new(
+                            UfsErrorKind::InvalidUri,
+                            &describe,
+                            "is not a directory",
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(UfsError::new(
+                            UfsErrorKind::NotFound,
+                            &describe,
+                            format!("directory does not exist ({e})"),
+                        ));
+                    }
+                }
                 let b = opendal::services::Fs::default().root(&uri.root);
                 Operator::new(b).map_err(map_build)?
             }
@@ -148,15 +167,26 @@ fn join_abs(root: &str, rel: &str) -> String {
 }
 
 pub(crate) fn classify(target: String, e: opendal::Error) -> UfsError {
-    let text = format!("{e:#}");
+    // The root cause ("Connection refused", an S3 error code) is at the end
+    // of the source chain; OpenDAL's own text carries the operation.
+    let mut cause = String::new();
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+    while let Some(s) = src {
+        cause = s.to_string();
+        src = s.source();
+    }
+    let text = format!("{e:#} {cause}");
     let lower = text.to_ascii_lowercase();
     let kind = match e.kind() {
         ErrorKind::NotFound => UfsErrorKind::NotFound,
+        _ if lower.contains("nosuchbucket") => UfsErrorKind::NotFound,
         ErrorKind::PermissionDenied => UfsErrorKind::PermissionDenied,
         ErrorKind::ConditionNotMatch => UfsErrorKind::Stale,
         ErrorKind::AlreadyExists => UfsErrorKind::AlreadyExists,
         ErrorKind::Unsupported => UfsErrorKind::Unsupported,
+        _ if lower.contains("credential") => UfsErrorKind::PermissionDenied,
         _ if lower.contains("connect")
+            || lower.contains("sending request")
             || lower.contains("dns")
             || lower.contains("timed out")
             || lower.contains("timeout") =>
@@ -172,14 +202,13 @@ pub(crate) fn classify(target: String, e: opendal::Error) -> UfsError {
         }
         _ => UfsErrorKind::Other,
     };
-    // Keep messages readable: the first line of OpenDAL's context is enough.
-    let message = text
-        .lines()
-        .next()
-        .unwrap_or(&text)
-        .chars()
-        .take(400)
-        .collect::<String>();
+    // Keep messages readable: the kind, the operation and the root cause.
+    let message = if cause.is_empty() || e.message().contains(&cause) {
+        format!("{}: {}", e.kind(), e.message())
+    } else {
+        format!("{}: {} ({cause})", e.kind(), e.message())
+    };
+    let message: String = message.chars().take(500).collect();
     UfsError::new(kind, target, message)
 }
 
@@ -316,8 +345,14 @@ impl UnderStorage for OpendalUfs {
                     continue;
                 }
                 let mut st = status_of(p, en.metadata());
-                // fs listings may omit sizes and times; stat files to fill them.
-                if !st.is_dir && self.uri.scheme == Scheme::File {
+                // fs listings may omit sizes and times, and some S3 servers
+                // list without ETags; stat such files so the fingerprint is
+                // the same one a later stat (the stale check) computes.
+                let incomplete = match self.uri.scheme {
+                    Scheme::File => true,
+                    Scheme::S3 => en.metadata().etag().is_none(),
+                };
+                if !st.is_dir && incomplete {
                     if let Ok(m) = self.op.stat(p).await {
                         st = status_of(p, &m);
                     }

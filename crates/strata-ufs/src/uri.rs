@@ -139,6 +139,21 @@ impl UfsUri {
     }
 }
 
+/// The URI with secret option values replaced by `****`, for display.
+pub fn redact_uri(uri: &str) -> String {
+    let Some((base, q)) = uri.split_once('?') else {
+        return uri.to_string();
+    };
+    let parts: Vec<String> = q
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.contains("secret") || k.contains("token") => format!("{k}=****"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", parts.join("&"))
+}
+
 fn join_root(root: &str, rel: &str) -> String {
     match (root.trim_end_matches('/'), rel) {
         (r, "") => r.to_string(),
@@ -187,6 +202,10 @@ mod tests {
         // The same object mounted through a different prefix has one identity.
         let t = UfsUri::parse("s3://bkt?endpoint=http://127.0.0.1:9000", &none).unwrap();
         assert_eq!(t.object_identity("pre/fix/k"), s.object_identity("k"));
+        assert_eq!(
+            redact_uri("s3://b?endpoint=x&secret_access_key=abc&region=r"),
+            "s3://b?endpoint=x&secret_access_key=****&region=r"
+        );
         for bad in [
             "http://x",
             "file://rel",
