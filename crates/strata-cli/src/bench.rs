@@ -29,6 +29,9 @@ pub enum BenchCmd {
         /// Hash every byte and check all runs read identical data.
         #[arg(long)]
         verify: bool,
+        /// Warm and loopback runs are repeated this many times; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -135,6 +138,13 @@ where
     })
 }
 
+/// The run with the median time.
+fn median(mut runs: Vec<RunResult>) -> RunResult {
+    runs.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+    let mid = runs.len() / 2;
+    runs.swap_remove(mid)
+}
+
 async fn ufs_bytes_read(c: &Client) -> u64 {
     c.workers()
         .await
@@ -222,7 +232,10 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
         path,
         threads,
         verify,
+        rounds,
     } = cmd;
+    // Workers report usage with their heartbeat; wait one out before reading counters.
+    let settle = std::time::Duration::from_millis(cfg.worker.heartbeat_interval_ms * 3 / 2 + 100);
     let c = crate::client(cfg)?;
     let files = c.list_files_recursive(&path).await?;
     if files.is_empty() {
@@ -267,15 +280,26 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
             }
         }
     };
+    tokio::time::sleep(settle).await;
     let u0 = ufs_bytes_read(&c).await;
     let cold = run_tasks(&tasks, threads, verify, sdk(c.clone()))
         .await
         .context("cold SDK read")?;
+    tokio::time::sleep(settle).await;
     let u1 = ufs_bytes_read(&c).await;
-    let warm = run_tasks(&tasks, threads, verify, sdk(c.clone()))
-        .await
-        .context("warm SDK read")?;
+    let mut warms = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let w = run_tasks(&tasks, threads, verify, sdk(c.clone()))
+            .await
+            .context("warm SDK read")?;
+        if verify && w.hashes != cold.hashes {
+            bail!("verification failed: a warm read returned different bytes than the cold read");
+        }
+        warms.push(w);
+    }
+    tokio::time::sleep(settle).await;
     let u2 = ufs_bytes_read(&c).await;
+    let warm = median(warms);
 
     let mounts = Arc::new(mounts);
     let direct = run_tasks(&tasks, threads, verify, move |t: Task| {
@@ -299,7 +323,11 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
         .await?
         .read_at(0, (16 << 20).min(first.size))
         .await?;
-    let tcp = loopback_tcp(total, threads.max(1), sample, false).await?;
+    let mut tcps = Vec::new();
+    for _ in 0..rounds.max(1) {
+        tcps.push(loopback_tcp(total, threads.max(1), sample.clone(), false).await?);
+    }
+    let tcp = median(tcps);
 
     if verify {
         if cold.hashes != warm.hashes || warm.hashes != direct.hashes {
@@ -330,9 +358,14 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
     };
     row("direct UFS read", &direct, None);
     row("strata cold read (SDK)", &cold, Some(u1 - u0));
-    row("strata warm read (SDK)", &warm, Some(u2 - u1));
-    row("loopback TCP (baseline)", &tcp, None);
+    row(
+        &format!("strata warm read (SDK) x{rounds}"),
+        &warm,
+        Some(u2 - u1),
+    );
+    row(&format!("loopback TCP (baseline) x{rounds}"), &tcp, None);
     println!();
+    println!("(warm and loopback rows: median of {rounds} runs; UFS bytes from worker counters)");
     println!(
         "warm/direct = {:.2}x, warm/loopback TCP = {:.1}%",
         rate(&warm) / rate(&direct),

@@ -21,7 +21,10 @@ async fn missing_paths_and_malformed_paths() {
     let env = start(ClusterOptions::default());
     let c = &env.cluster;
     let err = fails(c.cli(&["fs", "stat", "/s3/no/such/file"]).unwrap());
-    assert!(err.contains("/s3/no/such/file: no such file or directory"), "{err}");
+    assert!(
+        err.contains("/s3/no/such/file: no such file or directory"),
+        "{err}"
+    );
     let err = fails(c.cli(&["fs", "cat", "/nowhere"]).unwrap());
     assert!(err.contains("/nowhere"), "{err}");
 
@@ -32,12 +35,16 @@ async fn missing_paths_and_malformed_paths() {
         ("/s3/./b", "'.'"),
     ] {
         let err = fails(c.cli(&["fs", "ls", p]).unwrap());
-        assert!(err.contains(&format!("{p:?}")) && err.contains(why), "{p}: {err}");
+        assert!(
+            err.contains(&format!("{p:?}")) && err.contains(why),
+            "{p}: {err}"
+        );
     }
     // The master validates too, whatever a client sends.
-    let mut raw = strata_proto::pb::master_client::MasterClient::connect(format!("http://{}", c.master_addr))
-        .await
-        .unwrap();
+    let mut raw =
+        strata_proto::pb::master_client::MasterClient::connect(format!("http://{}", c.master_addr))
+            .await
+            .unwrap();
     for p in ["/s3/../etc", "/a//b", "", "/x\0y"] {
         let st = raw
             .get_file_info(strata_proto::pb::PathRequest { path: p.into() })
@@ -51,7 +58,9 @@ async fn missing_paths_and_malformed_paths() {
     assert!(err.contains("'..'"), "{err}");
     // Nothing was lost: the mount still works.
     let sdk = client(c);
-    sdk.write_file("/s3/ok", b"fine", Default::default()).await.unwrap();
+    sdk.write_file("/s3/ok", b"fine", Default::default())
+        .await
+        .unwrap();
     assert_eq!(&sdk.read_file("/s3/ok").await.unwrap()[..], b"fine");
 }
 
@@ -60,14 +69,19 @@ async fn unreachable_endpoint_and_wrong_credentials() {
     let env = start(ClusterOptions::default());
     let c = &env.cluster;
     let port = free_port();
-    let uri = format!(
-        "s3://bkt?endpoint=http://127.0.0.1:{port}&access_key_id=a&secret_access_key=b"
-    );
+    let uri =
+        format!("s3://bkt?endpoint=http://127.0.0.1:{port}&access_key_id=a&secret_access_key=b");
     let started = std::time::Instant::now();
     let err = fails(c.cli(&["fs", "mount", "/down", &uri]).unwrap());
-    assert!(started.elapsed() < Duration::from_secs(30), "mount check must not hang");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "mount check must not hang"
+    );
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
-    assert!(err.contains("reachable") || err.contains("refused"), "{err}");
+    assert!(
+        err.contains("reachable") || err.contains("refused"),
+        "{err}"
+    );
     assert!(err.contains("/down"), "{err}");
 
     let wrong = format!(
@@ -75,11 +89,23 @@ async fn unreachable_endpoint_and_wrong_credentials() {
         env.s3.endpoint()
     );
     let err = fails(c.cli(&["fs", "mount", "/wrong", &wrong]).unwrap());
-    assert!(err.contains("credentials") && err.contains(&env.s3.endpoint()), "{err}");
-    assert!(!err.contains("secret_access_key=wrong"), "secrets are not echoed: {err}");
+    assert!(
+        err.contains("credentials") && err.contains(&env.s3.endpoint()),
+        "{err}"
+    );
+    assert!(
+        !err.contains("secret_access_key=wrong"),
+        "secrets are not echoed: {err}"
+    );
 
-    let err = fails(c.cli(&["fs", "mount", "/missing", "file:///definitely/not/here"]).unwrap());
-    assert!(err.contains("/definitely/not/here") && err.contains("does not exist"), "{err}");
+    let err = fails(
+        c.cli(&["fs", "mount", "/missing", "file:///definitely/not/here"])
+            .unwrap(),
+    );
+    assert!(
+        err.contains("/definitely/not/here") && err.contains("does not exist"),
+        "{err}"
+    );
     assert!(!std::path::Path::new("/definitely/not/here").exists());
 
     // Failed mounts left nothing behind.
@@ -104,11 +130,17 @@ async fn object_deleted_behind_the_cache() {
     let err = c.read_file("/s3/gone/obj").await.unwrap_err();
     assert!(err.is_not_found(), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("/s3/gone/obj") && msg.contains("bkt/gone/obj"), "{msg}");
+    assert!(
+        msg.contains("/s3/gone/obj") && msg.contains("bkt/gone/obj"),
+        "{msg}"
+    );
     // After a sync the namespace agrees with the UFS.
     c.sync("/s3/gone").await.unwrap();
     assert!(c.stat("/s3/gone/obj").await.unwrap_err().is_not_found());
-    assert_eq!(&c.read_file("/s3/gone/other").await.unwrap()[..], b"still here");
+    assert_eq!(
+        &c.read_file("/s3/gone/other").await.unwrap()[..],
+        b"still here"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -118,14 +150,32 @@ async fn full_cache_directory() {
         ..Default::default()
     });
     let c = client(&env.cluster);
-    let must = WriteOptions { write_type: WriteType::MustCache, ..Default::default() };
+    let must = WriteOptions {
+        write_type: WriteType::MustCache,
+        ..Default::default()
+    };
     let first = pattern(3 << 20, 1);
     c.write_file("/s3/pinned-1", &first, must).await.unwrap();
     // Only 1 MiB is left and pinned pages cannot be evicted.
-    let err = c.write_file("/s3/pinned-2", &pattern(3 << 20, 2), must).await.unwrap_err();
+    let err = c
+        .write_file("/s3/pinned-2", &pattern(3 << 20, 2), must)
+        .await
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, ClientError::Worker { code: ErrorCode::CacheFull, .. }), "{msg}");
-    assert!(msg.contains("full") && msg.contains("cache directory") && msg.contains("/s3/pinned-2"), "{msg}");
+    assert!(
+        matches!(
+            err,
+            ClientError::Worker {
+                code: ErrorCode::CacheFull,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("full") && msg.contains("cache directory") && msg.contains("/s3/pinned-2"),
+        "{msg}"
+    );
     // The failed file is gone, the first is intact.
     assert!(c.stat("/s3/pinned-2").await.unwrap_err().is_not_found());
     assert_eq!(&c.read_file("/s3/pinned-1").await.unwrap()[..], &first[..]);
@@ -146,8 +196,13 @@ async fn malformed_and_truncated_data_frames() {
 
     // Garbage: the worker answers with an error frame and closes.
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let m = tokio::time::timeout(timeout, read_message(&mut s)).await.unwrap().unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(timeout, read_message(&mut s))
+        .await
+        .unwrap()
+        .unwrap();
     match m {
         Message::Error { code, message } => {
             assert_eq!(code, ErrorCode::BadRequest);
@@ -156,7 +211,10 @@ async fn malformed_and_truncated_data_frames() {
         other => panic!("expected an error frame, got {other:?}"),
     }
     let mut rest = Vec::new();
-    let n = tokio::time::timeout(timeout, s.read_to_end(&mut rest)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(timeout, s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(n, 0, "connection closed after a bad frame");
 
     // A header announcing an oversized payload is refused before any allocation.
@@ -164,7 +222,11 @@ async fn malformed_and_truncated_data_frames() {
     let mut f = Message::WriteEnd.encode().to_vec();
     f[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
     s.write_all(&f).await.unwrap();
-    match tokio::time::timeout(timeout, read_message(&mut s)).await.unwrap().unwrap() {
+    match tokio::time::timeout(timeout, read_message(&mut s))
+        .await
+        .unwrap()
+        .unwrap()
+    {
         Message::Error { message, .. } => assert!(message.contains("exceeds"), "{message}"),
         other => panic!("expected an error frame, got {other:?}"),
     }
@@ -187,32 +249,55 @@ async fn malformed_and_truncated_data_frames() {
     s.write_all(&full[..full.len() - 7]).await.unwrap();
     s.shutdown().await.unwrap();
     let mut rest = Vec::new();
-    tokio::time::timeout(timeout, s.read_to_end(&mut rest)).await.unwrap().unwrap();
+    tokio::time::timeout(timeout, s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
     let (m, _) = Message::decode(&rest).unwrap().expect("an error frame");
-    assert!(matches!(m, Message::Error { ref message, .. } if message.contains("closed inside a frame")), "{m:?}");
+    assert!(
+        matches!(m, Message::Error { ref message, .. } if message.contains("closed inside a frame")),
+        "{m:?}"
+    );
 
     // A well-formed request with nonsense geometry gets a typed error and the
     // connection stays usable.
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let bad = ReadSpec { page_size: 3, ..spec };
+    let bad = ReadSpec {
+        page_size: 3,
+        ..spec
+    };
     write_message(&mut s, &Message::Read(bad)).await.unwrap();
-    match tokio::time::timeout(timeout, read_message(&mut s)).await.unwrap().unwrap() {
+    match tokio::time::timeout(timeout, read_message(&mut s))
+        .await
+        .unwrap()
+        .unwrap()
+    {
         Message::Error { code, message } => {
             assert_eq!(code, ErrorCode::BadRequest);
             assert!(message.contains("page size"), "{message}");
         }
         other => panic!("{other:?}"),
     }
-    write_message(&mut s, &Message::Free { cache_id: 5 }).await.unwrap();
+    write_message(&mut s, &Message::Free { cache_id: 5 })
+        .await
+        .unwrap();
     assert!(matches!(
-        tokio::time::timeout(timeout, read_message(&mut s)).await.unwrap().unwrap(),
+        tokio::time::timeout(timeout, read_message(&mut s))
+            .await
+            .unwrap()
+            .unwrap(),
         Message::End { .. }
     ));
 
     // The worker still serves real clients.
     let c = client(&env.cluster);
-    c.write_file("/s3/after", b"still serving", Default::default()).await.unwrap();
-    assert_eq!(&c.read_file("/s3/after").await.unwrap()[..], b"still serving");
+    c.write_file("/s3/after", b"still serving", Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        &c.read_file("/s3/after").await.unwrap()[..],
+        b"still serving"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -226,5 +311,8 @@ async fn no_master_is_a_clear_error() {
         .output()
         .unwrap();
     let err = fails(out);
-    assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("is `strata master`"), "{err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("is `strata master`"),
+        "{err}"
+    );
 }

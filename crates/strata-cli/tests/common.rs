@@ -39,13 +39,21 @@ pub fn s3_client(s3: &S3Server) -> strata_ufs::Ufs {
 
 pub async fn s3_put(ufs: &strata_ufs::Ufs, path: &str, data: &[u8]) {
     let mut w = ufs.writer(path).await.expect("writer");
-    w.write(bytes::Bytes::copy_from_slice(data)).await.expect("write");
+    w.write(bytes::Bytes::copy_from_slice(data))
+        .await
+        .expect("write");
     w.close().await.expect("close");
 }
 
 pub async fn pinned_bytes(c: &strata_client::Client) -> u64 {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    c.workers().await.expect("workers").iter().filter_map(|w| w.stats).map(|s| s.pinned_bytes).sum()
+    c.workers()
+        .await
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w.stats)
+        .map(|s| s.pinned_bytes)
+        .sum()
 }
 
 pub fn client(c: &Cluster) -> strata_client::Client {

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use strata_proto::data::{Message, read_message, write_message};
+use bytes::BytesMut;
+use strata_proto::data::{Message, read_message_buf, write_message};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -16,6 +17,8 @@ pub(crate) struct DataConn {
     rd: BufReader<OwnedReadHalf>,
     wr: BufWriter<OwnedWriteHalf>,
     timeout: Duration,
+    /// Receive buffer reused across frames.
+    scratch: BytesMut,
 }
 
 impl DataConn {
@@ -34,9 +37,12 @@ impl DataConn {
         let (rd, wr) = sock.into_split();
         Ok(DataConn {
             addr: addr.to_string(),
-            rd: BufReader::with_capacity(256 << 10, rd),
+            // Small: a frame header read should not pull payload bytes into
+            // this buffer, which would cost them an extra copy.
+            rd: BufReader::with_capacity(16 << 10, rd),
             wr: BufWriter::with_capacity(64 << 10, wr),
             timeout,
+            scratch: BytesMut::new(),
         })
     }
 
@@ -58,7 +64,12 @@ impl DataConn {
     }
 
     pub async fn recv(&mut self) -> Result<Message, ClientError> {
-        match tokio::time::timeout(self.timeout, read_message(&mut self.rd)).await {
+        match tokio::time::timeout(
+            self.timeout,
+            read_message_buf(&mut self.rd, &mut self.scratch),
+        )
+        .await
+        {
             Ok(Ok(m)) => Ok(m),
             Ok(Err(e)) => Err(self.conn_err(e)),
             Err(_) => Err(self.conn_err(format!(

@@ -265,12 +265,11 @@ impl Client {
     }
 
     pub(crate) async fn live_workers(&self, refresh: bool) -> Result<Vec<WorkerInfo>> {
-        if !refresh {
-            if let Some((t, w)) = &*self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()) {
-                if t.elapsed() < WORKER_LIST_TTL {
-                    return Ok(w.clone());
-                }
-            }
+        if !refresh
+            && let Some((t, w)) = &*self.inner.workers.lock().unwrap_or_else(|p| p.into_inner())
+            && t.elapsed() < WORKER_LIST_TTL
+        {
+            return Ok(w.clone());
         }
         let live: Vec<WorkerInfo> = self
             .workers()

@@ -139,7 +139,7 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
-            read_ahead_blocks: 4,
+            read_ahead_blocks: 8,
             read_chunk: ByteSize(16 << 20),
             io_timeout_secs: 60,
         }
@@ -221,7 +221,7 @@ impl Config {
         let cfg: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| err(format!("{e}")))?;
-        cfg.validate().map_err(|m| err(m))?;
+        cfg.validate().map_err(err)?;
         Ok(cfg)
     }
 

@@ -60,7 +60,7 @@ impl Geometry {
                 self.page_size
             )));
         }
-        if self.block_size < self.page_size || self.block_size % self.page_size != 0 {
+        if self.block_size < self.page_size || !self.block_size.is_multiple_of(self.page_size) {
             return Err(err(format!(
                 "block size {} must be a multiple of the page size {}",
                 self.block_size, self.page_size

@@ -133,10 +133,10 @@ impl Namespace {
             .ok_or_else(|| MasterError::NotFound {
                 path: path.to_string(),
             })?;
-        if let Some(t) = current.synced_ms {
-            if t >= started || (!force && !self.needs_sync(&current, mount)) {
-                return Ok((current, 0));
-            }
+        if let Some(t) = current.synced_ms
+            && (t >= started || (!force && !self.needs_sync(&current, mount)))
+        {
+            return Ok((current, 0));
         }
         let ufs = self.ufs_for(mount)?;
         let listing = match ufs.list(rel).await {
@@ -323,13 +323,13 @@ impl Namespace {
     }
 
     fn check_writable(&self, r: &Resolved) -> Result<(), MasterError> {
-        if let Some(m) = &r.mount {
-            if m.read_only {
-                return Err(MasterError::Invalid {
-                    path: r.path.to_string(),
-                    msg: format!("mount {} is read-only", m.path),
-                });
-            }
+        if let Some(m) = &r.mount
+            && m.read_only
+        {
+            return Err(MasterError::Invalid {
+                path: r.path.to_string(),
+                msg: format!("mount {} is read-only", m.path),
+            });
         }
         Ok(())
     }
@@ -354,10 +354,10 @@ impl Namespace {
                 }
                 Err(e) => return Err(e),
             }
-            if let Ok(r) = self.resolve(path).await {
-                if r.inode.is_dir {
-                    return Ok(self.file_info(&r));
-                }
+            if let Ok(r) = self.resolve(path).await
+                && r.inode.is_dir
+            {
+                return Ok(self.file_info(&r));
             }
         }
         let (pr, name) = self.resolve_parent(path).await?;
@@ -391,12 +391,11 @@ impl Namespace {
         overwrite: bool,
         recursive: bool,
     ) -> Result<pb::FileInfo, MasterError> {
-        if recursive {
-            if let Some(p) = path.parent() {
-                if let Err(MasterError::NotFound { .. }) = self.resolve(&p).await {
-                    self.mkdir(&p, true).await?;
-                }
-            }
+        if recursive
+            && let Some(p) = path.parent()
+            && let Err(MasterError::NotFound { .. }) = self.resolve(&p).await
+        {
+            self.mkdir(&p, true).await?;
         }
         let (pr, name) = self.resolve_parent(path).await?;
         self.check_writable(&pr)?;
@@ -520,18 +519,18 @@ impl Namespace {
                 });
             }
         }
-        if let Some(m) = &r.mount {
-            if r.inode.is_dir || r.inode.persist == PersistState::Persisted {
-                let ufs = self.ufs_for(m)?;
-                match ufs.delete(&r.rel, r.inode.is_dir).await {
-                    Ok(()) => {}
-                    Err(e) if e.kind == UfsErrorKind::NotFound => {}
-                    Err(err) => {
-                        return Err(MasterError::Ufs {
-                            path: path.to_string(),
-                            err,
-                        });
-                    }
+        if let Some(m) = &r.mount
+            && (r.inode.is_dir || r.inode.persist == PersistState::Persisted)
+        {
+            let ufs = self.ufs_for(m)?;
+            match ufs.delete(&r.rel, r.inode.is_dir).await {
+                Ok(()) => {}
+                Err(e) if e.kind == UfsErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(MasterError::Ufs {
+                        path: path.to_string(),
+                        err,
+                    });
                 }
             }
         }
@@ -577,13 +576,13 @@ impl Namespace {
                 path: dst.to_string(),
             });
         }
-        if let Some(m) = &r.mount {
-            if r.inode.is_dir || r.inode.persist == PersistState::Persisted {
-                let ufs = self.ufs_for(m)?;
-                ufs.rename(&r.rel, &join_rel(&pr.rel, &name), r.inode.is_dir)
-                    .await
-                    .map_err(Self::ufs_err(src))?;
-            }
+        if let Some(m) = &r.mount
+            && (r.inode.is_dir || r.inode.persist == PersistState::Persisted)
+        {
+            let ufs = self.ufs_for(m)?;
+            ufs.rename(&r.rel, &join_rel(&pr.rel, &name), r.inode.is_dir)
+                .await
+                .map_err(Self::ufs_err(src))?;
         }
         let _w = self.write_lock.lock().await;
         self.apply(Command::Rename {
@@ -741,12 +740,12 @@ impl Namespace {
         let mut resp = pb::SyncResponse::default();
         let mut stack = vec![start];
         while let Some(r) = stack.pop() {
-            if let Some(m) = r.mount.clone() {
-                if r.inode.synced_ms.is_some() || resp.directories_synced == 0 {
-                    let (_, changed) = self.sync_dir(&r.inode, &r.path, &m, &r.rel, true).await?;
-                    resp.directories_synced += 1;
-                    resp.files_changed += changed;
-                }
+            if let Some(m) = r.mount.clone()
+                && (r.inode.synced_ms.is_some() || resp.directories_synced == 0)
+            {
+                let (_, changed) = self.sync_dir(&r.inode, &r.path, &m, &r.rel, true).await?;
+                resp.directories_synced += 1;
+                resp.files_changed += changed;
             }
             for c in self.store.children(r.inode.id)? {
                 if c.is_dir && (c.synced_ms.is_some() || c.is_mount_point) {

@@ -447,8 +447,21 @@ impl Message {
 }
 
 /// Reads one frame. A clean EOF before the first header byte is
-/// [`FrameError::Closed`]; an EOF inside a frame is an I/O error.
+/// [`FrameError::Closed`]; an EOF inside a frame is an error.
 pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, FrameError> {
+    read_message_buf(r, &mut BytesMut::new()).await
+}
+
+/// Chunk a connection's receive buffer grows by.
+const RECV_CHUNK: usize = 8 << 20;
+
+/// Like [`read_message`], reading payloads into `scratch`. Frames are split
+/// off the front of `scratch`, so once the caller drops them the same memory
+/// is reused: no allocation (and no page faults) per frame.
+pub async fn read_message_buf<R: AsyncRead + Unpin>(
+    r: &mut R,
+    scratch: &mut BytesMut,
+) -> Result<Message, FrameError> {
     let mut h = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -464,24 +477,28 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Fr
         got += n;
     }
     let hd = parse_header(&h)?;
-    let mut meta = vec![0u8; hd.meta_len as usize];
-    r.read_exact(&mut meta).await.map_err(truncated)?;
+    let mut meta = [0u8; MAX_META as usize];
+    let meta = &mut meta[..hd.meta_len as usize];
+    r.read_exact(meta).await.map_err(truncated)?;
     let payload = if hd.payload_len > 0 {
-        // read_buf fills spare capacity directly: no memset of the buffer.
         let n = hd.payload_len as usize;
-        let mut p = BytesMut::with_capacity(n);
-        while p.len() < n {
-            let want = n - p.len();
-            let mut lim = (&mut p).limit(want);
+        scratch.clear();
+        if scratch.capacity() < n {
+            scratch.reserve(n.max(RECV_CHUNK));
+        }
+        // read_buf fills spare capacity directly: no memset of the buffer.
+        while scratch.len() < n {
+            let want = n - scratch.len();
+            let mut lim = (&mut *scratch).limit(want);
             if r.read_buf(&mut lim).await? == 0 {
                 return Err(FrameError::Malformed("connection closed inside a frame"));
             }
         }
-        p.freeze()
+        scratch.split_to(n).freeze()
     } else {
         Bytes::new()
     };
-    Message::decode_body(hd.kind, &meta, payload)
+    Message::decode_body(hd.kind, meta, payload)
 }
 
 fn truncated(e: std::io::Error) -> FrameError {
@@ -502,13 +519,19 @@ pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> s
     Ok(())
 }
 
-/// Writes a `Data` frame straight from a slice.
-pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> std::io::Result<()> {
-    let mut h = [0u8; HEADER_LEN];
+/// Fills `h` with the header of a `Data` frame of `len` payload bytes.
+pub fn data_header(h: &mut [u8; HEADER_LEN], len: u64) {
     h[0..2].copy_from_slice(&MAGIC);
     h[2] = VERSION;
     h[3] = kind::DATA;
-    h[8..16].copy_from_slice(&(data.len() as u64).to_le_bytes());
+    h[4..8].copy_from_slice(&0u32.to_le_bytes());
+    h[8..16].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Writes a `Data` frame straight from a slice.
+pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> std::io::Result<()> {
+    let mut h = [0u8; HEADER_LEN];
+    data_header(&mut h, data.len() as u64);
     w.write_all(&h).await?;
     w.write_all(data).await
 }

@@ -86,7 +86,7 @@ fn field(lines: &[String], key: &str) -> anyhow::Result<String> {
         .iter()
         .find_map(|l| {
             l.split_once(key)
-                .map(|(_, v)| v.trim().split_whitespace().next().unwrap_or("").to_string())
+                .map(|(_, v)| v.split_whitespace().next().unwrap_or("").to_string())
         })
         .with_context(|| format!("no {key:?} in {lines:?}"))
 }

@@ -352,10 +352,11 @@ impl UnderStorage for OpendalUfs {
                     Scheme::File => true,
                     Scheme::S3 => en.metadata().etag().is_none(),
                 };
-                if !st.is_dir && incomplete {
-                    if let Ok(m) = self.op.stat(p).await {
-                        st = status_of(p, &m);
-                    }
+                if !st.is_dir
+                    && incomplete
+                    && let Ok(m) = self.op.stat(p).await
+                {
+                    st = status_of(p, &m);
                 }
                 if st.name.is_empty() {
                     continue;

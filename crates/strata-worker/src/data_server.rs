@@ -22,6 +22,16 @@ use tokio::sync::watch;
 use crate::Shared;
 use crate::page_store::StoreError;
 
+/// A page ready to send: bytes in memory (just fetched from the UFS) or an
+/// open cache file sent with `sendfile`, so cached bytes are never copied
+/// through user space.
+enum PageData {
+    Mem(Bytes),
+    File(std::fs::File),
+    /// Load requests only need to know the page is cached.
+    Present,
+}
+
 /// Largest byte range one read request may ask for; clients split larger reads.
 pub const MAX_READ: u64 = 1 << 30;
 /// Pages a hit-only read keeps in flight (file reads overlap socket writes).
@@ -122,7 +132,7 @@ impl From<std::io::Error> for ConnError {
 async fn handle_conn<R, W>(shared: &Shared, rd: &mut R, wr: &mut W) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin + AsSocket,
 {
     loop {
         let msg = match read_message(rd).await {
@@ -204,7 +214,7 @@ fn geometry(block_size: u64, page_size: u64) -> Result<Geometry, Failure> {
 }
 
 /// Serves (or, with `out == None`, only caches) a byte range.
-async fn read_range<W: AsyncWrite + Unpin>(
+async fn read_range<W: AsyncWrite + Unpin + AsSocket>(
     shared: &Shared,
     spec: &ReadSpec,
     mut out: Option<&mut W>,
@@ -235,8 +245,9 @@ async fn read_range<W: AsyncWrite + Unpin>(
     let spans = g.spans(spec.file_len, spec.offset, spec.len);
     let concurrency = shared.config.worker.ufs_read_concurrency.max(HIT_PIPELINE);
     let ufs_ref = ufs.as_ref();
+    let want_bytes = out.is_some();
     let mut pages = stream::iter(spans)
-        .map(|s| fetch_page(shared, spec, ufs_ref, s))
+        .map(|s| fetch_page(shared, spec, ufs_ref, s, want_bytes))
         .buffered(concurrency);
     let (mut bytes, mut cached, mut fetched) = (0u64, 0u64, 0u64);
     while let Some(r) = pages.next().await {
@@ -247,10 +258,14 @@ async fn read_range<W: AsyncWrite + Unpin>(
             fetched += 1;
         }
         if let Some(w) = out.as_deref_mut() {
-            let slice = &data[span.skip as usize..(span.skip + span.take) as usize];
-            write_data(w, slice)
-                .await
-                .map_err(|e| Failure::new(ErrorCode::Internal, format!("client went away: {e}")))?;
+            let sent = match data {
+                PageData::Mem(b) => {
+                    write_data(w, &b[span.skip as usize..(span.skip + span.take) as usize]).await
+                }
+                PageData::File(f) => send_file_frame(w, &f, span.skip, span.take).await,
+                PageData::Present => Err(std::io::Error::other("page data missing")),
+            };
+            sent.map_err(|e| Failure::new(ErrorCode::Internal, format!("client went away: {e}")))?;
             shared
                 .counters
                 .bytes_served
@@ -270,18 +285,24 @@ async fn fetch_page(
     spec: &ReadSpec,
     ufs: Option<&Ufs>,
     span: PageSpan,
-) -> Result<(PageSpan, Bytes, bool), Failure> {
+    want_bytes: bool,
+) -> Result<(PageSpan, PageData, bool), Failure> {
     let key = PageKey {
         cache_id: CacheId(spec.cache_id),
         block: span.block,
         page: span.page,
     };
-    if let Some(b) = shared.store.get(&key).await {
-        if b.len() as u64 == span.page_len {
-            return Ok((span, b, true));
+    if !want_bytes && shared.store.contains(&key) {
+        return Ok((span, PageData::Present, true));
+    }
+    if want_bytes {
+        if let Some((f, len)) = shared.store.open_page(&key).await {
+            if len == span.page_len {
+                return Ok((span, PageData::File(f), true));
+            }
+            // A page of the wrong length is a torn write: drop and refetch.
+            shared.store.free_page(&key).await;
         }
-        // A page of the wrong length is a torn write: drop and refetch.
-        shared.store.free_page(&key).await;
     }
     let Some(ufs) = ufs else {
         return Err(Failure::new(
@@ -305,7 +326,68 @@ async fn fetch_page(
         // The read still succeeds; the page is just not cached.
         tracing::warn!(error = %e, "page not cached");
     }
-    Ok((span, data, false))
+    Ok((span, PageData::Mem(data), false))
+}
+
+/// Sends one `Data` frame whose payload is `take` bytes of `file` at `skip`,
+/// with `sendfile(2)`: the kernel copies page cache to the socket.
+async fn send_file_frame<W: AsyncWrite + Unpin + AsSocket>(
+    w: &mut W,
+    file: &std::fs::File,
+    skip: u64,
+    take: u64,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut head = [0u8; strata_proto::data::HEADER_LEN];
+    strata_proto::data::data_header(&mut head, take);
+    w.write_all(&head).await?;
+    w.flush().await?;
+    let sock = w.socket();
+    let mut off = skip as libc::off_t;
+    let end = (skip + take) as libc::off_t;
+    while off < end {
+        sock.writable().await?;
+        let res = sock.try_io(tokio::io::Interest::WRITABLE, || {
+            // SAFETY: both descriptors are open for the duration of the call;
+            // `off` is a valid pointer the kernel advances.
+            let n = unsafe {
+                libc::sendfile(
+                    sock.as_raw_fd(),
+                    file.as_raw_fd(),
+                    &mut off,
+                    (end - off) as usize,
+                )
+            };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match res {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "cache file shorter than its index entry",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Gives access to the TCP socket under a buffered writer (for `sendfile`).
+pub trait AsSocket {
+    fn socket(&self) -> &tokio::net::TcpStream;
+}
+
+impl AsSocket for BufWriter<tokio::net::tcp::OwnedWriteHalf> {
+    fn socket(&self) -> &tokio::net::TcpStream {
+        self.get_ref().as_ref()
+    }
 }
 
 enum WriteFailure {
@@ -339,7 +421,7 @@ async fn handle_write<R: AsyncRead + Unpin>(
     };
     let setup = async {
         let g = geometry(ws.block_size, ws.page_size)?;
-        if ws.offset % g.page_size != 0 {
+        if !ws.offset.is_multiple_of(g.page_size) {
             return Err(Failure::new(
                 ErrorCode::BadRequest,
                 "write offset is not page aligned",
@@ -392,11 +474,11 @@ async fn handle_write<R: AsyncRead + Unpin>(
                     continue;
                 }
                 total += b.len() as u64;
-                if let Some(w) = writer.as_mut() {
-                    if let Err(e) = w.write(b.clone()).await {
-                        failure = Some(e.into());
-                        continue;
-                    }
+                if let Some(w) = writer.as_mut()
+                    && let Err(e) = w.write(b.clone()).await
+                {
+                    failure = Some(e.into());
+                    continue;
                 }
                 if let Some(id) = page_id {
                     pending.extend_from_slice(&b);
@@ -420,12 +502,12 @@ async fn handle_write<R: AsyncRead + Unpin>(
             }
         }
     }
-    if failure.is_none() && !pending.is_empty() {
-        if let Some(id) = page_id {
-            if let Err(e) = put_page(shared, &g, id, pos, pending.freeze(), pin).await {
-                failure = Some(e);
-            }
-        }
+    if failure.is_none()
+        && !pending.is_empty()
+        && let Some(id) = page_id
+        && let Err(e) = put_page(shared, &g, id, pos, pending.freeze(), pin).await
+    {
+        failure = Some(e);
     }
     if let Some(f) = failure {
         if let Some(w) = writer.take() {

@@ -127,20 +127,17 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
         .advertise_addr
         .clone()
         .unwrap_or_else(|| data_addr.to_string());
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(data_server::serve(
-        listener,
-        shared.clone(),
-        rx.clone(),
-    )));
-    tasks.push(tokio::spawn(heartbeat::run(
-        id,
-        advertise,
-        channel,
-        shared.clone(),
-        wc.heartbeat_interval_ms,
-        rx,
-    )));
+    let tasks = vec![
+        tokio::spawn(data_server::serve(listener, shared.clone(), rx.clone())),
+        tokio::spawn(heartbeat::run(
+            id,
+            advertise,
+            channel,
+            shared.clone(),
+            wc.heartbeat_interval_ms,
+            rx,
+        )),
+    ];
     tracing::info!(worker = id, %data_addr, "worker serving");
     Ok(WorkerHandle {
         id,

@@ -187,25 +187,66 @@ impl PageStore {
         }
     }
 
+    /// Marks a page used and returns whether it is pinned; `None` on a miss.
+    fn touch(&self, k: &PageKey) -> Option<bool> {
+        let mut i = self.lock();
+        i.tick += 1;
+        let tick = i.tick;
+        let m = i.pages.get_mut(k)?;
+        let old = m.tick;
+        m.tick = tick;
+        let pinned = m.pinned;
+        if !pinned {
+            i.lru.remove(&old);
+            i.lru.insert(tick, *k);
+        }
+        Some(pinned)
+    }
+
+    /// Opens a cached page for zero-copy sending, with its length; `None` on
+    /// a miss. Asks the kernel to start reading it into the page cache so the
+    /// later `sendfile` rarely waits on the disk.
+    pub async fn open_page(&self, k: &PageKey) -> Option<(std::fs::File, u64)> {
+        let Some(pinned) = self.touch(k) else {
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let path = self.path_of(k, pinned);
+        let opened =
+            tokio::task::spawn_blocking(move || -> std::io::Result<(std::fs::File, u64)> {
+                use std::os::fd::AsRawFd;
+                let f = std::fs::File::open(&path)?;
+                let len = f.metadata()?.len();
+                // SAFETY: plain syscall on a descriptor we own; failure is harmless.
+                unsafe {
+                    libc::posix_fadvise(
+                        f.as_raw_fd(),
+                        0,
+                        len as libc::off_t,
+                        libc::POSIX_FADV_WILLNEED,
+                    );
+                }
+                Ok((f, len))
+            })
+            .await;
+        match opened {
+            Ok(Ok(v)) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                Some(v)
+            }
+            _ => {
+                self.forget(k);
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
     /// Reads a cached page, or `None` on a miss.
     pub async fn get(&self, k: &PageKey) -> Option<Bytes> {
-        let pinned = {
-            let mut i = self.lock();
-            i.tick += 1;
-            let tick = i.tick;
-            let Some(m) = i.pages.get_mut(k) else {
-                drop(i);
-                self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                return None;
-            };
-            let old = m.tick;
-            m.tick = tick;
-            let pinned = m.pinned;
-            if !pinned {
-                i.lru.remove(&old);
-                i.lru.insert(tick, *k);
-            }
-            pinned
+        let Some(pinned) = self.touch(k) else {
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
         };
         let path = self.path_of(k, pinned);
         match tokio::task::spawn_blocking(move || std::fs::read(&path)).await {
@@ -267,10 +308,10 @@ impl PageStore {
     /// Stores a page. Pinned pages are never evicted.
     pub async fn put(&self, k: PageKey, data: Bytes, pinned: bool) -> Result<(), StoreError> {
         let size = data.len() as u64;
-        if let Some(m) = self.lock().pages.get(&k) {
-            if m.pinned == pinned {
-                return Ok(());
-            }
+        if let Some(m) = self.lock().pages.get(&k)
+            && m.pinned == pinned
+        {
+            return Ok(());
         }
         let victims = self.reserve(size)?;
         let path = self.path_of(&k, pinned);
@@ -420,10 +461,10 @@ impl PageStore {
 /// A worker's stable id, kept in its cache directory.
 pub fn load_or_create_worker_id(dir: &Path) -> Result<u64, StoreError> {
     let p = dir.join("worker-id");
-    if let Ok(s) = std::fs::read_to_string(&p) {
-        if let Ok(id) = s.trim().parse::<u64>() {
-            return Ok(id);
-        }
+    if let Ok(s) = std::fs::read_to_string(&p)
+        && let Ok(id) = s.trim().parse::<u64>()
+    {
+        return Ok(id);
     }
     let id: u64 = rand::random::<u64>() >> 1 | 1;
     std::fs::create_dir_all(dir)
