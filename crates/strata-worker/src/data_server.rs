@@ -295,14 +295,12 @@ async fn fetch_page(
     if !want_bytes && shared.store.contains(&key) {
         return Ok((span, PageData::Present, true));
     }
-    if want_bytes {
-        if let Some((f, len)) = shared.store.open_page(&key).await {
-            if len == span.page_len {
-                return Ok((span, PageData::File(f), true));
-            }
-            // A page of the wrong length is a torn write: drop and refetch.
-            shared.store.free_page(&key).await;
+    if want_bytes && let Some((f, len)) = shared.store.open_page(&key).await {
+        if len == span.page_len {
+            return Ok((span, PageData::File(f), true));
         }
+        // A page of the wrong length is a torn write: drop and refetch.
+        shared.store.free_page(&key).await;
     }
     let Some(ufs) = ufs else {
         return Err(Failure::new(
