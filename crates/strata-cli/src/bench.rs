@@ -325,7 +325,7 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
         .await?;
     let mut tcps = Vec::new();
     for _ in 0..rounds.max(1) {
-        tcps.push(loopback_tcp(total, threads.max(1), sample.clone(), false).await?);
+        tcps.push(loopback_tcp(total, threads.max(1), sample.clone(), verify).await?);
     }
     let tcp = median(tcps);
 
