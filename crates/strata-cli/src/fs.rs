@@ -117,6 +117,29 @@ fn persist_name(i: &FileInfo) -> &'static str {
     }
 }
 
+/// Formats milliseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS` UTC.
+pub(crate) fn format_time_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (proleptic Gregorian); also right before 1970.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 fn print_stat(i: &FileInfo) {
     println!("path:          {}", i.path);
     println!(
@@ -132,7 +155,11 @@ fn print_stat(i: &FileInfo) {
         println!("complete:      {}", i.complete);
     }
     println!("persistence:   {}", persist_name(i));
-    println!("mtime (ms):    {}", i.mtime_ms);
+    println!(
+        "mtime:         {} UTC ({} ms)",
+        format_time_ms(i.mtime_ms),
+        i.mtime_ms
+    );
     println!("inode:         {}", i.id);
     if i.mount_id != 0 {
         println!("mount id:      {}", i.mount_id);
@@ -150,11 +177,11 @@ pub async fn run(cfg: &Config, cmd: FsCmd) -> anyhow::Result<()> {
             for e in c.list(&path).await? {
                 if long {
                     println!(
-                        "{:<4} {:>14} {:<15} {:>14}  {}{}",
+                        "{:<4} {:>14} {:<15} {:>19}  {}{}",
                         if e.is_dir { "dir" } else { "file" },
                         e.size,
                         persist_name(&e),
-                        e.mtime_ms,
+                        format_time_ms(e.mtime_ms),
                         e.path,
                         if e.is_dir { "/" } else { "" }
                     );
@@ -382,4 +409,17 @@ async fn put(c: &Client, local: &PathBuf, path: &str, opts: WriteOptions) -> any
         persist_name(&info)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_time_ms;
+
+    #[test]
+    fn formats_utc_timestamps() {
+        assert_eq!(format_time_ms(0), "1970-01-01 00:00:00");
+        assert_eq!(format_time_ms(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(format_time_ms(1_795_337_865_894), "2026-11-22 08:57:45");
+        assert_eq!(format_time_ms(-1000), "1969-12-31 23:59:59");
+    }
 }
