@@ -33,6 +33,9 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Replay access traces (Zipf, scan + hot set, loop) against every
+    /// eviction policy and Belady's optimal, at several cache sizes.
+    Cache(crate::bench_cache::CacheArgs),
 }
 
 #[derive(Clone)]
@@ -228,12 +231,15 @@ async fn loopback_tcp(
 }
 
 pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
-    let BenchCmd::Read {
-        path,
-        threads,
-        verify,
-        rounds,
-    } = cmd;
+    let (path, threads, verify, rounds) = match cmd {
+        BenchCmd::Read {
+            path,
+            threads,
+            verify,
+            rounds,
+        } => (path, threads, verify, rounds),
+        BenchCmd::Cache(a) => return crate::bench_cache::run(a),
+    };
     // Workers report usage with their heartbeat; wait one out before reading counters.
     let settle = std::time::Duration::from_millis(cfg.worker.heartbeat_interval_ms * 3 / 2 + 100);
     let c = crate::client(cfg)?;

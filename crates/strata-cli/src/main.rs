@@ -3,6 +3,7 @@
 
 mod admin;
 mod bench;
+mod bench_cache;
 mod fs;
 mod local;
 

@@ -8,6 +8,7 @@ mod data_server;
 mod heartbeat;
 mod mounts;
 pub mod page_store;
+pub mod policy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
