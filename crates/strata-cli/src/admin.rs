@@ -19,7 +19,7 @@ pub async fn run(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
             let live = workers.iter().filter(|w| w.live).count();
             let (mut cap, mut used, mut hits, mut misses, mut ufs) = (0, 0, 0, 0, 0);
             for w in &workers {
-                let s = w.stats.unwrap_or_default();
+                let s = w.stats.clone().unwrap_or_default();
                 if w.live {
                     cap += s.capacity_bytes;
                     used += s.used_bytes;
@@ -49,8 +49,8 @@ pub async fn run(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
                 "{:<20} {:<22} {:>5} {:>12} {:>12} {:>9} {:>10}",
                 "worker", "data address", "live", "capacity", "used", "hit%", "evictions"
             );
-            for w in workers {
-                let s = w.stats.unwrap_or_default();
+            for w in &workers {
+                let s = w.stats.clone().unwrap_or_default();
                 let hr = if s.hits + s.misses == 0 {
                     "n/a".to_string()
                 } else {
@@ -67,7 +67,80 @@ pub async fn run(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
                     s.evictions
                 );
             }
+            for w in &workers {
+                let s = w.stats.clone().unwrap_or_default();
+                print_tiers(w.worker_id, &s);
+            }
         }
     }
     Ok(())
+}
+
+/// The per-tier table of one worker, its memory watch and priority budgets.
+fn print_tiers(worker: u64, s: &strata_proto::pb::WorkerStats) {
+    println!();
+    let mem = if s.memory_available_bytes == 0 {
+        "unknown".to_string()
+    } else {
+        format_size(s.memory_available_bytes)
+    };
+    println!(
+        "worker {worker}: memory available {mem}{}; {} pinned files; {} corrupt pages dropped; {} pages expired",
+        if s.memory_pressure {
+            " (UNDER PRESSURE: spilling)"
+        } else {
+            ""
+        },
+        s.pinned_files,
+        s.corrupt_pages,
+        s.expired_pages
+    );
+    println!(
+        "  {:<5} {:<6} {:>11} {:>11} {:>11} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "tier",
+        "policy",
+        "capacity",
+        "used",
+        "pinned",
+        "pages",
+        "hits",
+        "misses",
+        "evicted",
+        "promoted",
+        "demoted",
+        "spilled"
+    );
+    for t in &s.tiers {
+        println!(
+            "  {:<5} {:<6} {:>11} {:>11} {:>11} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
+            t.medium,
+            t.policy,
+            format_size(t.capacity_bytes),
+            format_size(t.used_bytes),
+            format_size(t.pinned_bytes),
+            t.pages,
+            t.hits,
+            t.misses,
+            t.evictions,
+            t.promotions,
+            t.demotions,
+            t.spills
+        );
+    }
+    let written: Vec<_> = s
+        .priorities
+        .iter()
+        .filter(|p| p.mem_bytes + p.disk_bytes > 0)
+        .collect();
+    if !written.is_empty() {
+        println!("  written by priority (bytes kept in MEM / sent to disk tiers):");
+        for p in written {
+            println!(
+                "    priority {}: {} MEM, {} disk",
+                p.priority,
+                format_size(p.mem_bytes),
+                format_size(p.disk_bytes)
+            );
+        }
+    }
 }

@@ -153,7 +153,7 @@ async fn ufs_bytes_read(c: &Client) -> u64 {
         .await
         .map(|ws| {
             ws.iter()
-                .filter_map(|w| w.stats)
+                .filter_map(|w| w.stats.clone())
                 .map(|s| s.ufs_bytes_read)
                 .sum()
         })

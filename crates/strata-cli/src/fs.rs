@@ -49,6 +49,10 @@ pub enum FsCmd {
         /// Replace an existing file.
         #[arg(long)]
         overwrite: bool,
+        /// 0..=8: how much of the file the workers keep in memory
+        /// (worker.priority_mem_base + priority × worker.priority_mem_step).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=8))]
+        priority: u8,
     },
     /// Create a directory.
     Mkdir {
@@ -93,6 +97,11 @@ pub enum FsCmd {
     Load { path: String },
     /// Drop cached pages of every file below a path.
     Free { path: String },
+    /// Cache every file below a path and keep it cached: pinned pages are
+    /// never evicted (they still move between tiers).
+    Pin { path: String },
+    /// Let the pages of every file below a path be evicted again.
+    Unpin { path: String },
 }
 
 fn bar(total: u64, msg: &str) -> ProgressBar {
@@ -206,6 +215,7 @@ pub async fn run(cfg: &Config, cmd: FsCmd) -> anyhow::Result<()> {
             path,
             write_type,
             overwrite,
+            priority,
         } => {
             let wt = match write_type {
                 WriteTypeArg::MustCache => WriteType::MustCache,
@@ -220,6 +230,7 @@ pub async fn run(cfg: &Config, cmd: FsCmd) -> anyhow::Result<()> {
                     write_type: wt,
                     overwrite,
                     recursive: true,
+                    priority,
                 },
             )
             .await?
@@ -325,6 +336,28 @@ pub async fn run(cfg: &Config, cmd: FsCmd) -> anyhow::Result<()> {
         FsCmd::Free { path } => {
             let n = c.free(&path).await?;
             println!("freed {n} cached pages");
+        }
+        FsCmd::Pin { path } => {
+            // Pin first, so pages loaded next are pinned as they land.
+            let (files, _) = c.pin(&path, true).await?;
+            let pb = bar(0, "loading");
+            let p = c
+                .load(&path, |p| {
+                    pb.set_length(p.bytes_total);
+                    pb.set_position(p.bytes_done);
+                })
+                .await;
+            pb.finish_and_clear();
+            let p = p?;
+            println!(
+                "pinned {files} files ({} cached; {} pages fetched from the UFS)",
+                format_size(p.bytes_done),
+                p.ufs_pages
+            );
+        }
+        FsCmd::Unpin { path } => {
+            let (files, pages) = c.pin(&path, false).await?;
+            println!("unpinned {files} files ({pages} cached pages)");
         }
     }
     Ok(())

@@ -51,7 +51,7 @@ pub async fn pinned_bytes(c: &strata_client::Client) -> u64 {
         .await
         .expect("workers")
         .iter()
-        .filter_map(|w| w.stats)
+        .filter_map(|w| w.stats.clone())
         .map(|s| s.pinned_bytes)
         .sum()
 }
@@ -100,7 +100,19 @@ pub async fn ufs_bytes_read(c: &strata_client::Client) -> u64 {
         .await
         .expect("workers")
         .iter()
-        .filter_map(|w| w.stats)
+        .filter_map(|w| w.stats.clone())
         .map(|s| s.ufs_bytes_read)
         .sum()
+}
+
+/// The first worker's stats, after a heartbeat.
+pub async fn worker_stats(c: &strata_client::Client) -> strata_proto::pb::WorkerStats {
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    c.workers()
+        .await
+        .expect("workers")
+        .into_iter()
+        .find(|w| w.live)
+        .and_then(|w| w.stats)
+        .expect("a live worker with stats")
 }

@@ -297,7 +297,7 @@ impl Client {
             .iter()
             .map(|w| Candidate {
                 id: w.worker_id,
-                weight: w.stats.map(|s| s.capacity_bytes).unwrap_or(1),
+                weight: w.stats.as_ref().map(|s| s.capacity_bytes).unwrap_or(1),
             })
             .collect();
         let id = owners(block_placement_key(cache_id, block), &cands, 1)
@@ -411,6 +411,51 @@ impl Client {
             }
         }
         Ok(pages)
+    }
+
+    /// Pins (never evicted) or unpins the cached pages of every file below
+    /// `path` on every live worker, including pages cached later for the
+    /// same file version; returns (files, pages changed now). A pin follows
+    /// the file's cache id: a file changed in the UFS is a new version and
+    /// must be pinned again.
+    pub async fn pin(&self, path: &str, pinned: bool) -> Result<(u64, u64)> {
+        let files = self.list_files_recursive(path).await?;
+        let workers = self.live_workers(false).await?;
+        let (mut nfiles, mut pages) = (0, 0);
+        for f in files {
+            let Some(id) = CacheId::from_hex(&f.cache_id) else {
+                continue;
+            };
+            for w in &workers {
+                match self
+                    .request(
+                        &w.data_addr,
+                        &Message::Pin {
+                            cache_id: id.0,
+                            pinned,
+                        },
+                    )
+                    .await?
+                {
+                    Message::End { cached_pages, .. } => pages += cached_pages,
+                    Message::Error { code, message } => {
+                        return Err(ClientError::Worker {
+                            addr: w.data_addr.clone(),
+                            code,
+                            msg: format!("pin of {}: {message}", f.path),
+                        });
+                    }
+                    other => {
+                        return Err(ClientError::Connection {
+                            addr: w.data_addr.clone(),
+                            msg: format!("unexpected answer to a pin of {}: {other:?}", f.path),
+                        });
+                    }
+                }
+            }
+            nfiles += 1;
+        }
+        Ok((nfiles, pages))
     }
 
     async fn free_everywhere(&self, id: CacheId) -> u64 {

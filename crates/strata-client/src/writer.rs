@@ -19,6 +19,10 @@ pub struct WriteOptions {
     pub overwrite: bool,
     /// Create missing parent directories.
     pub recursive: bool,
+    /// 0..=8: how much of the file may stay in the workers' memory tier
+    /// (`worker.priority_mem_base + priority × worker.priority_mem_step`);
+    /// the rest goes to their disk tiers.
+    pub priority: u8,
 }
 
 impl Default for WriteOptions {
@@ -27,6 +31,7 @@ impl Default for WriteOptions {
             write_type: WriteType::CacheThrough,
             overwrite: false,
             recursive: true,
+            priority: 0,
         }
     }
 }
@@ -46,12 +51,20 @@ pub struct Writer {
     sent: u64,
     sink: Option<Sink>,
     done: Option<(String, i64)>,
+    priority: u8,
 }
 
 impl Writer {
     pub(crate) async fn create(client: Client, path: &str, opts: WriteOptions) -> Result<Writer> {
         let p = strata_common::NsPath::parse(path)
             .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+        if opts.priority > strata_proto::data::MAX_PRIORITY {
+            return Err(ClientError::InvalidArgument(format!(
+                "write priority {} for {path} is above {} (use 0..=8)",
+                opts.priority,
+                strata_proto::data::MAX_PRIORITY
+            )));
+        }
         let info = client
             .master()
             .create_file(pb::CreateFileRequest {
@@ -78,6 +91,7 @@ impl Writer {
             sent: 0,
             sink: None,
             done: None,
+            priority: opts.priority,
         })
     }
 
@@ -125,6 +139,7 @@ impl Writer {
             block_size: self.info.block_size,
             page_size: self.info.page_size,
             offset: block * self.info.block_size,
+            priority: self.priority,
         }))
         .await?;
         self.sink = Some(Sink { conn, block });

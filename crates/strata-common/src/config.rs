@@ -110,6 +110,183 @@ pub struct WorkerConfig {
     pub heartbeat_interval_ms: u64,
     /// Parallel ranged GETs one cold read may issue to the UFS.
     pub ufs_read_concurrency: usize,
+    /// Cache tiers, fastest first. Empty: one SSD tier at `cache_dir` holding
+    /// `cache_capacity`. In the file, an array of tables or the compact form
+    /// `"MEM:/dev/shm/strata:4GiB:lru; SSD:/ssd1|/ssd2:100GiB:arc"`
+    /// (medium : directories separated by `|` : quota per directory : policy);
+    /// the compact form also works as `STRATA_WORKER_TIERS`.
+    #[serde(deserialize_with = "de_tiers")]
+    pub tiers: Vec<TierConfig>,
+    /// When the memory available to the worker (host `MemAvailable`, or its
+    /// cgroup's limit minus what it cannot reclaim, whichever is smaller)
+    /// falls under this floor, MEM pages spill to the next tier and new pages
+    /// skip MEM. 0 turns the watch off.
+    pub memory_floor: ByteSize,
+    /// Milliseconds between two looks at the memory available.
+    pub memory_check_interval_ms: u64,
+    /// Reads of a page in a lower tier before it is promoted one tier up.
+    /// 0 turns promotion off.
+    pub promote_after_hits: u32,
+    /// Seconds a cached page lives after it was cached (pinned pages and
+    /// MUST_CACHE data excepted). 0: no expiry.
+    pub page_ttl_secs: u64,
+    /// MEM bytes any file written at priority 0 may keep in MEM; the rest of
+    /// the file goes to the disk tiers.
+    pub priority_mem_base: ByteSize,
+    /// Extra MEM bytes per priority level (a file written at priority `p`
+    /// keeps up to `priority_mem_base + p × priority_mem_step` in MEM).
+    pub priority_mem_step: ByteSize,
+}
+
+/// The storage medium of a cache tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Medium {
+    /// A tmpfs directory (e.g. /dev/shm): memory, accounted to the worker's
+    /// cgroup, kept across a worker restart (not a host reboot).
+    Mem,
+    Ssd,
+    Hdd,
+}
+
+impl Medium {
+    pub fn name(self) -> &'static str {
+        match self {
+            Medium::Mem => "MEM",
+            Medium::Ssd => "SSD",
+            Medium::Hdd => "HDD",
+        }
+    }
+}
+
+impl std::str::FromStr for Medium {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "MEM" => Ok(Medium::Mem),
+            "SSD" => Ok(Medium::Ssd),
+            "HDD" => Ok(Medium::Hdd),
+            _ => Err(format!("unknown medium {s:?} (use MEM, SSD or HDD)")),
+        }
+    }
+}
+
+/// The eviction policies a tier can be configured with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Least recently used.
+    #[default]
+    Lru,
+    /// Least recently/frequently used: a decaying reference count that
+    /// spans LFU (lambda → 0) and LRU (lambda → 1).
+    Lrfu,
+    /// Adaptive replacement cache: balances recency and frequency and
+    /// resists scans.
+    Arc,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 3] = [PolicyKind::Lru, PolicyKind::Lrfu, PolicyKind::Arc];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Lru => "lru",
+            PolicyKind::Lrfu => "lrfu",
+            PolicyKind::Arc => "arc",
+        }
+    }
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "lru" => Ok(PolicyKind::Lru),
+            "lrfu" => Ok(PolicyKind::Lrfu),
+            "arc" => Ok(PolicyKind::Arc),
+            _ => Err(format!(
+                "unknown eviction policy {s:?} (use lru, lrfu or arc)"
+            )),
+        }
+    }
+}
+
+/// One cache tier: directories of one medium, each with a byte quota.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    pub medium: Medium,
+    pub dirs: Vec<PathBuf>,
+    /// Byte quota of each directory.
+    pub quota: ByteSize,
+    #[serde(default)]
+    pub policy: PolicyKind,
+}
+
+/// Parses the compact tier list (see [`WorkerConfig::tiers`]).
+pub fn parse_tiers(spec: &str) -> Result<Vec<TierConfig>, String> {
+    let mut out = Vec::new();
+    for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let fields: Vec<&str> = part.split(':').collect();
+        if !(3..=4).contains(&fields.len()) {
+            return Err(format!(
+                "tier {part:?}: expected MEDIUM:DIR[|DIR…]:QUOTA[:POLICY], \
+                 e.g. \"SSD:/mnt/ssd:100GiB:arc\""
+            ));
+        }
+        let medium = fields[0]
+            .parse()
+            .map_err(|e| format!("tier {part:?}: {e}"))?;
+        let dirs: Vec<PathBuf> = fields[1]
+            .split('|')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .collect();
+        let quota = parse_size(fields[2].trim()).map_err(|e| format!("tier {part:?}: {e}"))?;
+        let policy = match fields.get(3) {
+            Some(p) => p.parse().map_err(|e| format!("tier {part:?}: {e}"))?,
+            None => PolicyKind::default(),
+        };
+        out.push(TierConfig {
+            medium,
+            dirs,
+            quota: ByteSize(quota),
+            policy,
+        });
+    }
+    Ok(out)
+}
+
+fn de_tiers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<TierConfig>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        S(String),
+        L(Vec<TierConfig>),
+    }
+    match Raw::deserialize(d)? {
+        Raw::S(s) => parse_tiers(&s).map_err(serde::de::Error::custom),
+        Raw::L(l) => Ok(l),
+    }
+}
+
+impl WorkerConfig {
+    /// The tiers in effect: the configured ones, or the single default SSD
+    /// tier at `cache_dir`.
+    pub fn effective_tiers(&self) -> Vec<TierConfig> {
+        if self.tiers.is_empty() {
+            vec![TierConfig {
+                medium: Medium::Ssd,
+                dirs: vec![self.cache_dir.clone()],
+                quota: self.cache_capacity,
+                policy: PolicyKind::Lru,
+            }]
+        } else {
+            self.tiers.clone()
+        }
+    }
 }
 
 impl Default for WorkerConfig {
@@ -121,6 +298,13 @@ impl Default for WorkerConfig {
             cache_capacity: ByteSize(10 << 30),
             heartbeat_interval_ms: 1000,
             ufs_read_concurrency: 8,
+            tiers: Vec::new(),
+            memory_floor: ByteSize(256 << 20),
+            memory_check_interval_ms: 250,
+            promote_after_hits: 3,
+            page_ttl_secs: 0,
+            priority_mem_base: ByteSize(64 << 20),
+            priority_mem_step: ByteSize(32 << 20),
         }
     }
 }
@@ -235,6 +419,25 @@ impl Config {
         if self.worker.cache_capacity.0 < self.master.page_size.0 {
             return Err("worker.cache_capacity must hold at least one page".into());
         }
+        let mut prev: Option<Medium> = None;
+        for t in &self.worker.tiers {
+            if t.dirs.is_empty() {
+                return Err(format!(
+                    "worker.tiers: the {} tier has no directory",
+                    t.medium.name()
+                ));
+            }
+            if t.quota.0 < self.master.page_size.0 {
+                return Err(format!(
+                    "worker.tiers: the {} tier's quota must hold at least one page",
+                    t.medium.name()
+                ));
+            }
+            if prev.is_some_and(|p| p > t.medium) {
+                return Err("worker.tiers: list the tiers fastest first (MEM, SSD, HDD)".into());
+            }
+            prev = Some(t.medium);
+        }
         if self.master.sync_interval < -1 {
             return Err("master.sync_interval is -1 (never), 0 (always) or seconds".into());
         }
@@ -273,6 +476,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("f.toml") && e.contains("cache_capasity"), "{e}");
+        // Tiers: compact form from the environment, table form from the file.
+        let c = Config::from_toml_with_env(
+            "",
+            "t",
+            vec![(
+                "STRATA_WORKER_TIERS".into(),
+                "MEM:/dev/shm/s:64MiB:arc; SSD:/a|/b:1GiB".into(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.worker.tiers.len(), 2);
+        assert_eq!(c.worker.tiers[0].medium, Medium::Mem);
+        assert_eq!(c.worker.tiers[0].policy, PolicyKind::Arc);
+        assert_eq!(c.worker.tiers[1].dirs.len(), 2);
+        assert_eq!(c.worker.tiers[1].quota.0, 1 << 30);
+        let c = Config::from_toml_with_env(
+            "[[worker.tiers]]\nmedium = \"HDD\"\ndirs = [\"/h\"]\nquota = \"2GiB\"\npolicy = \"lrfu\"\n",
+            "t",
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(c.worker.effective_tiers()[0].policy, PolicyKind::Lrfu);
+        let e = Config::from_toml_with_env("[worker]\ntiers = \"SSD:/a\"\n", "t", Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MEDIUM:DIR"), "{e}");
+        let e = Config::from_toml_with_env(
+            "[worker]\ntiers = \"SSD:/a:1GiB; MEM:/m:1GiB\"\n",
+            "t",
+            Vec::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("fastest first"), "{e}");
         // The printed defaults parse back.
         let d = Config::default().to_toml();
         Config::from_toml_with_env(&d, "t", Vec::new()).unwrap();

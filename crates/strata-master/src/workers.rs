@@ -74,7 +74,7 @@ impl Membership {
                 worker_id: *id,
                 data_addr: e.data_addr.clone(),
                 hostname: e.hostname.clone(),
-                stats: Some(e.stats),
+                stats: Some(e.stats.clone()),
                 last_heartbeat_ms: e.last_ms,
                 live: now - e.last_ms <= self.timeout_ms,
             })

@@ -109,7 +109,13 @@ pub struct WriteSpec {
     pub page_size: u64,
     /// File offset of the first byte this stream carries (page aligned).
     pub offset: u64,
+    /// 0..=8: how much of the file may stay in the memory tier
+    /// (`worker.priority_mem_base + priority × worker.priority_mem_step`).
+    pub priority: u8,
 }
+
+/// Highest write priority.
+pub const MAX_PRIORITY: u8 = 8;
 
 /// Every frame of the protocol, typed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,6 +127,12 @@ pub enum Message {
     /// client → worker: drop every cached page of a cache id.
     Free {
         cache_id: u128,
+    },
+    /// client → worker: pin (never evict) or unpin every page of a cache id,
+    /// including pages cached later; answers `End` with the pages changed.
+    Pin {
+        cache_id: u128,
+        pinned: bool,
     },
     /// client → worker: a write stream follows as `Data` frames, then `WriteEnd`.
     WriteBegin(WriteSpec),
@@ -152,6 +164,7 @@ mod kind {
     pub const FREE: u8 = 3;
     pub const WRITE_BEGIN: u8 = 4;
     pub const WRITE_END: u8 = 5;
+    pub const PIN: u8 = 6;
     pub const DATA: u8 = 10;
     pub const END: u8 = 11;
     pub const WRITE_DONE: u8 = 12;
@@ -315,6 +328,11 @@ impl Message {
                 meta.put_u128_le(*cache_id);
                 (kind::FREE, None)
             }
+            Message::Pin { cache_id, pinned } => {
+                meta.put_u128_le(*cache_id);
+                meta.put_u8(u8::from(*pinned));
+                (kind::PIN, None)
+            }
             Message::WriteBegin(w) => {
                 meta.put_u8(w.mode as u8);
                 meta.put_u128_le(w.cache_id);
@@ -323,6 +341,7 @@ impl Message {
                 meta.put_u64_le(w.block_size);
                 meta.put_u64_le(w.page_size);
                 meta.put_u64_le(w.offset);
+                meta.put_u8(w.priority);
                 (kind::WRITE_BEGIN, None)
             }
             Message::WriteEnd => (kind::WRITE_END, None),
@@ -382,6 +401,14 @@ impl Message {
             kind::FREE => Message::Free {
                 cache_id: m.u128()?,
             },
+            kind::PIN => Message::Pin {
+                cache_id: m.u128()?,
+                pinned: match m.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(FrameError::Malformed("pin flag is not 0 or 1")),
+                },
+            },
             kind::WRITE_BEGIN => {
                 let mode = match m.u8()? {
                     1 => WriteMode::MustCache,
@@ -397,6 +424,10 @@ impl Message {
                     block_size: m.u64()?,
                     page_size: m.u64()?,
                     offset: m.u64()?,
+                    priority: match m.u8()? {
+                        p if p <= MAX_PRIORITY => p,
+                        _ => return Err(FrameError::Malformed("write priority above 8")),
+                    },
                 })
             }
             kind::WRITE_END => Message::WriteEnd,
@@ -566,7 +597,12 @@ mod tests {
                 block_size: 1 << 20,
                 page_size: 4096,
                 offset: 0,
+                priority: 8,
             }),
+            Message::Pin {
+                cache_id: 7,
+                pinned: true,
+            },
             Message::WriteEnd,
             Message::Data(Bytes::from_static(b"hello")),
             Message::End {
@@ -651,7 +687,7 @@ mod tests {
         }
 
         #[test]
-        fn decode_mutated_frames_never_panics(idx in 0usize..9, pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        fn decode_mutated_frames_never_panics(idx in 0usize..10, pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
             let mut enc = samples()[idx].encode().to_vec();
             let i = pos.index(enc.len());
             enc[i] = byte;

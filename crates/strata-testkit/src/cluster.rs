@@ -18,6 +18,9 @@ pub struct ClusterOptions {
     pub separate_processes: bool,
     /// Extra environment for the server processes.
     pub env: Vec<(String, String)>,
+    /// A memory cgroup directory the server processes are moved into right
+    /// after they start (memory-pressure tests).
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -27,6 +30,7 @@ impl Default for ClusterOptions {
             cache_capacity: "1GiB".into(),
             separate_processes: false,
             env: Vec::new(),
+            cgroup: None,
         }
     }
 }
@@ -143,6 +147,7 @@ impl Cluster {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
             let mut wp = w.spawn().context("spawning strata worker")?;
+            self.enter_cgroup(&wp)?;
             let lines = wait_line(&mut wp, &["serving data on"], Duration::from_secs(20))?;
             self.procs.push(wp);
             self.worker_addr = field(&lines, "serving data on")?;
@@ -170,12 +175,31 @@ impl Cluster {
             }
             cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
             let mut p = cmd.spawn().context("spawning strata local")?;
+            self.enter_cgroup(&p)?;
             let lines = wait_line(&mut p, &["Try:"], Duration::from_secs(30))?;
             self.procs.push(p);
             self.master_addr = field(&lines, "master (gRPC):")?;
             self.worker_addr = field(&lines, "worker (data):")?;
         }
         Ok(())
+    }
+
+    fn enter_cgroup(&self, child: &Child) -> anyhow::Result<()> {
+        if let Some(cg) = &self.opts.cgroup {
+            std::fs::write(cg.join("cgroup.procs"), child.id().to_string())
+                .with_context(|| format!("moving pid {} into {}", child.id(), cg.display()))?;
+        }
+        Ok(())
+    }
+
+    /// True while every server process is running (none was killed, by us
+    /// or by the kernel's OOM killer).
+    pub fn alive(&mut self) -> bool {
+        !self.procs.is_empty()
+            && self
+                .procs
+                .iter_mut()
+                .all(|p| matches!(p.try_wait(), Ok(None)))
     }
 
     // After a restart the same ports are reused, so clients keep working.

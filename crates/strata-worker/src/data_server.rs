@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::Shared;
-use crate::page_store::StoreError;
+use crate::page_store::{PutOpts, StoreError};
 
 /// A page ready to send: bytes in memory (just fetched from the UFS) or an
 /// open cache file sent with `sendfile`, so cached bytes are never copied
@@ -103,7 +103,7 @@ impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         let code = match e {
             StoreError::Full { .. } => ErrorCode::CacheFull,
-            StoreError::Io { .. } => ErrorCode::Internal,
+            StoreError::Io { .. } | StoreError::Config(_) => ErrorCode::Internal,
         };
         Failure::new(code, e.to_string())
     }
@@ -174,6 +174,17 @@ where
                 )
                 .await?;
             }
+            Message::Pin { cache_id, pinned } => {
+                let reply = match shared.store.pin(CacheId(cache_id), pinned).await {
+                    Ok(n) => Message::End {
+                        bytes: 0,
+                        cached_pages: n,
+                        ufs_pages: 0,
+                    },
+                    Err(e) => Failure::from(e).to_msg(),
+                };
+                write_message(wr, &reply).await?;
+            }
             Message::WriteBegin(ws) => {
                 let reply = match handle_write(shared, &ws, rd).await {
                     Ok(m) => m,
@@ -199,6 +210,7 @@ fn kind_name(m: &Message) -> &'static str {
         Message::Read(_) => "Read",
         Message::Load(_) => "Load",
         Message::Free { .. } => "Free",
+        Message::Pin { .. } => "Pin",
         Message::WriteBegin(_) => "WriteBegin",
         Message::WriteEnd => "WriteEnd",
         Message::Data(_) => "Data",
@@ -220,6 +232,7 @@ async fn read_range<W: AsyncWrite + Unpin + AsSocket>(
     mut out: Option<&mut W>,
 ) -> Result<Message, Failure> {
     let g = geometry(spec.block_size, spec.page_size)?;
+    let _busy = shared.store.io_guard();
     if spec.offset > spec.file_len {
         return Err(Failure::new(
             ErrorCode::BadRequest,
@@ -320,7 +333,11 @@ async fn fetch_page(
         .counters
         .ufs_bytes_read
         .fetch_add(data.len() as u64, Ordering::Relaxed);
-    if let Err(e) = shared.store.put(key, data.clone(), false).await {
+    if let Err(e) = shared
+        .store
+        .put(key, data.clone(), PutOpts::default())
+        .await
+    {
         // The read still succeeds; the page is just not cached.
         tracing::warn!(error = %e, "page not cached");
     }
@@ -417,6 +434,10 @@ async fn handle_write<R: AsyncRead + Unpin>(
         WriteMode::CacheThrough => (false, Some(CacheId(rand::random::<u128>()))),
         WriteMode::Through => (false, None),
     };
+    let opts = PutOpts {
+        sole: pin,
+        priority: Some(ws.priority),
+    };
     let setup = async {
         let g = geometry(ws.block_size, ws.page_size)?;
         if !ws.offset.is_multiple_of(g.page_size) {
@@ -482,7 +503,7 @@ async fn handle_write<R: AsyncRead + Unpin>(
                     pending.extend_from_slice(&b);
                     while pending.len() as u64 >= g.page_size {
                         let page = pending.split_to(g.page_size as usize).freeze();
-                        if let Err(e) = put_page(shared, &g, id, pos, page, pin).await {
+                        if let Err(e) = put_page(shared, &g, id, pos, page, opts).await {
                             failure = Some(e);
                             break;
                         }
@@ -503,7 +524,7 @@ async fn handle_write<R: AsyncRead + Unpin>(
     if failure.is_none()
         && !pending.is_empty()
         && let Some(id) = page_id
-        && let Err(e) = put_page(shared, &g, id, pos, pending.freeze(), pin).await
+        && let Err(e) = put_page(shared, &g, id, pos, pending.freeze(), opts).await
     {
         failure = Some(e);
     }
@@ -550,7 +571,7 @@ async fn put_page(
     id: CacheId,
     pos: u64,
     data: Bytes,
-    pin: bool,
+    opts: PutOpts,
 ) -> Result<(), Failure> {
     let block = pos / g.block_size;
     let page = ((pos % g.block_size) / g.page_size) as u32;
@@ -559,10 +580,10 @@ async fn put_page(
         block,
         page,
     };
-    match shared.store.put(key, data, pin).await {
+    match shared.store.put(key, data, opts).await {
         Ok(()) => Ok(()),
         // Through-the-UFS writes do not need the cache copy.
-        Err(e) if !pin => {
+        Err(e) if !opts.sole => {
             tracing::debug!(error = %e, "write-through page not cached");
             Ok(())
         }

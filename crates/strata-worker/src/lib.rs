@@ -1,4 +1,4 @@
-//! The worker: caches pages of blocks in a [`page_store::PageStore`], fetches
+//! The worker: caches pages of blocks in a tiered [`page_store::PageStore`], fetches
 //! misses from the UFS with ranged reads, serves bytes over the dedicated data
 //! protocol ([`strata_proto::data`]), writes through to the UFS, and
 //! heartbeats the master with its capacity and usage (never block lists:
@@ -6,6 +6,7 @@
 
 mod data_server;
 mod heartbeat;
+pub mod memory;
 mod mounts;
 pub mod page_store;
 pub mod policy;
@@ -19,7 +20,7 @@ use strata_proto::pb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use page_store::{PageStore, StoreError};
+pub use page_store::{PageStore, PutOpts, StoreError, StoreSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -48,7 +49,7 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn stats(&self) -> pb::WorkerStats {
         let u = self.store.usage();
-        let s = &self.store.stats;
+        let s = self.store.stats();
         pb::WorkerStats {
             capacity_bytes: u.capacity,
             used_bytes: u.used,
@@ -59,6 +60,13 @@ impl Shared {
             ufs_bytes_read: self.counters.ufs_bytes_read.load(Ordering::Relaxed),
             bytes_served: self.counters.bytes_served.load(Ordering::Relaxed),
             evictions: s.evictions.load(Ordering::Relaxed),
+            tiers: self.store.tier_stats(),
+            priorities: self.store.priority_stats(),
+            corrupt_pages: s.corrupt_pages.load(Ordering::Relaxed),
+            expired_pages: s.expired_pages.load(Ordering::Relaxed),
+            memory_available_bytes: self.store.memory_available(),
+            memory_pressure: self.store.memory_pressure(),
+            pinned_files: self.store.pinned_files(),
         }
     }
 }
@@ -104,8 +112,8 @@ pub fn master_channel(addr: &str) -> Result<tonic::transport::Channel, WorkerErr
 /// Opens the cache directory, starts the data server and the heartbeat loop.
 pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
     let wc = &config.worker;
-    let store = PageStore::open(&wc.cache_dir, wc.cache_capacity.0)?;
-    let id = page_store::load_or_create_worker_id(&wc.cache_dir)?;
+    let store = PageStore::open(StoreSettings::from_config(wc))?;
+    let id = page_store::load_or_create_worker_id(store.home())?;
     let listener = TcpListener::bind(&wc.data_addr)
         .await
         .map_err(|e| WorkerError::Bind {
@@ -128,7 +136,7 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
         .advertise_addr
         .clone()
         .unwrap_or_else(|| data_addr.to_string());
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(data_server::serve(listener, shared.clone(), rx.clone())),
         tokio::spawn(heartbeat::run(
             id,
@@ -136,9 +144,23 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
             channel,
             shared.clone(),
             wc.heartbeat_interval_ms,
-            rx,
+            rx.clone(),
+        )),
+        tokio::spawn(watch_memory(
+            shared.store.clone(),
+            wc.memory_floor.0,
+            wc.memory_check_interval_ms,
+            rx.clone(),
+        )),
+        tokio::spawn(expire_pages(
+            shared.store.clone(),
+            wc.page_ttl_secs,
+            rx.clone(),
         )),
     ];
+    if let Some(queue) = shared.store.take_promotion_queue() {
+        tasks.push(tokio::spawn(promote_pages(shared.store.clone(), queue, rx)));
+    }
     tracing::info!(worker = id, %data_addr, "worker serving");
     Ok(WorkerHandle {
         id,
@@ -147,6 +169,100 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
         shutdown: tx,
         tasks,
     })
+}
+
+/// Watches the memory available to the worker and spills MEM pages to the
+/// next tier while it is under `floor` (with a margin of an eighth of the
+/// floor before the pressure is over, so the spill does not flap).
+async fn watch_memory(
+    store: PageStore,
+    floor: u64,
+    every_ms: u64,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = std::time::Duration::from_millis(every_ms.max(10));
+    let margin = floor / 8;
+    let mut pressure = false;
+    loop {
+        let reading = tokio::task::spawn_blocking(memory::read)
+            .await
+            .unwrap_or_default();
+        let available = reading.available.unwrap_or(0);
+        if floor > 0 && store.has_mem_tier() && reading.available.is_some() {
+            // A heavy memory stall (PSI) counts as pressure even with room left.
+            let stalled = reading.psi_some_avg10.is_some_and(|p| p >= 20.0);
+            if available < floor || stalled {
+                if !pressure {
+                    tracing::warn!(
+                        available,
+                        floor,
+                        "memory pressure: spilling MEM pages to disk"
+                    );
+                }
+                pressure = true;
+                store.set_memory(available, true);
+                let want = (floor.saturating_sub(available) + margin).clamp(8 << 20, 256 << 20);
+                let s = store.clone();
+                let moved = tokio::task::spawn_blocking(move || s.spill(want))
+                    .await
+                    .unwrap_or(0);
+                if moved > 0 {
+                    // Measure again at once: the spill freed memory.
+                    continue;
+                }
+            } else if available >= floor + margin {
+                if pressure {
+                    tracing::info!(available, floor, "memory pressure over");
+                }
+                pressure = false;
+            }
+        }
+        store.set_memory(available, pressure);
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Drops pages older than the TTL, checking a few times per TTL.
+async fn expire_pages(store: PageStore, ttl_secs: u64, mut stop: watch::Receiver<bool>) {
+    if ttl_secs == 0 {
+        return;
+    }
+    let every = std::time::Duration::from_millis((ttl_secs * 250).clamp(200, 30_000));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopped(&mut stop) => return,
+        }
+        let s = store.clone();
+        let _ = tokio::task::spawn_blocking(move || s.expire()).await;
+    }
+}
+
+/// Promotes pages read often in a lower tier. While user reads are in
+/// flight it goes slowly (one page per 50 ms), so it never competes with
+/// them for the disks.
+async fn promote_pages(
+    store: PageStore,
+    mut queue: tokio::sync::mpsc::Receiver<strata_common::ids::PageKey>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let key = tokio::select! {
+            k = queue.recv() => match k { Some(k) => k, None => return },
+            _ = stopped(&mut stop) => return,
+        };
+        if store.busy() > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                _ = stopped(&mut stop) => return,
+            }
+        }
+        let s = store.clone();
+        let _ = tokio::task::spawn_blocking(move || s.promote(&key)).await;
+    }
 }
 
 /// Resolves once the shutdown flag is set (or its sender is gone).

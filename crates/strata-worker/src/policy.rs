@@ -12,48 +12,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 
-use serde::{Deserialize, Serialize};
-
-/// The policies a tier can be configured with.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyKind {
-    /// Least recently used.
-    #[default]
-    Lru,
-    /// Least recently/frequently used: a decaying reference count that
-    /// spans LFU (lambda → 0) and LRU (lambda → 1).
-    Lrfu,
-    /// Adaptive replacement cache: balances recency and frequency and
-    /// resists scans.
-    Arc,
-}
-
-impl PolicyKind {
-    pub const ALL: [PolicyKind; 3] = [PolicyKind::Lru, PolicyKind::Lrfu, PolicyKind::Arc];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            PolicyKind::Lru => "lru",
-            PolicyKind::Lrfu => "lrfu",
-            PolicyKind::Arc => "arc",
-        }
-    }
-}
-
-impl std::str::FromStr for PolicyKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "lru" => Ok(PolicyKind::Lru),
-            "lrfu" => Ok(PolicyKind::Lrfu),
-            "arc" => Ok(PolicyKind::Arc),
-            _ => Err(format!(
-                "unknown eviction policy {s:?} (use lru, lrfu or arc)"
-            )),
-        }
-    }
-}
+pub use strata_common::config::PolicyKind;
 
 /// An eviction order over keys.
 pub trait Policy<K>: Send {
