@@ -64,7 +64,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
 }
 
 /// A failure reported to the client as an `Error` frame.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Failure {
     code: ErrorCode,
     message: String,
@@ -325,23 +325,76 @@ async fn fetch_page(
             ),
         ));
     };
-    let range = span.page_start..span.page_start + span.page_len;
-    let data = ufs
-        .read(&spec.ufs_path, range, Some(&spec.fingerprint))
-        .await?;
-    shared
-        .counters
-        .ufs_bytes_read
-        .fetch_add(data.len() as u64, Ordering::Relaxed);
-    if let Err(e) = shared
-        .store
-        .put(key, data.clone(), PutOpts::default())
-        .await
-    {
-        // The read still succeeds; the page is just not cached.
-        tracing::warn!(error = %e, "page not cached");
-    }
+    let data = fetch_coalesced(shared, spec, ufs, key, &span).await?;
     Ok((span, PageData::Mem(data), false))
+}
+
+/// Fetches a page from the UFS and caches it, once however many readers
+/// miss it at the same time: the first reader fetches, the others wait for
+/// its result (request coalescing). A reader that arrives just after the
+/// fetch finds the page in the store.
+async fn fetch_coalesced(
+    shared: &Shared,
+    spec: &ReadSpec,
+    ufs: &Ufs,
+    key: PageKey,
+    span: &PageSpan,
+) -> Result<Bytes, Failure> {
+    let cell = shared.fetches.join(key);
+    let res = cell
+        .get_or_init(|| async {
+            if shared.store.contains(&key)
+                && let Some(b) = shared.store.get(&key).await
+                && b.len() as u64 == span.page_len
+            {
+                return Ok(b);
+            }
+            let range = span.page_start..span.page_start + span.page_len;
+            let data = ufs
+                .read(&spec.ufs_path, range, Some(&spec.fingerprint))
+                .await
+                .map_err(Failure::from)?;
+            shared
+                .counters
+                .ufs_bytes_read
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            if let Err(e) = shared
+                .store
+                .put(key, data.clone(), PutOpts::default())
+                .await
+            {
+                // The read still succeeds; the page is just not cached.
+                tracing::warn!(error = %e, "page not cached");
+            }
+            Ok(data)
+        })
+        .await
+        .clone();
+    shared.fetches.leave(key, &cell);
+    res
+}
+
+/// Page fetches in flight, for coalescing.
+#[derive(Default)]
+pub(crate) struct Fetches {
+    map: std::sync::Mutex<std::collections::HashMap<PageKey, FetchCell>>,
+}
+
+type FetchCell = Arc<tokio::sync::OnceCell<Result<Bytes, Failure>>>;
+
+impl Fetches {
+    fn join(&self, key: PageKey) -> FetchCell {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(key).or_default().clone()
+    }
+
+    /// Forgets the fetch once it is done (the first finisher removes it).
+    fn leave(&self, key: PageKey, cell: &FetchCell) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&key).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+            m.remove(&key);
+        }
+    }
 }
 
 /// Sends one `Data` frame whose payload is `take` bytes of `file` at `skip`,

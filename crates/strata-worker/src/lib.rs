@@ -44,6 +44,7 @@ pub(crate) struct Shared {
     pub mounts: mounts::Mounts,
     pub counters: Counters,
     pub config: Config,
+    pub fetches: data_server::Fetches,
 }
 
 impl Shared {
@@ -130,6 +131,7 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
         mounts: mounts::Mounts::new(channel.clone()),
         counters: Counters::default(),
         config: config.clone(),
+        fetches: data_server::Fetches::default(),
     });
     let (tx, rx) = watch::channel(false);
     let advertise = wc
