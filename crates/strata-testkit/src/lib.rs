@@ -4,6 +4,7 @@
 //! code.
 
 pub mod cluster;
+mod fast_fs;
 pub mod proxy;
 pub mod s3;
 

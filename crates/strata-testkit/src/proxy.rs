@@ -153,12 +153,18 @@ where
     while let Some((due, chunk)) = rx.recv().await {
         tokio::time::sleep_until(due).await;
         if let Some(bw) = opts.conn_bandwidth.filter(|b| *b > 0) {
+            // A token bucket with 5 ms of burst. Sleeps only once the debt
+            // passes a millisecond: the timer cannot sleep for less, and
+            // sleeping per small chunk would cap the rate far below `bw`.
             let now = Instant::now();
-            if next_free < now {
-                next_free = now;
+            let burst = Duration::from_millis(5);
+            if next_free + burst < now {
+                next_free = now - burst;
             }
             next_free += Duration::from_secs_f64(chunk.len() as f64 / bw as f64);
-            tokio::time::sleep_until(next_free).await;
+            if next_free > now + Duration::from_millis(1) {
+                tokio::time::sleep_until(next_free).await;
+            }
         }
         if w.write_all(&chunk).await.is_err() {
             break;

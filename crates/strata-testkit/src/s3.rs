@@ -34,7 +34,7 @@ impl S3Server {
     /// Starts a server over `root` (each top-level directory is a bucket).
     pub fn start_at(root: &Path, bind: &str) -> anyhow::Result<S3Server> {
         let root = root.to_path_buf();
-        let fs = s3s_fs::FileSystem::new(&root).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?;
+        let fs = crate::fast_fs::FastFs::new(&root)?;
         let mut b = S3ServiceBuilder::new(fs);
         b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
         let service = b.build();
