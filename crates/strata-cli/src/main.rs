@@ -6,6 +6,7 @@ mod bench;
 mod bench_cache;
 mod fs;
 mod local;
+mod mount;
 
 use std::path::PathBuf;
 
@@ -47,6 +48,10 @@ enum Cmd {
     /// Benchmarks with same-run baselines.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Mount the namespace with FUSE (see docs/fuse-semantics.md).
+    Mount(mount::MountArgs),
+    /// Unmount a `strata mount`.
+    Umount { mountpoint: PathBuf },
     /// Print the effective configuration (file + environment) as TOML.
     Config,
 }
@@ -113,7 +118,10 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let server = matches!(cli.cmd, Cmd::Master | Cmd::Worker | Cmd::Local(_));
+    let server = matches!(
+        cli.cmd,
+        Cmd::Master | Cmd::Worker | Cmd::Local(_) | Cmd::Mount(_)
+    );
     init_logs(if server { "info" } else { "warn" });
     let cfg = load_config(&cli)?;
     match cli.cmd {
@@ -140,6 +148,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Fs(c) => fs::run(&cfg, c).await,
         Cmd::Admin(c) => admin::run(&cfg, c).await,
         Cmd::Bench(c) => bench::run(&cfg, c).await,
+        Cmd::Mount(a) => mount::run(&cfg, a).await,
+        Cmd::Umount { mountpoint } => mount::umount(&mountpoint),
         Cmd::Config => {
             print!("{}", cfg.to_toml());
             Ok(())

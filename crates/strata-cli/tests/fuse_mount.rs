@@ -1,0 +1,365 @@
+//! The FUSE mount, end to end: a real `strata mount` process over a real
+//! cluster with an S3 server on loopback, used through ordinary file system
+//! calls (std::fs, git). Every mount is unmounted by a guard, even when a
+//! test fails.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use strata_testkit::{Cluster, ClusterOptions};
+
+fn fuse_available() -> bool {
+    let ok = Path::new("/dev/fuse").exists()
+        && Command::new("fusermount3")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: /dev/fuse or fusermount3 missing (apt-get install fuse3)");
+    }
+    ok
+}
+
+fn is_mounted(mp: &Path) -> bool {
+    let want = std::fs::canonicalize(mp).unwrap_or_else(|_| mp.to_path_buf());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.to_str().unwrap_or("")))
+}
+
+/// A `strata mount --foreground` process; unmounted and stopped on drop.
+struct Mount {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Mount {
+    fn start(cluster: &Cluster, extra: &[&str]) -> Mount {
+        let dir = tempfile::tempdir().unwrap();
+        let mp = dir.path().join("mnt");
+        std::fs::create_dir(&mp).unwrap();
+        let child = Command::new(strata_bin())
+            .args(["--master", &cluster.master_addr, "mount"])
+            .arg(&mp)
+            .arg("--foreground")
+            .args(extra)
+            .env("STRATA_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("strata mount");
+        let mut m = Mount {
+            child: Some(child),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(&m.path()) {
+            if let Some(c) = m.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("strata mount exited: {st}");
+            }
+            assert!(Instant::now() < deadline, "not mounted within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let mp = self.path();
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain kill(2) on our child's pid.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if is_mounted(&mp) {
+            let _ = Command::new("fusermount3").args(["-uz"]).arg(&mp).status();
+        }
+    }
+}
+
+fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_and_directories_through_the_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let local = tempfile::tempdir().unwrap();
+    let env = start(ClusterOptions {
+        mounts: vec![format!("/local=file://{}", local.path().display())],
+        ..Default::default()
+    });
+    let s3 = s3_client(&env.s3);
+    let big = pattern(9 << 20, 7);
+    s3_put(&s3, "data/big.bin", &big).await;
+    let m = Mount::start(&env.cluster, &[]);
+    let root = m.path();
+
+    // Reads: whole file, and positional reads across page boundaries.
+    assert_eq!(std::fs::read(root.join("s3/data/big.bin")).unwrap(), big);
+    let mut f = std::fs::File::open(root.join("s3/data/big.bin")).unwrap();
+    let mut buf = vec![0u8; 5000];
+    f.seek(SeekFrom::Start((1 << 20) - 100)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf[..], &big[(1 << 20) - 100..(1 << 20) + 4900]);
+    drop(f);
+    let mut names: Vec<String> = std::fs::read_dir(root.join("s3"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["data"]);
+    assert_eq!(
+        std::fs::metadata(root.join("s3/data/big.bin"))
+            .unwrap()
+            .len(),
+        9 << 20
+    );
+
+    // Writes land in S3 and are visible through the SDK.
+    let written = pattern(3 << 20, 8);
+    std::fs::write(root.join("s3/data/new.bin"), &written).unwrap();
+    let c = client(&env.cluster);
+    assert_eq!(
+        &c.read_file("/s3/data/new.bin").await.unwrap()[..],
+        &written[..]
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(root.join("s3/data/new.bin"))
+        .unwrap();
+    f.write_all(b"tail").unwrap();
+    drop(f);
+    let mut expect = written.clone();
+    expect.extend_from_slice(b"tail");
+    assert_eq!(std::fs::read(root.join("s3/data/new.bin")).unwrap(), expect);
+
+    // Directories, rename, delete.
+    std::fs::create_dir(root.join("s3/dir")).unwrap();
+    std::fs::rename(root.join("s3/data/new.bin"), root.join("s3/dir/moved.bin")).unwrap();
+    assert!(!root.join("s3/data/new.bin").exists());
+    assert_eq!(
+        std::fs::read(root.join("s3/dir/moved.bin")).unwrap(),
+        expect
+    );
+    let e = std::fs::remove_dir(root.join("s3/dir")).unwrap_err();
+    assert_eq!(errno(&e), libc::ENOTEMPTY, "{e}");
+    std::fs::remove_file(root.join("s3/dir/moved.bin")).unwrap();
+    std::fs::remove_dir(root.join("s3/dir")).unwrap();
+    assert!(c.stat("/s3/dir").await.unwrap_err().is_not_found());
+
+    // Precise errnos for what is not supported.
+    let e = std::fs::rename(root.join("s3/data/big.bin"), root.join("local/big.bin")).unwrap_err();
+    assert_eq!(errno(&e), libc::EXDEV, "rename across mounts: {e}");
+    let e = std::os::unix::fs::symlink("big.bin", root.join("s3/data/link")).unwrap_err();
+    assert_eq!(errno(&e), libc::EPERM, "{e}");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("s3/data/big.bin"))
+        .unwrap();
+    f.seek(SeekFrom::Start(10)).unwrap();
+    let e = f.write_all(b"x").unwrap_err();
+    assert_eq!(errno(&e), libc::EOPNOTSUPP, "random write: {e}");
+    drop(f);
+    assert_eq!(
+        std::fs::read(root.join("s3/data/big.bin")).unwrap(),
+        big,
+        "untouched"
+    );
+    let e = std::fs::read(root.join("s3/missing")).unwrap_err();
+    assert_eq!(errno(&e), libc::ENOENT);
+    // Truncation empties a file.
+    std::fs::write(root.join("s3/t.txt"), b"0123456789").unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(root.join("s3/t.txt"))
+        .unwrap();
+    assert_eq!(std::fs::metadata(root.join("s3/t.txt")).unwrap().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleted_in_the_ufs_while_open_and_unmount_with_open_files() {
+    if !fuse_available() {
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    let s3 = s3_client(&env.s3);
+    let data = pattern(2 << 20, 9);
+    s3_put(&s3, "gone.bin", &data).await;
+    let m = Mount::start(&env.cluster, &[]);
+    let path = m.path().join("s3/gone.bin");
+    let mut f = std::fs::File::open(&path).unwrap();
+    s3.delete("gone.bin", false).await.unwrap();
+    // Never cached: the read must fail cleanly (not hang, not return junk).
+    let mut buf = Vec::new();
+    let e = f.read_to_end(&mut buf).unwrap_err();
+    assert!(
+        [libc::ENOENT, libc::ESTALE].contains(&errno(&e)),
+        "read of a deleted object: {e}"
+    );
+    // Unmount is refused while a file is open, and works after it closes.
+    let out = env
+        .cluster
+        .cli(&["umount", m.path().to_str().unwrap()])
+        .unwrap();
+    let err = fails(out);
+    assert!(err.contains("files still open"), "{err}");
+    drop(f);
+    ok(env
+        .cluster
+        .cli(&["umount", m.path().to_str().unwrap()])
+        .unwrap());
+    assert!(!is_mounted(&m.path()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mount_point_must_exist_and_be_empty_and_daemon_mode_works() {
+    if !fuse_available() {
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    let err = fails(
+        env.cluster
+            .cli(&["mount", missing.to_str().unwrap()])
+            .unwrap(),
+    );
+    assert!(
+        err.contains("does not exist") && err.contains("nope"),
+        "{err}"
+    );
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("x"), b"x").unwrap();
+    let err = fails(env.cluster.cli(&["mount", full.to_str().unwrap()]).unwrap());
+    assert!(err.contains("not empty"), "{err}");
+    let err = fails(
+        env.cluster
+            .cli(&[
+                "mount",
+                dir.path().join("empty").to_str().unwrap(),
+                "--path",
+                "/s3/nothing",
+            ])
+            .unwrap(),
+    );
+    assert!(
+        err.contains("does not exist") || err.contains("nothing"),
+        "{err}"
+    );
+
+    // Daemon mode: returns once mounted; `strata umount` stops it.
+    let mp = dir.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let out = ok(env
+        .cluster
+        .cli(&[
+            "mount",
+            mp.to_str().unwrap(),
+            "--log",
+            dir.path().join("mount.log").to_str().unwrap(),
+        ])
+        .unwrap());
+    assert!(out.contains("daemon pid"), "{out}");
+    let guard = Unmount(mp.clone());
+    assert!(is_mounted(&mp));
+    assert!(mp.join("s3").is_dir());
+    ok(env.cluster.cli(&["umount", mp.to_str().unwrap()]).unwrap());
+    assert!(!is_mounted(&mp));
+    drop(guard);
+}
+
+/// Unmounts a daemon-mode mount if a test fails before it does.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("fusermount3").arg("-uz").arg(&self.0).status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn git_clone_and_status_in_the_mount() {
+    if !fuse_available() {
+        return;
+    }
+    if Command::new("git").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: git is not installed");
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    let m = Mount::start(&env.cluster, &[]);
+    let repo = tempfile::tempdir().unwrap();
+    let git = |dir: &Path, args: &[&str]| {
+        let out = Command::new("git")
+            .args(["-c", "user.email=t@example.com", "-c", "user.name=t"])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    git(repo.path(), &["init", "-q"]);
+    for i in 0..20 {
+        std::fs::create_dir_all(repo.path().join(format!("d{}", i % 4))).unwrap();
+        std::fs::write(
+            repo.path().join(format!("d{}/f{i}.txt", i % 4)),
+            pattern(1000 + i * 997, i as u64),
+        )
+        .unwrap();
+    }
+    git(repo.path(), &["add", "."]);
+    git(repo.path(), &["commit", "-qm", "init"]);
+    let into = m.path().join("s3/clone");
+    git(
+        m.path().join("s3").as_path(),
+        &[
+            "clone",
+            "-q",
+            "--no-hardlinks",
+            repo.path().to_str().unwrap(),
+            "clone",
+        ],
+    );
+    assert_eq!(git(&into, &["status", "--porcelain"]), "");
+    for i in 0..20 {
+        let rel = format!("d{}/f{i}.txt", i % 4);
+        assert_eq!(
+            std::fs::read(into.join(&rel)).unwrap(),
+            std::fs::read(repo.path().join(&rel)).unwrap()
+        );
+    }
+    // A change shows up in git status.
+    std::fs::write(into.join("d0/f0.txt"), b"changed").unwrap();
+    assert!(git(&into, &["status", "--porcelain"]).contains("d0/f0.txt"));
+}

@@ -1,0 +1,865 @@
+//! The FUSE file system: a directory tree over the Strata namespace, built
+//! on the SDK (`strata-client`) and `fuser` (pure Rust, mounted through
+//! `fusermount3`). It owns inode numbers, open-file handles and the mapping
+//! of SDK errors to errno; it knows nothing about workers, pages or the UFS.
+//!
+//! Every request is answered from a task on a tokio runtime, so a slow read
+//! never holds up the kernel's other requests. The exact semantics (what is
+//! supported, the consistency model, every timeout) are in
+//! `docs/fuse-semantics.md`.
+
+mod errno;
+mod handles;
+mod inodes;
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
+};
+use strata_client::{Client, FileInfo, WriteOptions, WriteType};
+use tokio::runtime::Handle;
+
+pub use errno::to_errno;
+use handles::{Handles, Open};
+use inodes::{Inodes, ROOT};
+
+/// Largest read and write the kernel sends in one request.
+pub const MAX_IO: u32 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FuseError {
+    #[error("mount point {0} does not exist (create it with `mkdir -p {0}`)")]
+    MissingMountPoint(String),
+    #[error("mount point {0} is not a directory")]
+    NotADirectory(String),
+    #[error("mount point {0} is not empty (mounting would hide its files; use an empty directory)")]
+    NotEmpty(String),
+    #[error("namespace path {path} cannot be mounted: {msg}")]
+    Root { path: String, msg: String },
+    #[error(
+        "mounting {mountpoint} failed: {err} (is /dev/fuse present and fusermount3 installed? \
+         `apt-get install fuse3`)"
+    )]
+    Mount {
+        mountpoint: String,
+        err: std::io::Error,
+    },
+}
+
+/// How a mount behaves; every timeout is documented in fuse-semantics.md.
+#[derive(Clone, Debug)]
+pub struct FuseOptions {
+    /// The namespace directory shown at the mount point.
+    pub root: String,
+    /// How long the kernel may cache attributes.
+    pub attr_ttl: Duration,
+    /// How long the kernel may cache name lookups.
+    pub entry_ttl: Duration,
+    /// Threads reading requests from /dev/fuse.
+    pub threads: usize,
+    /// How files created through the mount are written.
+    pub write_type: WriteType,
+    /// Allow other users to use the mount (`allow_other`).
+    pub allow_other: bool,
+}
+
+impl Default for FuseOptions {
+    fn default() -> Self {
+        FuseOptions {
+            root: "/".into(),
+            attr_ttl: Duration::from_secs(1),
+            entry_ttl: Duration::from_secs(1),
+            threads: 2,
+            write_type: WriteType::CacheThrough,
+            allow_other: false,
+        }
+    }
+}
+
+/// The file system handed to `fuser`.
+pub struct StrataFs {
+    client: Client,
+    rt: Handle,
+    opts: FuseOptions,
+    inodes: Arc<Mutex<Inodes>>,
+    handles: Arc<Handles>,
+    uid: u32,
+    gid: u32,
+    /// Fingerprint of each file at its last open: an unchanged file keeps
+    /// the kernel's page cache across opens (FOPEN_KEEP_CACHE).
+    fingerprints: Arc<Mutex<std::collections::HashMap<u64, String>>>,
+    /// Set once mounted: tells the kernel to drop cached attributes and
+    /// pages of a file this mount just changed.
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+}
+
+/// Checks the mount point the way users expect: it exists, is a directory
+/// and is empty.
+pub fn check_mount_point(mountpoint: &Path) -> Result<(), FuseError> {
+    let shown = mountpoint.display().to_string();
+    let md =
+        std::fs::metadata(mountpoint).map_err(|_| FuseError::MissingMountPoint(shown.clone()))?;
+    if !md.is_dir() {
+        return Err(FuseError::NotADirectory(shown));
+    }
+    let mut entries =
+        std::fs::read_dir(mountpoint).map_err(|_| FuseError::MissingMountPoint(shown.clone()))?;
+    if entries.next().is_some() {
+        return Err(FuseError::NotEmpty(shown));
+    }
+    Ok(())
+}
+
+impl StrataFs {
+    /// Checks that `opts.root` is a directory of the namespace.
+    pub async fn new(client: Client, rt: Handle, opts: FuseOptions) -> Result<StrataFs, FuseError> {
+        let root = normalize_root(&opts.root);
+        let info = client.stat(&root).await.map_err(|e| FuseError::Root {
+            path: root.clone(),
+            msg: e.to_string(),
+        })?;
+        if !info.is_dir {
+            return Err(FuseError::Root {
+                path: root,
+                msg: "not a directory".into(),
+            });
+        }
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Ok(StrataFs {
+            client,
+            rt,
+            inodes: Arc::new(Mutex::new(Inodes::new(root.clone()))),
+            opts: FuseOptions { root, ..opts },
+            handles: Arc::new(Handles::default()),
+            uid,
+            gid,
+            fingerprints: Arc::default(),
+            notifier: Arc::default(),
+        })
+    }
+
+    /// Mounts in the background; dropping the session unmounts.
+    pub fn mount(self, mountpoint: &Path) -> Result<fuser::BackgroundSession, FuseError> {
+        let config = self.config();
+        let notifier = self.notifier.clone();
+        let session =
+            fuser::spawn_mount(self, mountpoint, &config).map_err(|err| FuseError::Mount {
+                mountpoint: mountpoint.display().to_string(),
+                err,
+            })?;
+        let _ = notifier.set(session.notifier());
+        Ok(session)
+    }
+
+    fn config(&self) -> fuser::Config {
+        let mut c = fuser::Config::default();
+        c.mount_options = vec![
+            fuser::MountOption::FSName(format!("strata:{}", self.opts.root)),
+            fuser::MountOption::Subtype("strata".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::NoAtime,
+        ];
+        if self.opts.allow_other {
+            c.acl = fuser::SessionACL::All;
+        }
+        c.n_threads = Some(self.opts.threads.max(1));
+        c
+    }
+
+    fn path_of(&self, ino: INodeNo) -> Result<String, Errno> {
+        lock(&self.inodes).path(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    fn child_path(&self, parent: INodeNo, name: &OsStr) -> Result<String, Errno> {
+        let name = name.to_str().ok_or(Errno::EINVAL)?;
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(Errno::EINVAL);
+        }
+        let p = self.path_of(parent)?;
+        Ok(if p == "/" {
+            format!("/{name}")
+        } else {
+            format!("{p}/{name}")
+        })
+    }
+
+    /// Runs `f` on the runtime; a panic or error becomes EIO/errno.
+    fn spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f);
+    }
+
+    fn ctx(&self) -> Ctx {
+        Ctx {
+            client: self.client.clone(),
+            inodes: self.inodes.clone(),
+            handles: self.handles.clone(),
+            uid: self.uid,
+            gid: self.gid,
+            attr_ttl: self.opts.attr_ttl,
+            entry_ttl: self.opts.entry_ttl,
+            write_type: self.opts.write_type,
+            fingerprints: self.fingerprints.clone(),
+            notifier: self.notifier.clone(),
+        }
+    }
+}
+
+fn normalize_root(r: &str) -> String {
+    let t = r.trim_end_matches('/');
+    if t.is_empty() {
+        "/".into()
+    } else if t.starts_with('/') {
+        t.to_string()
+    } else {
+        format!("/{t}")
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a request task needs, cloned out of the file system.
+#[derive(Clone)]
+struct Ctx {
+    client: Client,
+    inodes: Arc<Mutex<Inodes>>,
+    handles: Arc<Handles>,
+    uid: u32,
+    gid: u32,
+    attr_ttl: Duration,
+    entry_ttl: Duration,
+    write_type: WriteType,
+    fingerprints: Arc<Mutex<std::collections::HashMap<u64, String>>>,
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+}
+
+impl Ctx {
+    /// After a change through this mount (and after replying): drop the
+    /// kernel's cached attributes of `ino`, so the next stat sees the new
+    /// size. Attributes only: invalidating pages would wait for page locks
+    /// that a concurrent write holds while it waits for us. The kernel call
+    /// blocks, so it runs off the async runtime.
+    fn invalidate(&self, ino: u64) {
+        lock(&self.fingerprints).remove(&ino);
+        if ino == 0 {
+            return;
+        }
+        let notifier = self.notifier.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(n) = notifier.get() {
+                let _ = n.inval_inode(INodeNo(ino), -1, 0);
+            }
+        });
+    }
+
+    fn attr(&self, ino: u64, info: &FileInfo) -> FileAttr {
+        let mtime = UNIX_EPOCH + Duration::from_millis(info.mtime_ms.max(0) as u64);
+        let (kind, default_perm, nlink) = if info.is_dir {
+            (FileType::Directory, 0o755, 2)
+        } else {
+            (FileType::RegularFile, 0o644, 1)
+        };
+        let inodes = lock(&self.inodes);
+        let perm = inodes
+            .mode(ino)
+            .or_else(|| (info.mode & 0o7777 != 0).then_some((info.mode & 0o7777) as u16))
+            .unwrap_or(default_perm);
+        // A file being written shows the bytes written so far.
+        let size = self
+            .handles
+            .written(ino)
+            .map_or(info.size, |w| w.max(info.size));
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: MAX_IO,
+            flags: 0,
+        }
+    }
+
+    /// Stats `path` and registers its inode; returns (ino, attr).
+    async fn stat_entry(&self, path: &str, count_lookup: bool) -> Result<(u64, FileAttr), Errno> {
+        let info = self.client.stat(path).await.map_err(|e| to_errno(&e))?;
+        let ino = lock(&self.inodes).ino_for(path, count_lookup);
+        Ok((ino, self.attr(ino, &info)))
+    }
+}
+
+impl Filesystem for StrataFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(MAX_IO);
+        let _ = config.set_max_write(MAX_IO);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let ctx = self.ctx();
+        let path = match self.child_path(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(async move {
+            match ctx.stat_entry(&path, true).await {
+                Ok((_, attr)) => reply.entry(&ctx.entry_ttl, &attr, Generation(0)),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        lock(&self.inodes).forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ctx = self.ctx();
+        let path = match self.path_of(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(async move {
+            match ctx.client.stat(&path).await {
+                Ok(info) => reply.attr(&ctx.attr_ttl, &ctx.attr(ino.0, &info)),
+                Err(e) => reply.error(to_errno(&e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // Owners cannot change: every file belongs to the mounting user.
+        if uid.is_some_and(|u| u != self.uid) || gid.is_some_and(|g| g != self.gid) {
+            return reply.error(Errno::EPERM);
+        }
+        let ctx = self.ctx();
+        let path = match self.path_of(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(async move {
+            if let Some(size) = size {
+                // Truncation to zero empties the file (and resets any write
+                // handle on it); other sizes are accepted only when nothing
+                // changes.
+                let current = match fh
+                    .and_then(|h| ctx.handles.get(h.0))
+                    .and_then(|o| o.written())
+                {
+                    Some(w) => Some(w),
+                    None => ctx.client.stat(&path).await.ok().map(|i| i.size),
+                };
+                if size == 0 && current != Some(0) {
+                    for w in ctx.handles.writers_of(ino.0) {
+                        w.reset_to_empty().await;
+                    }
+                    let opts = WriteOptions {
+                        write_type: ctx.write_type,
+                        overwrite: true,
+                        recursive: false,
+                        priority: 0,
+                    };
+                    let res = async {
+                        let w = ctx.client.create(&path, opts).await?;
+                        w.close().await
+                    }
+                    .await;
+                    if let Err(e) = res {
+                        return reply.error(to_errno(&e));
+                    }
+                } else if current != Some(size) {
+                    return reply.error(Errno::EOPNOTSUPP);
+                }
+            }
+            if let Some(m) = mode {
+                lock(&ctx.inodes).set_mode(ino.0, (m & 0o7777) as u16);
+            }
+            match ctx.client.stat(&path).await {
+                Ok(info) => reply.attr(&ctx.attr_ttl, &ctx.attr(ino.0, &info)),
+                Err(e) => reply.error(to_errno(&e)),
+            }
+            if size.is_some() {
+                ctx.invalidate(ino.0);
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, _ino: INodeNo, reply: ReplyData) {
+        // No symbolic links exist in the namespace.
+        reply.error(Errno::EINVAL);
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let ctx = self.ctx();
+        let path = match self.child_path(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(async move {
+            match ctx.client.mkdir(&path, false).await {
+                Ok(info) => {
+                    let ino = lock(&ctx.inodes).ino_for(&path, true);
+                    reply.entry(&ctx.entry_ttl, &ctx.attr(ino, &info), Generation(0))
+                }
+                Err(e) => reply.error(to_errno(&e)),
+            }
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, false, reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, true, reply);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        // The namespace keeps files and directories only.
+        reply.error(Errno::EPERM);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if !flags.is_empty() {
+            // RENAME_EXCHANGE / RENAME_NOREPLACE are not offered.
+            return reply.error(Errno::EINVAL);
+        }
+        let ctx = self.ctx();
+        let (src, dst) = match (
+            self.child_path(parent, name),
+            self.child_path(newparent, newname),
+        ) {
+            (Ok(s), Ok(d)) => (s, d),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        self.spawn(async move {
+            // POSIX rename replaces an existing file (not atomically here).
+            if let Ok(existing) = ctx.client.stat(&dst).await {
+                let src_info = match ctx.client.stat(&src).await {
+                    Ok(i) => i,
+                    Err(e) => return reply.error(to_errno(&e)),
+                };
+                if existing.is_dir != src_info.is_dir {
+                    return reply.error(if existing.is_dir {
+                        Errno::EISDIR
+                    } else {
+                        Errno::ENOTDIR
+                    });
+                }
+                if let Err(e) = ctx.client.delete(&dst, false).await {
+                    return reply.error(to_errno(&e));
+                }
+            }
+            match ctx.client.rename(&src, &dst).await {
+                Ok(()) => {
+                    lock(&ctx.inodes).rename(&src, &dst);
+                    reply.ok()
+                }
+                Err(e) => reply.error(to_errno(&e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let ctx = self.ctx();
+        let path = match self.path_of(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        let truncate = flags.0 & libc::O_TRUNC != 0;
+        let append = flags.0 & libc::O_APPEND != 0;
+        self.spawn(async move {
+            if writing {
+                match handles::open_writer(&ctx, &path, ino.0, truncate, append).await {
+                    Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                    Err(e) => reply.error(e),
+                }
+                return;
+            }
+            match ctx.client.open(&path).await {
+                Ok(r) => {
+                    let fp = r.info().fingerprint.clone();
+                    let keep = {
+                        let mut fps = lock(&ctx.fingerprints);
+                        let same = fps.get(&ino.0) == Some(&fp);
+                        fps.insert(ino.0, fp);
+                        same
+                    };
+                    let fh = ctx.handles.insert(Open::reading(r));
+                    let flags = if keep {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.opened(FileHandle(fh), flags)
+                }
+                Err(e) => reply.error(to_errno(&e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(open) = self.handles.get(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        self.spawn(async move {
+            match open.read(offset, size).await {
+                Ok(b) => reply.data(&b),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some(open) = self.handles.get(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let data = data.to_vec();
+        self.spawn(async move {
+            match open.write(offset, &data).await {
+                Ok(()) => reply.written(data.len() as u32),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) reports write errors: the file is committed here.
+        let Some(open) = self.handles.get(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let ctx = self.ctx();
+        self.spawn(async move {
+            let changed = open.is_write();
+            match open.commit().await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+            if changed {
+                ctx.invalidate(open.ino);
+            }
+        });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Data reaches the store when the file is closed; fsync commits it.
+        self.flush(_req, _ino, fh, fuser::LockOwner(0), reply);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(open) = self.handles.remove(fh.0) else {
+            return reply.ok();
+        };
+        let ctx = self.ctx();
+        self.spawn(async move {
+            let changed = open.is_write();
+            match open.commit().await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+            if changed {
+                ctx.invalidate(open.ino);
+            }
+        });
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let ctx = self.ctx();
+        let path = match self.child_path(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(async move {
+            let opts = WriteOptions {
+                write_type: ctx.write_type,
+                overwrite: true,
+                recursive: false,
+                priority: 0,
+            };
+            match ctx.client.create(&path, opts).await {
+                Ok(w) => {
+                    let ino = lock(&ctx.inodes).ino_for(&path, true);
+                    if mode & 0o7777 != 0 {
+                        lock(&ctx.inodes).set_mode(ino, (mode & 0o7777) as u16);
+                    }
+                    let fh = ctx.handles.insert(Open::writing(w, ino, 0, ctx.clone()));
+                    let info = FileInfo {
+                        path: path.clone(),
+                        mtime_ms: now_ms(),
+                        ..FileInfo::default()
+                    };
+                    reply.created(
+                        &ctx.entry_ttl,
+                        &ctx.attr(ino, &info),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    )
+                }
+                Err(e) => reply.error(to_errno(&e)),
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let ctx = self.ctx();
+        let path = match self.path_of(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let parent = lock(&self.inodes).parent_ino(ino.0);
+        self.spawn(async move {
+            match ctx.client.list(&path).await {
+                Ok(list) => {
+                    let mut entries = vec![
+                        (ino.0, FileType::Directory, ".".to_string()),
+                        (parent, FileType::Directory, "..".to_string()),
+                    ];
+                    {
+                        let mut inodes = lock(&ctx.inodes);
+                        for e in list {
+                            let child = inodes.ino_for(&e.path, false);
+                            let kind = if e.is_dir {
+                                FileType::Directory
+                            } else {
+                                FileType::RegularFile
+                            };
+                            entries.push((child, kind, e.name));
+                        }
+                    }
+                    let fh = ctx.handles.insert(Open::dir(entries));
+                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                }
+                Err(e) => reply.error(to_errno(&e)),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(open) = self.handles.get(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let Some(entries) = open.entries() else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.remove(fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let client = self.client.clone();
+        self.spawn(async move {
+            let (mut cap, mut used) = (0u64, 0u64);
+            if let Ok(ws) = client.workers().await {
+                for w in ws.into_iter().filter(|w| w.live) {
+                    if let Some(s) = w.stats {
+                        cap += s.capacity_bytes;
+                        used += s.used_bytes;
+                    }
+                }
+            }
+            let bsize = 4096u64;
+            let blocks = cap / bsize;
+            let free = cap.saturating_sub(used) / bsize;
+            reply.statfs(
+                blocks,
+                free,
+                free,
+                1 << 32,
+                1 << 32,
+                bsize as u32,
+                255,
+                bsize as u32,
+            );
+        });
+    }
+}
+
+impl StrataFs {
+    fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+        let ctx = self.ctx();
+        let path = match self.child_path(parent, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(async move {
+            match ctx.client.stat(&path).await {
+                Ok(info) if info.is_dir && !dir => return reply.error(Errno::EISDIR),
+                Ok(info) if !info.is_dir && dir => return reply.error(Errno::ENOTDIR),
+                Ok(_) => {}
+                Err(e) => return reply.error(to_errno(&e)),
+            }
+            match ctx.client.delete(&path, false).await {
+                Ok(_) => {
+                    lock(&ctx.inodes).unlinked(&path);
+                    reply.ok()
+                }
+                Err(e) => reply.error(to_errno(&e)),
+            }
+        });
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Root inode number, for tests and tools.
+pub const ROOT_INO: u64 = ROOT;
+
+/// Counts of open handles (tests).
+pub fn open_handles(fs: &StrataFs) -> usize {
+    fs.handles.len()
+}
