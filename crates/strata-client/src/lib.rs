@@ -317,6 +317,12 @@ impl Client {
         Reader::new(self.clone(), info)
     }
 
+    /// Opens a file for reading from metadata the caller already has (a
+    /// recent `stat` or listing), without asking the master again.
+    pub fn open_info(&self, info: FileInfo) -> Result<Reader> {
+        Reader::new(self.clone(), info)
+    }
+
     /// Reads a whole file. If the UFS object changes under the read, the
     /// namespace is re-synced and the read starts over once.
     pub async fn read_file(&self, path: &str) -> Result<bytes::Bytes> {

@@ -22,11 +22,45 @@ const WINDOW: u64 = 8 << 20;
 pub enum Kind {
     Read {
         reader: Reader,
-        /// The last window fetched and where the previous read ended.
-        window: Mutex<(u64, Bytes, u64)>,
+        window: Mutex<Window>,
     },
     Write(Box<Mutex<WriteState>>),
     Dir(Vec<(u64, FileType, String)>),
+}
+
+/// What a read handle fetched: the current window, the one being fetched
+/// behind it while reads are sequential, and where the last read ended.
+pub struct Window {
+    start: u64,
+    buf: Bytes,
+    last_end: u64,
+    next: Option<(u64, tokio::task::JoinHandle<Result<Bytes, Errno>>)>,
+}
+
+impl Window {
+    fn covers(&self, off: u64, want: u64) -> bool {
+        off >= self.start && off + want <= self.start + self.buf.len() as u64
+    }
+
+    /// Starts fetching the window after the current one.
+    fn prefetch(&mut self, reader: &Reader) {
+        let at = self.start + self.buf.len() as u64;
+        if self.next.is_some() || at >= reader.len() || self.buf.is_empty() {
+            return;
+        }
+        let r = reader.clone();
+        let len = WINDOW.min(reader.len() - at);
+        let task = tokio::spawn(async move { r.read_at(at, len).await.map_err(|e| to_errno(&e)) });
+        self.next = Some((at, task));
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        if let Some((_, t)) = self.next.take() {
+            t.abort();
+        }
+    }
 }
 
 pub struct WriteState {
@@ -55,7 +89,12 @@ impl Open {
             written: None,
             kind: Kind::Read {
                 reader,
-                window: Mutex::new((0, Bytes::new(), u64::MAX)),
+                window: Mutex::new(Window {
+                    start: 0,
+                    buf: Bytes::new(),
+                    last_end: u64::MAX,
+                    next: None,
+                }),
             },
         }
     }
@@ -115,25 +154,52 @@ impl Open {
         }
         let want = u64::from(size).min(len - off);
         let mut w = window.lock().await;
-        let (start, buf, last_end) = &mut *w;
-        if off >= *start && off + want <= *start + buf.len() as u64 {
-            let s = (off - *start) as usize;
-            *last_end = off + want;
-            return Ok(buf.slice(s..s + want as usize));
+        let sequential = w.last_end != u64::MAX && off >= w.last_end && off - w.last_end <= WINDOW;
+        if !w.covers(off, want)
+            && let Some((at, _)) = &w.next
+            && off >= *at
+            && off < *at + WINDOW
+            && let Some((at, task)) = w.next.take()
+        {
+            // The reader caught up with the prefetched window.
+            match task.await {
+                Ok(Ok(b)) => {
+                    w.start = at;
+                    w.buf = b;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {}
+            }
+        }
+        if w.covers(off, want) {
+            let s = (off - w.start) as usize;
+            w.last_end = off + want;
+            let out = w.buf.slice(s..s + want as usize);
+            if sequential || off == 0 {
+                w.prefetch(reader);
+            }
+            return Ok(out);
         }
         // Sequential (or a small jump forward the kernel made): fetch a
-        // window; random reads fetch only what was asked.
-        let sequential = *last_end != u64::MAX && off >= *last_end && off - *last_end <= WINDOW;
-        let fetch = if sequential || off == 0 {
+        // window and the next one behind it; random reads fetch only what
+        // was asked.
+        if let Some((_, t)) = w.next.take() {
+            t.abort();
+        }
+        let windowed = sequential || off == 0;
+        let fetch = if windowed {
             WINDOW.max(want).min(len - off)
         } else {
             want
         };
         let data = reader.read_at(off, fetch).await.map_err(|e| to_errno(&e))?;
         let out = data.slice(..(want as usize).min(data.len()));
-        *start = off;
-        *buf = data;
-        *last_end = off + out.len() as u64;
+        w.start = off;
+        w.buf = data;
+        w.last_end = off + out.len() as u64;
+        if windowed {
+            w.prefetch(reader);
+        }
         Ok(out)
     }
 

@@ -98,6 +98,35 @@ pub struct StrataFs {
     /// Set once mounted: tells the kernel to drop cached attributes and
     /// pages of a file this mount just changed.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    meta: Arc<MetaCache>,
+}
+
+/// File metadata seen in the last `attr_ttl`, so an `open` right after a
+/// lookup (the common case) needs no second call to the master.
+#[derive(Default)]
+struct MetaCache {
+    by_path: Mutex<std::collections::HashMap<String, (std::time::Instant, FileInfo)>>,
+}
+
+impl MetaCache {
+    fn put(&self, info: &FileInfo) {
+        let mut m = lock(&self.by_path);
+        if m.len() > 100_000 {
+            m.clear();
+        }
+        m.insert(info.path.clone(), (std::time::Instant::now(), info.clone()));
+    }
+
+    fn get(&self, path: &str, ttl: Duration) -> Option<FileInfo> {
+        lock(&self.by_path)
+            .get(path)
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(_, i)| i.clone())
+    }
+
+    fn forget(&self, path: &str) {
+        lock(&self.by_path).remove(path);
+    }
 }
 
 /// Checks the mount point the way users expect: it exists, is a directory
@@ -143,6 +172,7 @@ impl StrataFs {
             gid,
             fingerprints: Arc::default(),
             notifier: Arc::default(),
+            meta: Arc::default(),
         })
     }
 
@@ -211,6 +241,7 @@ impl StrataFs {
             write_type: self.opts.write_type,
             fingerprints: self.fingerprints.clone(),
             notifier: self.notifier.clone(),
+            meta: self.meta.clone(),
         }
     }
 }
@@ -243,9 +274,20 @@ struct Ctx {
     write_type: WriteType,
     fingerprints: Arc<Mutex<std::collections::HashMap<u64, String>>>,
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    meta: Arc<MetaCache>,
 }
 
 impl Ctx {
+    /// `stat` through the metadata cache (fresh for `attr_ttl`).
+    async fn stat_cached(&self, path: &str) -> Result<FileInfo, strata_client::ClientError> {
+        if let Some(i) = self.meta.get(path, self.attr_ttl) {
+            return Ok(i);
+        }
+        let i = self.client.stat(path).await?;
+        self.meta.put(&i);
+        Ok(i)
+    }
+
     /// After a change through this mount (and after replying): drop the
     /// kernel's cached attributes of `ino`, so the next stat sees the new
     /// size. Attributes only: invalidating pages would wait for page locks
@@ -253,6 +295,9 @@ impl Ctx {
     /// blocks, so it runs off the async runtime.
     fn invalidate(&self, ino: u64) {
         lock(&self.fingerprints).remove(&ino);
+        if let Some(p) = lock(&self.inodes).path(ino) {
+            self.meta.forget(&p);
+        }
         if ino == 0 {
             return;
         }
@@ -303,6 +348,7 @@ impl Ctx {
     /// Stats `path` and registers its inode; returns (ino, attr).
     async fn stat_entry(&self, path: &str, count_lookup: bool) -> Result<(u64, FileAttr), Errno> {
         let info = self.client.stat(path).await.map_err(|e| to_errno(&e))?;
+        self.meta.put(&info);
         let ino = lock(&self.inodes).ino_for(path, count_lookup);
         Ok((ino, self.attr(ino, &info)))
     }
@@ -340,7 +386,7 @@ impl Filesystem for StrataFs {
             Err(e) => return reply.error(e),
         };
         self.spawn(async move {
-            match ctx.client.stat(&path).await {
+            match ctx.stat_cached(&path).await {
                 Ok(info) => reply.attr(&ctx.attr_ttl, &ctx.attr(ino.0, &info)),
                 Err(e) => reply.error(to_errno(&e)),
             }
@@ -524,6 +570,8 @@ impl Filesystem for StrataFs {
             }
             match ctx.client.rename(&src, &dst).await {
                 Ok(()) => {
+                    ctx.meta.forget(&src);
+                    ctx.meta.forget(&dst);
                     lock(&ctx.inodes).rename(&src, &dst);
                     reply.ok()
                 }
@@ -549,7 +597,14 @@ impl Filesystem for StrataFs {
                 }
                 return;
             }
-            match ctx.client.open(&path).await {
+            let opened = match ctx.stat_cached(&path).await {
+                Ok(info) if info.is_dir => Err(strata_client::ClientError::FailedPrecondition(
+                    format!("{path}: is a directory"),
+                )),
+                Ok(info) => ctx.client.open_info(info),
+                Err(e) => Err(e),
+            };
+            match opened {
                 Ok(r) => {
                     let fp = r.info().fingerprint.clone();
                     let keep = {
@@ -702,6 +757,7 @@ impl Filesystem for StrataFs {
                 recursive: false,
                 priority: 0,
             };
+            ctx.meta.forget(&path);
             match ctx.client.create(&path, opts).await {
                 Ok(w) => {
                     let ino = lock(&ctx.inodes).ino_for(&path, true);
@@ -840,6 +896,7 @@ impl StrataFs {
             }
             match ctx.client.delete(&path, false).await {
                 Ok(_) => {
+                    ctx.meta.forget(&path);
                     lock(&ctx.inodes).unlinked(&path);
                     reply.ok()
                 }
