@@ -50,6 +50,12 @@ enum Cmd {
     Bench(bench::BenchCmd),
     /// Mount the namespace with FUSE (see docs/fuse-semantics.md).
     Mount(mount::MountArgs),
+    /// Serve the namespace over S3 (see docs/s3-compatibility.md).
+    Gateway {
+        /// Address to listen on (default: gateway.listen).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+    },
     /// Unmount a `strata mount`.
     Umount { mountpoint: PathBuf },
     /// Print the effective configuration (file + environment) as TOML.
@@ -149,6 +155,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Admin(c) => admin::run(&cfg, c).await,
         Cmd::Bench(c) => bench::run(&cfg, c).await,
         Cmd::Mount(a) => mount::run(&cfg, a).await,
+        Cmd::Gateway { listen } => {
+            let listen = listen.unwrap_or_else(|| cfg.gateway.listen.clone());
+            let g = strata_gateway::serve(
+                client(&cfg)?,
+                &listen,
+                &cfg.gateway.access_key,
+                &cfg.gateway.secret_key,
+            )
+            .await?;
+            println!(
+                "strata gateway serving S3 on http://{} (master {})",
+                g.addr, cfg.cluster.master
+            );
+            wait_for_signal().await;
+            g.stop();
+            Ok(())
+        }
         Cmd::Umount { mountpoint } => mount::umount(&mountpoint),
         Cmd::Config => {
             print!("{}", cfg.to_toml());

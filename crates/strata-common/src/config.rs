@@ -43,6 +43,29 @@ pub struct Config {
     pub master: MasterConfig,
     pub worker: WorkerConfig,
     pub client: ClientConfig,
+    pub gateway: GatewayConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address the S3 gateway listens on.
+    pub listen: String,
+    /// The access key S3 clients sign requests with (SigV4). Required:
+    /// anonymous access is off.
+    pub access_key: String,
+    /// The secret key that goes with `access_key`.
+    pub secret_key: String,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "127.0.0.1:29998".into(),
+            access_key: String::new(),
+            secret_key: String::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -330,7 +353,7 @@ impl Default for ClientConfig {
     }
 }
 
-const SECTIONS: [&str; 4] = ["cluster", "master", "worker", "client"];
+const SECTIONS: [&str; 5] = ["cluster", "master", "worker", "client", "gateway"];
 
 impl Config {
     /// Loads `path` if given, else `$STRATA_CONFIG`, else `./strata.toml`
