@@ -73,3 +73,40 @@ async fn hundred_concurrent_cold_readers_fetch_each_byte_once() {
     );
     assert_eq!(ufs_bytes_read(&c).await, size as u64);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_circuit_reads_come_from_page_files_and_survive_their_deletion() {
+    let env = start(ClusterOptions::default());
+    let data = pattern(5 << 20, 12);
+    s3_put(&s3_client(&env.s3), "sc.bin", &data).await;
+    let c = client(&env.cluster);
+    // Cold: nothing is cached, so nothing can be read locally.
+    assert_eq!(&c.read_file("/s3/sc.bin").await.unwrap()[..], &data[..]);
+    let served = worker_stats(&c).await.bytes_served;
+    assert_eq!(served, 5 << 20, "the cold read came over TCP");
+    // Warm, same host: positional reads come from the page files.
+    let r = c.open("/s3/sc.bin").await.unwrap();
+    assert_eq!(&r.read_at(0, 5 << 20).await.unwrap()[..], &data[..]);
+    let part = r.read_at((2 << 20) - 7, 4096).await.unwrap();
+    assert_eq!(&part[..], &data[(2 << 20) - 7..(2 << 20) + 4089]);
+    assert_eq!(
+        worker_stats(&c).await.bytes_served,
+        served,
+        "no bytes over TCP"
+    );
+    // The page files vanish under the reader: it falls back to the network
+    // (the worker refetches from S3) and still returns the right bytes.
+    let pages = env.cluster.dir.path().join("data/worker/pages");
+    for sub in std::fs::read_dir(&pages).unwrap().flatten() {
+        for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
+            std::fs::remove_file(f.path()).unwrap();
+        }
+    }
+    assert_eq!(&r.read_at(0, 5 << 20).await.unwrap()[..], &data[..]);
+    let st = worker_stats(&c).await;
+    assert_eq!(
+        st.ufs_bytes_read,
+        10 << 20,
+        "refetched once after the deletion"
+    );
+}

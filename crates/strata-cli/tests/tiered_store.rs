@@ -374,14 +374,14 @@ fn rand_suffix() -> u64 {
 /// Loads a 384 MiB object into a 1 GiB MEM tier while the worker runs in a
 /// cgroup limited to 256 MiB. Tmpfs pages count against the limit and
 /// cannot be reclaimed, so without the memory watch the kernel OOM-kills
-/// the worker (checked first, as a control); with a 96 MiB floor the worker
+/// the worker (checked first, as a control); with a 128 MiB floor the worker
 /// spills MEM pages to SSD, survives, and every byte reads back.
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_pressure_spills_to_disk_instead_of_oom() {
     let size: usize = 384 << 20;
     let data = pattern(size, 21);
     let mut runs = Vec::new();
-    for floor in ["0", "96MiB"] {
+    for floor in ["0", "128MiB"] {
         let cg = match Cgroup::create(256 << 20) {
             Ok(cg) => cg,
             Err(why) => {
@@ -435,7 +435,7 @@ async fn memory_pressure_spills_to_disk_instead_of_oom() {
             );
             assert_eq!(after.corrupt_pages, 0);
             runs.push(format!(
-                "floor 96MiB: spilled {} pages, MEM {} MiB, SSD {} MiB, alive",
+                "floor 128MiB: spilled {} pages, MEM {} MiB, SSD {} MiB, alive",
                 before.tiers[0].spills,
                 before.tiers[0].used_bytes >> 20,
                 before.tiers[1].used_bytes >> 20

@@ -7,6 +7,7 @@
 mod conn;
 mod error;
 mod reader;
+mod short_circuit;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -38,6 +39,7 @@ pub(crate) struct Inner {
     cfg: ClientConfig,
     workers: Mutex<Option<(Instant, Vec<WorkerInfo>)>>,
     pool: conn::Pool,
+    pub(crate) short_circuit: short_circuit::ShortCircuit,
 }
 
 /// A handle to a Strata cluster; cheap to clone and share across tasks.
@@ -98,6 +100,7 @@ impl Client {
                 cfg,
                 workers: Mutex::new(None),
                 pool: conn::Pool::new(timeout),
+                short_circuit: short_circuit::ShortCircuit::default(),
             }),
         })
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt, TryStreamExt, stream};
 use strata_common::CacheId;
+use strata_common::ids::PageKey;
 use strata_proto::data::{ErrorCode, Message};
 use strata_proto::pb::FileInfo;
 
@@ -142,8 +143,68 @@ impl Reader {
         }
     }
 
+    /// Short-circuit read of `[off, off+len)` inside one block from the page
+    /// files of a worker on this host; `None` when any page is not
+    /// available that way (the caller reads over the network).
+    async fn read_local(&self, off: u64, len: u64) -> Option<Bytes> {
+        if !self.client.inner.cfg.short_circuit || len == 0 {
+            return None;
+        }
+        let (block_end, block) = self.block_bounds(off);
+        if off + len > block_end {
+            return None;
+        }
+        let addr = self.client.owner(self.cache_id, block, false).await.ok()?;
+        if !crate::short_circuit::is_local(&addr) {
+            return None;
+        }
+        let g = strata_common::Geometry {
+            block_size: self.info.block_size,
+            page_size: self.info.page_size,
+        };
+        let spans = g.spans(self.info.size, off, len);
+        let sc = &self.client.inner.short_circuit;
+        let key = |s: &strata_common::geometry::PageSpan| PageKey {
+            cache_id: self.cache_id,
+            block: s.block,
+            page: s.page,
+        };
+        let mut files: Vec<Option<std::sync::Arc<std::fs::File>>> =
+            spans.iter().map(|s| sc.get(&key(s))).collect();
+        if files.iter().any(Option::is_none) {
+            let spec = Client::read_spec(&self.info, off, len).ok()?;
+            let mut c = self.client.inner.pool.get(&addr).await.ok()?;
+            c.send(&Message::Locate(spec)).await.ok()?;
+            c.flush().await.ok()?;
+            let reply = c.recv().await.ok()?;
+            self.client.inner.pool.put(c);
+            let Message::Located { pages } = reply else {
+                return None;
+            };
+            for p in pages {
+                if let Some(i) = spans
+                    .iter()
+                    .position(|s| s.block == p.block && s.page == p.page)
+                    && files[i].is_none()
+                {
+                    files[i] = sc.insert(key(&spans[i]), &p.path);
+                }
+            }
+        }
+        let parts: Vec<_> = spans
+            .iter()
+            .zip(files)
+            .map(|(s, f)| f.map(|f| (f, s.skip, s.take)))
+            .collect::<Option<_>>()?;
+        crate::short_circuit::read_pages(&parts)
+    }
+
     /// Reads `len` bytes at `off` (clipped to the file).
     pub async fn read_at(&self, off: u64, len: u64) -> Result<Bytes> {
+        let clipped = len.min(self.info.size.saturating_sub(off));
+        if let Some(b) = self.read_local(off, clipped).await {
+            return Ok(b);
+        }
         let pieces = self.pieces(off, len);
         let parallel = self.client.inner.cfg.read_ahead_blocks.max(1);
         let mut parts: Vec<Bytes> = stream::iter(pieces)

@@ -341,6 +341,9 @@ pub struct ClientConfig {
     pub read_chunk: ByteSize,
     /// Seconds a data-protocol request may stall before it fails.
     pub io_timeout_secs: u64,
+    /// Read cached pages straight from the files of a worker on this host
+    /// (one on a loopback address) instead of over TCP.
+    pub short_circuit: bool,
 }
 
 impl Default for ClientConfig {
@@ -349,6 +352,7 @@ impl Default for ClientConfig {
             read_ahead_blocks: 8,
             read_chunk: ByteSize(16 << 20),
             io_timeout_secs: 60,
+            short_circuit: true,
         }
     }
 }

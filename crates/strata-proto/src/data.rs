@@ -114,6 +114,17 @@ pub struct WriteSpec {
     pub priority: u8,
 }
 
+/// Most pages one `Located` answer lists.
+pub const MAX_LOCATED: usize = 64;
+
+/// A cached page's file, for short-circuit reads on the worker's host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocatedPage {
+    pub block: u64,
+    pub page: u32,
+    pub path: String,
+}
+
 /// Highest write priority.
 pub const MAX_PRIORITY: u8 = 8;
 
@@ -127,6 +138,14 @@ pub enum Message {
     /// client → worker: drop every cached page of a cache id.
     Free {
         cache_id: u128,
+    },
+    /// client → worker (same host): where are the cached, verified pages of
+    /// this range? Answered with `Located`.
+    Locate(ReadSpec),
+    /// worker → client: files holding cached pages (at most
+    /// [`MAX_LOCATED`]); pages not listed must be read over the network.
+    Located {
+        pages: Vec<LocatedPage>,
     },
     /// client → worker: pin (never evict) or unpin every page of a cache id,
     /// including pages cached later; answers `End` with the pages changed.
@@ -165,6 +184,8 @@ mod kind {
     pub const WRITE_BEGIN: u8 = 4;
     pub const WRITE_END: u8 = 5;
     pub const PIN: u8 = 6;
+    pub const LOCATE: u8 = 7;
+    pub const LOCATED: u8 = 14;
     pub const DATA: u8 = 10;
     pub const END: u8 = 11;
     pub const WRITE_DONE: u8 = 12;
@@ -245,6 +266,10 @@ impl Meta<'_> {
     fn u16(&mut self) -> Result<u16, FrameError> {
         self.need(2)?;
         Ok(self.0.get_u16_le())
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        self.need(4)?;
+        Ok(self.0.get_u32_le())
     }
     fn u64(&mut self) -> Result<u64, FrameError> {
         self.need(8)?;
@@ -328,6 +353,20 @@ impl Message {
                 meta.put_u128_le(*cache_id);
                 (kind::FREE, None)
             }
+            Message::Locate(s) => {
+                put_read_spec(&mut meta, s);
+                (kind::LOCATE, None)
+            }
+            Message::Located { pages } => {
+                let n = pages.len().min(MAX_LOCATED);
+                meta.put_u16_le(n as u16);
+                for p in &pages[..n] {
+                    meta.put_u64_le(p.block);
+                    meta.put_u32_le(p.page);
+                    put_str(&mut meta, &p.path);
+                }
+                (kind::LOCATED, None)
+            }
             Message::Pin { cache_id, pinned } => {
                 meta.put_u128_le(*cache_id);
                 meta.put_u8(u8::from(*pinned));
@@ -401,6 +440,22 @@ impl Message {
             kind::FREE => Message::Free {
                 cache_id: m.u128()?,
             },
+            kind::LOCATE => Message::Locate(get_read_spec(&mut m)?),
+            kind::LOCATED => {
+                let n = m.u16()? as usize;
+                if n > MAX_LOCATED {
+                    return Err(FrameError::Malformed("too many located pages"));
+                }
+                let mut pages = Vec::with_capacity(n);
+                for _ in 0..n {
+                    pages.push(LocatedPage {
+                        block: m.u64()?,
+                        page: m.u32()?,
+                        path: m.string()?,
+                    });
+                }
+                Message::Located { pages }
+            }
             kind::PIN => Message::Pin {
                 cache_id: m.u128()?,
                 pinned: match m.u8()? {
@@ -603,6 +658,13 @@ mod tests {
                 cache_id: 7,
                 pinned: true,
             },
+            Message::Located {
+                pages: vec![LocatedPage {
+                    block: 1,
+                    page: 2,
+                    path: "/c/pages/ab/x".into(),
+                }],
+            },
             Message::WriteEnd,
             Message::Data(Bytes::from_static(b"hello")),
             Message::End {
@@ -687,7 +749,7 @@ mod tests {
         }
 
         #[test]
-        fn decode_mutated_frames_never_panics(idx in 0usize..10, pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        fn decode_mutated_frames_never_panics(idx in 0usize..11, pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
             let mut enc = samples()[idx].encode().to_vec();
             let i = pos.index(enc.len());
             enc[i] = byte;

@@ -174,6 +174,13 @@ where
                 )
                 .await?;
             }
+            Message::Locate(spec) => {
+                let reply = match locate(shared, &spec) {
+                    Ok(m) => m,
+                    Err(f) => f.to_msg(),
+                };
+                write_message(wr, &reply).await?;
+            }
             Message::Pin { cache_id, pinned } => {
                 let reply = match shared.store.pin(CacheId(cache_id), pinned).await {
                     Ok(n) => Message::End {
@@ -211,6 +218,8 @@ fn kind_name(m: &Message) -> &'static str {
         Message::Load(_) => "Load",
         Message::Free { .. } => "Free",
         Message::Pin { .. } => "Pin",
+        Message::Locate(_) => "Locate",
+        Message::Located { .. } => "Located",
         Message::WriteBegin(_) => "WriteBegin",
         Message::WriteEnd => "WriteEnd",
         Message::Data(_) => "Data",
@@ -223,6 +232,41 @@ fn kind_name(m: &Message) -> &'static str {
 fn geometry(block_size: u64, page_size: u64) -> Result<Geometry, Failure> {
     Geometry::new(block_size, page_size)
         .map_err(|e| Failure::new(ErrorCode::BadRequest, e.to_string()))
+}
+
+/// Lists the files of the cached, checksum-verified pages of a range, for a
+/// client on this host to read directly (short-circuit). Pages not listed
+/// (missing, moving between tiers, not yet verified) are read over TCP.
+fn locate(shared: &Shared, spec: &ReadSpec) -> Result<Message, Failure> {
+    let g = geometry(spec.block_size, spec.page_size)?;
+    if spec.offset > spec.file_len || spec.len > MAX_READ {
+        return Err(Failure::new(
+            ErrorCode::BadRequest,
+            format!(
+                "locate of {}+{} in {} is out of range",
+                spec.offset, spec.len, spec.ufs_path
+            ),
+        ));
+    }
+    let pages = g
+        .spans(spec.file_len, spec.offset, spec.len)
+        .into_iter()
+        .take(strata_proto::data::MAX_LOCATED)
+        .filter_map(|s| {
+            let key = PageKey {
+                cache_id: CacheId(spec.cache_id),
+                block: s.block,
+                page: s.page,
+            };
+            let path = shared.store.local_path(&key)?;
+            Some(strata_proto::data::LocatedPage {
+                block: s.block,
+                page: s.page,
+                path: path.to_string_lossy().into_owned(),
+            })
+        })
+        .collect();
+    Ok(Message::Located { pages })
 }
 
 /// Serves (or, with `out == None`, only caches) a byte range.

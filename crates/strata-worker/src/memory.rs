@@ -108,29 +108,34 @@ fn cgroup_available() -> Option<u64> {
 }
 
 fn cgroup_room(d: &Path, v2: bool) -> Option<u64> {
-    let (limit, usage, inactive_key) = if v2 {
+    let (limit, usage, keys) = if v2 {
         let max = std::fs::read_to_string(d.join("memory.max")).ok()?;
         let limit = match max.trim() {
             "max" => return None,
             v => v.parse::<u64>().ok()?,
         };
-        (limit, read_u64(&d.join("memory.current"))?, "inactive_file")
+        (
+            limit,
+            read_u64(&d.join("memory.current"))?,
+            ["inactive_file", "file_dirty", "file_writeback"],
+        )
     } else {
         (
             read_u64(&d.join("memory.limit_in_bytes"))?,
             read_u64(&d.join("memory.usage_in_bytes"))?,
-            "total_inactive_file",
+            ["total_inactive_file", "total_dirty", "total_writeback"],
         )
     };
     if limit >= UNLIMITED {
         return None;
     }
-    // Clean page cache is reclaimed before anyone is killed: it is room.
-    let inactive = std::fs::read_to_string(d.join("memory.stat"))
-        .ok()
-        .and_then(|s| stat_field(&s, inactive_key))
-        .unwrap_or(0);
-    Some(limit.saturating_sub(usage.saturating_sub(inactive)))
+    // Clean inactive page cache is reclaimed before anyone is killed: it is
+    // room. Dirty pages and pages under writeback are not, until the disk
+    // has taken them (a busy disk is exactly when that matters).
+    let stat = std::fs::read_to_string(d.join("memory.stat")).unwrap_or_default();
+    let field = |k: &str| stat_field(&stat, k).unwrap_or(0);
+    let reclaimable = field(keys[0]).saturating_sub(field(keys[1]) + field(keys[2]));
+    Some(limit.saturating_sub(usage.saturating_sub(reclaimable)))
 }
 
 fn psi_some_avg10() -> Option<f64> {

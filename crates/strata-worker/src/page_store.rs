@@ -878,6 +878,25 @@ impl PageStore {
         Some((self.path_of(k, &m), m.size, m.crc, m.verified))
     }
 
+    /// The file of a cached page a client on this host may read directly:
+    /// only pages whose bytes were checked (or written by this process) and
+    /// that are not moving. Counts as a hit.
+    pub fn local_path(&self, k: &PageKey) -> Option<PathBuf> {
+        let mut idx = self.lock();
+        let m = *idx.pages.get(k)?;
+        if m.moving.is_some() || !m.verified {
+            return None;
+        }
+        if !m.pinned() {
+            idx.tiers[m.tier as usize].policy.access(k);
+        }
+        self.inner.tier_counters[m.tier as usize]
+            .hits
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.hits.fetch_add(1, Ordering::Relaxed);
+        Some(self.path_of(k, &m))
+    }
+
     /// Drops a page whose file failed its checksum.
     fn drop_corrupt(&self, k: &PageKey, crc: u32) {
         let path = {
