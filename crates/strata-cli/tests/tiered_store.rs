@@ -337,6 +337,28 @@ impl Cgroup {
         Ok(cg)
     }
 
+    /// Memory figures of the cgroup, for failure messages.
+    fn summary(&self) -> String {
+        let stat = std::fs::read_to_string(self.dir.join("memory.stat")).unwrap_or_default();
+        let keep = [
+            "total_rss ",
+            "total_shmem ",
+            "total_cache ",
+            "total_dirty ",
+            "total_writeback ",
+            "anon ",
+            "shmem ",
+            "file_dirty ",
+        ];
+        let max =
+            std::fs::read_to_string(self.dir.join("memory.max_usage_in_bytes")).unwrap_or_default();
+        let figures: Vec<&str> = stat
+            .lines()
+            .filter(|l| keep.iter().any(|k| l.starts_with(k)))
+            .collect();
+        format!("max usage {}; {}", max.trim(), figures.join(", "))
+    }
+
     fn oom_kills(&self) -> u64 {
         for (file, key) in [
             ("memory.oom_control", "oom_kill "),
@@ -415,8 +437,9 @@ async fn memory_pressure_spills_to_disk_instead_of_oom() {
         } else {
             assert!(
                 load.status.success(),
-                "{}",
-                String::from_utf8_lossy(&load.stderr)
+                "load failed: {} (OOM kills {oom}; {})",
+                String::from_utf8_lossy(&load.stderr),
+                cg.summary()
             );
             assert!(alive, "worker survived");
             assert_eq!(oom, 0, "no OOM kill in the cgroup");

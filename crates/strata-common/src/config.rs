@@ -133,6 +133,9 @@ pub struct WorkerConfig {
     pub heartbeat_interval_ms: u64,
     /// Parallel ranged GETs one cold read may issue to the UFS.
     pub ufs_read_concurrency: usize,
+    /// Page fetches from the UFS in flight on this worker at once, over all
+    /// clients: bounds the memory cold reads use (about this many pages).
+    pub max_ufs_fetches: usize,
     /// Cache tiers, fastest first. Empty: one SSD tier at `cache_dir` holding
     /// `cache_capacity`. In the file, an array of tables or the compact form
     /// `"MEM:/dev/shm/strata:4GiB:lru; SSD:/ssd1|/ssd2:100GiB:arc"`
@@ -321,6 +324,7 @@ impl Default for WorkerConfig {
             cache_capacity: ByteSize(10 << 30),
             heartbeat_interval_ms: 1000,
             ufs_read_concurrency: 8,
+            max_ufs_fetches: 32,
             tiers: Vec::new(),
             memory_floor: ByteSize(256 << 20),
             memory_check_interval_ms: 250,

@@ -684,17 +684,7 @@ impl Filesystem for StrataFs {
         let Some(open) = self.handles.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        let ctx = self.ctx();
-        self.spawn(async move {
-            let changed = open.is_write();
-            match open.commit().await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            }
-            if changed {
-                ctx.invalidate(open.ino);
-            }
-        });
+        self.commit_and_reply(open, reply);
     }
 
     fn fsync(
@@ -722,17 +712,7 @@ impl Filesystem for StrataFs {
         let Some(open) = self.handles.remove(fh.0) else {
             return reply.ok();
         };
-        let ctx = self.ctx();
-        self.spawn(async move {
-            let changed = open.is_write();
-            match open.commit().await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            }
-            if changed {
-                ctx.invalidate(open.ino);
-            }
-        });
+        self.commit_and_reply(open, reply);
     }
 
     fn create(
@@ -881,6 +861,22 @@ impl Filesystem for StrataFs {
 }
 
 impl StrataFs {
+    /// Commits a handle (a no-op unless it wrote) and answers with the
+    /// result; a written file's cached attributes are dropped afterwards.
+    fn commit_and_reply(&self, open: Arc<handles::Open>, reply: ReplyEmpty) {
+        let ctx = self.ctx();
+        self.spawn(async move {
+            let changed = open.is_write();
+            match open.commit().await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+            if changed {
+                ctx.invalidate(open.ino);
+            }
+        });
+    }
+
     fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
         let ctx = self.ctx();
         let path = match self.child_path(parent, name) {

@@ -106,14 +106,18 @@ fn modified(info: &FileInfo) -> Timestamp {
 }
 
 impl Gateway {
+    /// `NoSuchBucket` unless the bucket is a namespace directory.
+    async fn check_bucket(&self, bucket: &str) -> S3Result<()> {
+        match self.client.stat(&ns_path(bucket, None)?).await {
+            Ok(b) if b.is_dir => Ok(()),
+            Ok(_) => Err(s3_error!(NoSuchBucket)),
+            Err(e) => Err(s3_err(e, true)),
+        }
+    }
+
     async fn file(&self, bucket: &str, key: &str) -> S3Result<FileInfo> {
         // A missing bucket is NoSuchBucket, a missing key NoSuchKey.
-        let bpath = ns_path(bucket, None)?;
-        match self.client.stat(&bpath).await {
-            Ok(b) if b.is_dir => {}
-            Ok(_) => return Err(s3_error!(NoSuchBucket)),
-            Err(e) => return Err(s3_err(e, true)),
-        }
+        self.check_bucket(bucket).await?;
         let info = self
             .client
             .stat(&ns_path(bucket, Some(key))?)
@@ -152,11 +156,8 @@ impl S3 for Gateway {
         &self,
         req: S3Request<HeadBucketInput>,
     ) -> S3Result<S3Response<HeadBucketOutput>> {
-        match self.client.stat(&ns_path(&req.input.bucket, None)?).await {
-            Ok(i) if i.is_dir => Ok(S3Response::new(HeadBucketOutput::default())),
-            Ok(_) => Err(s3_error!(NoSuchBucket)),
-            Err(e) => Err(s3_err(e, true)),
-        }
+        self.check_bucket(&req.input.bucket).await?;
+        Ok(S3Response::new(HeadBucketOutput::default()))
     }
 
     async fn get_bucket_location(
@@ -332,12 +333,7 @@ impl S3 for Gateway {
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let input = req.input;
-        let bpath = ns_path(&input.bucket, None)?;
-        match self.client.stat(&bpath).await {
-            Ok(b) if b.is_dir => {}
-            Ok(_) => return Err(s3_error!(NoSuchBucket)),
-            Err(e) => return Err(s3_err(e, true)),
-        }
+        self.check_bucket(&input.bucket).await?;
         let path = ns_path(&input.bucket, Some(&input.key))?;
         let opts = WriteOptions {
             overwrite: true,

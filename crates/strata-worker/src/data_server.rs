@@ -393,6 +393,13 @@ async fn fetch_coalesced(
             {
                 return Ok(b);
             }
+            // However many clients miss at once, only so many pages are
+            // being fetched (and held in memory) on this worker.
+            let _permit = shared
+                .fetch_permits
+                .acquire()
+                .await
+                .map_err(|_| Failure::new(ErrorCode::Internal, "worker is shutting down"))?;
             let range = span.page_start..span.page_start + span.page_len;
             let data = ufs
                 .read(&spec.ufs_path, range, Some(&spec.fingerprint))

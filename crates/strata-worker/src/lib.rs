@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub counters: Counters,
     pub config: Config,
     pub fetches: data_server::Fetches,
+    /// Bounds the UFS page fetches in flight (and the memory they hold).
+    pub fetch_permits: tokio::sync::Semaphore,
 }
 
 impl Shared {
@@ -132,6 +134,7 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
         counters: Counters::default(),
         config: config.clone(),
         fetches: data_server::Fetches::default(),
+        fetch_permits: tokio::sync::Semaphore::new(wc.max_ufs_fetches.max(1)),
     });
     let (tx, rx) = watch::channel(false);
     let advertise = wc

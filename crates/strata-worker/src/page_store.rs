@@ -643,7 +643,7 @@ impl PageStore {
             .parent()
             .map(std::fs::create_dir_all)
             .unwrap_or(Ok(()))
-            .and_then(|_| std::fs::write(&tmp, &data));
+            .and_then(|_| self.write_file(&tmp, &data, mv.to.0));
         match r {
             Ok(()) => Ok(tmp),
             Err(e) => {
@@ -651,6 +651,30 @@ impl PageStore {
                 Err(MoveError::Io(e))
             }
         }
+    }
+
+    /// Writes a page file. On disk tiers the kernel is told to start
+    /// writing it back at once, and under memory pressure the write waits
+    /// for the disk: dirty page cache counts against the worker's memory
+    /// limit and cannot be dropped until written, so letting it pile up on a
+    /// busy disk would bring on the OOM killer that spilling avoids.
+    fn write_file(&self, path: &Path, data: &[u8], tier: u8) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let mut f = std::fs::File::create(path)?;
+        f.write_all(data)?;
+        if !self.is_mem(tier) {
+            if self.memory_pressure() {
+                f.sync_data()?;
+            } else {
+                // SAFETY: plain syscall on a descriptor we own; it only
+                // starts writeback, and failure is harmless.
+                unsafe {
+                    libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Completes (or undoes) a move under the lock.
@@ -1065,7 +1089,7 @@ impl PageStore {
             .parent()
             .map(std::fs::create_dir_all)
             .unwrap_or(Ok(()))
-            .and_then(|_| std::fs::write(&tmp, &data))
+            .and_then(|_| self.write_file(&tmp, &data, tier))
             .and_then(|_| std::fs::rename(&tmp, &path));
         let mut idx = self.lock();
         {
