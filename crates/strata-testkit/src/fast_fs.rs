@@ -1,7 +1,7 @@
 //! The S3 service the test server runs: s3s-fs, with GET bodies streamed in
-//! 256 KiB chunks instead of s3s-fs's 4 KiB, so the server is not what a
-//! benchmark measures (at 4 KiB per chunk it spends a core per ~130 MiB/s).
-//! Every other operation is s3s-fs's own.
+//! chunks of a chosen size (default 256 KiB) instead of s3s-fs's 4 KiB, so
+//! the server is not what a benchmark measures (at 4 KiB per chunk it spends
+//! a core per ~130 MiB/s). Every other operation is s3s-fs's own.
 
 use std::path::PathBuf;
 
@@ -9,16 +9,19 @@ use s3s::dto::*;
 use s3s::{S3, S3Request, S3Response, S3Result};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-const GET_CHUNK: usize = 256 << 10;
+/// Default GET body chunk.
+pub const GET_CHUNK: usize = 256 << 10;
 
 pub struct FastFs {
     inner: s3s_fs::FileSystem,
     root: PathBuf,
+    chunk: usize,
 }
 
 impl FastFs {
-    pub fn new(root: &std::path::Path) -> anyhow::Result<FastFs> {
+    pub fn new(root: &std::path::Path, chunk: usize) -> anyhow::Result<FastFs> {
         Ok(FastFs {
+            chunk: chunk.max(1),
             inner: s3s_fs::FileSystem::new(root).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?,
             root: root.to_path_buf(),
         })
@@ -56,7 +59,7 @@ impl S3 for FastFs {
         file.seek(std::io::SeekFrom::Start(start))
             .await
             .map_err(|e| s3s::s3_error!(e, InternalError))?;
-        let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), GET_CHUNK);
+        let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), self.chunk);
         resp.output.body = Some(StreamingBlob::wrap(stream));
         Ok(resp)
     }

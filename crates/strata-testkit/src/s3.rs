@@ -33,8 +33,14 @@ impl S3Server {
 
     /// Starts a server over `root` (each top-level directory is a bucket).
     pub fn start_at(root: &Path, bind: &str) -> anyhow::Result<S3Server> {
+        Self::start_with_chunk(root, bind, crate::fast_fs::GET_CHUNK)
+    }
+
+    /// Like [`S3Server::start_at`], streaming GET bodies in `chunk`-byte
+    /// pieces (4096 reproduces stock s3s-fs).
+    pub fn start_with_chunk(root: &Path, bind: &str, chunk: usize) -> anyhow::Result<S3Server> {
         let root = root.to_path_buf();
-        let fs = crate::fast_fs::FastFs::new(&root)?;
+        let fs = crate::fast_fs::FastFs::new(&root, chunk)?;
         let mut b = S3ServiceBuilder::new(fs);
         b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
         let service = b.build();
