@@ -36,6 +36,23 @@ pub enum BenchCmd {
     /// Replay access traces (Zipf, scan + hot set, loop) against every
     /// eviction policy and Belady's optimal, at several cache sizes.
     Cache(crate::bench_cache::CacheArgs),
+    /// GET a cached file through a running `strata gateway` with N streams,
+    /// next to the same GETs from the S3 store behind it and a plain
+    /// loopback TCP stream of the same bytes. Keys from `[gateway]`.
+    Gateway {
+        /// A file under a mount; read as bucket = first path segment.
+        #[arg(long)]
+        path: String,
+        /// The gateway's S3 endpoint.
+        #[arg(long, default_value = "http://127.0.0.1:29998")]
+        endpoint: String,
+        /// Parallel GET streams, each reading one range of the file.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        /// Runs per row; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 #[derive(Clone)]
@@ -239,6 +256,12 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
             rounds,
         } => (path, threads, verify, rounds),
         BenchCmd::Cache(a) => return crate::bench_cache::run(a),
+        BenchCmd::Gateway {
+            path,
+            endpoint,
+            streams,
+            rounds,
+        } => return gateway(cfg, &path, &endpoint, streams, rounds).await,
     };
     // Workers report usage with their heartbeat; wait one out before reading counters.
     let settle = std::time::Duration::from_millis(cfg.worker.heartbeat_interval_ms * 3 / 2 + 100);
@@ -377,5 +400,92 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
         rate(&warm) / rate(&direct),
         100.0 * rate(&warm) / rate(&tcp)
     );
+    Ok(())
+}
+
+/// `strata bench gateway`.
+async fn gateway(
+    cfg: &Config,
+    path: &str,
+    endpoint: &str,
+    streams: usize,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let (ak, sk) = (&cfg.gateway.access_key, &cfg.gateway.secret_key);
+    if ak.is_empty() || sk.is_empty() {
+        bail!(
+            "set gateway.access_key and gateway.secret_key (or STRATA_GATEWAY_ACCESS_KEY/_SECRET_KEY) to the gateway's keys"
+        );
+    }
+    let c = crate::client(cfg)?;
+    let info = c.stat(path).await?;
+    if info.is_dir || info.mount_id == 0 {
+        bail!("{path}: not a file under a mount; the bench compares against the UFS");
+    }
+    let trimmed = path.trim_start_matches('/');
+    let (bucket, key) = trimmed
+        .split_once('/')
+        .with_context(|| format!("{path}: expected /BUCKET/KEY"))?;
+    let uri = format!(
+        "s3://{bucket}?endpoint={endpoint}&access_key_id={ak}&secret_access_key={sk}&region=us-east-1"
+    );
+    let gw = strata_ufs::open(&strata_ufs::UfsUri::parse(&uri, &BTreeMap::new())?)?;
+    let m = c.mount_details(info.mount_id).await?;
+    let opts: BTreeMap<String, String> = m.options.into_iter().collect();
+    let direct = strata_ufs::open(&strata_ufs::UfsUri::parse(&m.ufs_uri, &opts)?)?;
+    c.load(path, |_| {}).await?;
+    let tasks = split(std::slice::from_ref(&info), streams);
+    println!(
+        "bench gateway {path}: {} via {endpoint}, {streams} stream(s), {rounds} round(s); warm (loaded first)",
+        format_size(info.size)
+    );
+    let via = |ufs: strata_ufs::Ufs, key: String| {
+        move |t: Task| {
+            let (ufs, key) = (ufs.clone(), key.clone());
+            async move {
+                let s = ufs.read_stream(&key, t.off..t.off + t.len).await?;
+                anyhow::Ok(s.map(|b| b.map_err(anyhow::Error::from)).boxed())
+            }
+        }
+    };
+    let sample = c
+        .open(path)
+        .await?
+        .read_at(0, (16 << 20).min(info.size))
+        .await?;
+    let (mut g, mut d, mut t) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        g.push(run_tasks(&tasks, streams, false, via(gw.clone(), key.to_string())).await?);
+        d.push(
+            run_tasks(
+                &tasks,
+                streams,
+                false,
+                via(direct.clone(), info.ufs_path.clone()),
+            )
+            .await?,
+        );
+        t.push(loopback_tcp(info.size, streams.max(1), sample.clone(), false).await?);
+    }
+    let (g, d, t) = (median(g), median(d), median(t));
+    let rate = |r: &RunResult| r.bytes as f64 / r.secs.max(1e-9);
+    println!();
+    println!(
+        "{:<34} {:>11} {:>10} {:>15}",
+        "run", "MiB/s", "x store", "% loopback TCP"
+    );
+    for (name, r) in [
+        ("GET through strata gateway", &g),
+        ("GET from the S3 store behind it", &d),
+        ("loopback TCP (baseline)", &t),
+    ] {
+        println!(
+            "{:<34} {:>11.1} {:>10.2} {:>14.1}%",
+            name,
+            rate(r) / (1 << 20) as f64,
+            rate(r) / rate(&d),
+            100.0 * rate(r) / rate(&t)
+        );
+    }
     Ok(())
 }
