@@ -209,3 +209,72 @@ print("same", hashlib.sha256(got).hexdigest() == hashlib.sha256(blob).hexdigest(
     c.sync("/s3").await.unwrap();
     assert_eq!(c.stat("/s3/big.bin").await.unwrap().size, 40 << 20);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_cli_copies_lists_and_reads_ranges() {
+    let has_aws = Command::new("aws")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_aws {
+        eprintln!("SKIPPED: the aws CLI is not installed");
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    mount_gw_bucket(&env);
+    let gw = GatewayProc::start(&env.cluster.master_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(3 << 20, 31);
+    std::fs::write(dir.path().join("in.bin"), &data).unwrap();
+    let aws = |args: &[&str]| {
+        let out = Command::new("aws")
+            .args(["--endpoint-url", &gw.endpoint, "--region", "us-east-1"])
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .env_remove("AWS_CA_BUNDLE")
+            .env_remove("AWS_PROFILE")
+            .env("NO_PROXY", "127.0.0.1")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "aws {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Below the CLI's 8 MiB multipart threshold: one PUT.
+    aws(&["s3", "cp", "in.bin", "s3://gwbucket/cli/in.bin"]);
+    let ls = aws(&["s3", "ls", "s3://gwbucket/cli/"]);
+    assert!(
+        ls.contains("in.bin") && ls.contains(&(3 << 20).to_string()),
+        "{ls}"
+    );
+    aws(&["s3", "cp", "s3://gwbucket/cli/in.bin", "out.bin"]);
+    assert_eq!(std::fs::read(dir.path().join("out.bin")).unwrap(), data);
+    aws(&[
+        "s3api",
+        "get-object",
+        "--bucket",
+        "gwbucket",
+        "--key",
+        "cli/in.bin",
+        "--range",
+        "bytes=100-199",
+        "part.bin",
+    ]);
+    assert_eq!(
+        std::fs::read(dir.path().join("part.bin")).unwrap(),
+        &data[100..200]
+    );
+    aws(&["s3", "rm", "s3://gwbucket/cli/in.bin"]);
+    let c = client(&env.cluster);
+    assert!(
+        c.stat("/gwbucket/cli/in.bin")
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+}
