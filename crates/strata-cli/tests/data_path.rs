@@ -110,3 +110,78 @@ async fn short_circuit_reads_come_from_page_files_and_survive_their_deletion() {
         "refetched once after the deletion"
     );
 }
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// A client that stops reading mid-stream holds only what the socket
+/// buffers hold on the worker; a reset mid-frame costs nothing; other
+/// clients are served all along.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_reader_and_a_reset_mid_frame_do_not_hold_the_worker() {
+    use strata_proto::data::{Message, ReadSpec, Source, write_message};
+    use tokio::io::AsyncWriteExt;
+
+    let env = start(ClusterOptions::default());
+    let size = 64 << 20;
+    let data = pattern(size, 14);
+    s3_put(&s3_client(&env.s3), "big.bin", &data).await;
+    ok(env.cluster.cli(&["fs", "load", "/s3/big.bin"]).unwrap());
+    let c = client(&env.cluster);
+    let info = c.stat("/s3/big.bin").await.unwrap();
+    let pid = env.cluster.pids()[0];
+    let spec = ReadSpec {
+        cache_id: u128::from_str_radix(&info.cache_id, 16).unwrap(),
+        source: Source::Ufs,
+        mount_id: info.mount_id,
+        ufs_path: info.ufs_path.clone(),
+        fingerprint: info.fingerprint.clone(),
+        file_len: info.size,
+        block_size: info.block_size,
+        page_size: info.page_size,
+        offset: 0,
+        len: info.size,
+    };
+    let rss_before = rss_bytes(pid);
+    // Ask for 64 MiB and read nothing.
+    let mut stalled = tokio::net::TcpStream::connect(&env.cluster.worker_addr)
+        .await
+        .unwrap();
+    write_message(&mut stalled, &Message::Read(spec.clone()))
+        .await
+        .unwrap();
+    stalled.flush().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Others are served meanwhile, byte-exact (over TCP and short-circuit).
+    let r = c.open("/s3/big.bin").await.unwrap();
+    let mut s = r.stream(0);
+    let mut got = Vec::with_capacity(size);
+    while let Some(b) = futures::StreamExt::next(&mut s).await {
+        got.extend_from_slice(&b.unwrap());
+    }
+    assert!(got == data, "streamed bytes differ");
+    assert_eq!(&c.read_file("/s3/big.bin").await.unwrap()[..], &data[..]);
+    let grown = rss_bytes(pid).saturating_sub(rss_before);
+    assert!(
+        grown < 32 << 20,
+        "the worker grew by {} MiB while a reader stalled on a 64 MiB read",
+        grown >> 20
+    );
+    drop(stalled);
+    // Half a frame, then the connection goes away.
+    let mut half = tokio::net::TcpStream::connect(&env.cluster.worker_addr)
+        .await
+        .unwrap();
+    let frame = Message::Read(spec).encode();
+    half.write_all(&frame[..frame.len() / 2]).await.unwrap();
+    drop(half);
+    assert_eq!(&c.read_file("/s3/big.bin").await.unwrap()[..], &data[..]);
+    assert_eq!(ufs_bytes_read(&c).await, size as u64, "nothing refetched");
+}

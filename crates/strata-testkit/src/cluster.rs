@@ -192,6 +192,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// Process ids of the server processes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|p| p.id()).collect()
+    }
+
     /// True while every server process is running (none was killed, by us
     /// or by the kernel's OOM killer).
     pub fn alive(&mut self) -> bool {
