@@ -347,8 +347,7 @@ impl Ctx {
 
     /// Stats `path` and registers its inode; returns (ino, attr).
     async fn stat_entry(&self, path: &str, count_lookup: bool) -> Result<(u64, FileAttr), Errno> {
-        let info = self.client.stat(path).await.map_err(|e| to_errno(&e))?;
-        self.meta.put(&info);
+        let info = self.stat_cached(path).await.map_err(|e| to_errno(&e))?;
         let ino = lock(&self.inodes).ino_for(path, count_lookup);
         Ok((ino, self.attr(ino, &info)))
     }
@@ -780,6 +779,9 @@ impl Filesystem for StrataFs {
                     {
                         let mut inodes = lock(&ctx.inodes);
                         for e in list {
+                            // A lookup of a listed name within attr_ttl
+                            // needs no second call to the master.
+                            ctx.meta.put(&e);
                             let child = inodes.ino_for(&e.path, false);
                             let kind = if e.is_dir {
                                 FileType::Directory
