@@ -85,7 +85,9 @@ fn print_tiers(worker: u64, s: &strata_proto::pb::WorkerStats) {
         format_size(s.memory_available_bytes)
     };
     println!(
-        "worker {worker}: memory available {mem}{}; {} pinned files; {} corrupt pages dropped; {} pages expired",
+        "worker {worker}: process RSS {} (peak {}); memory available {mem}{}; {} pinned files; {} corrupt pages dropped; {} pages expired",
+        format_size(s.rss_bytes),
+        format_size(s.peak_rss_bytes),
         if s.memory_pressure {
             " (UNDER PRESSURE: spilling)"
         } else {

@@ -33,6 +33,13 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Random positional reads and sequential page reads of a warm file on
+    /// this host through the SDK (short-circuit and TCP), next to `pread` of
+    /// a local copy and of the worker's page files.
+    Local(crate::bench_local::LocalArgs),
+    /// Many concurrent read streams of mixed-size files (e.g. 10 and 1000)
+    /// with the same total bytes: throughput, failures, worker RSS.
+    Streams(crate::bench_streams::StreamsArgs),
     /// Replay access traces (Zipf, scan + hot set, loop) against every
     /// eviction policy and Belady's optimal, at several cache sizes.
     Cache(crate::bench_cache::CacheArgs),
@@ -256,6 +263,8 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
             rounds,
         } => (path, threads, verify, rounds),
         BenchCmd::Cache(a) => return crate::bench_cache::run(a),
+        BenchCmd::Local(a) => return crate::bench_local::run(cfg, a).await,
+        BenchCmd::Streams(a) => return crate::bench_streams::run(cfg, a).await,
         BenchCmd::Gateway {
             path,
             endpoint,

@@ -26,6 +26,10 @@ pub struct LocalArgs {
     /// Worker cache capacity, e.g. 4GiB.
     #[arg(long, value_name = "SIZE")]
     cache_capacity: Option<String>,
+    /// Also serve S3 (the `[gateway]` section; keys required) on
+    /// gateway.listen, or on HOST:PORT when given.
+    #[arg(long, value_name = "HOST:PORT", num_args = 0..=1, default_missing_value = "")]
+    gateway: Option<String>,
 }
 
 pub async fn run(mut cfg: Config, args: LocalArgs) -> anyhow::Result<()> {
@@ -33,6 +37,7 @@ pub async fn run(mut cfg: Config, args: LocalArgs) -> anyhow::Result<()> {
     if let Some(d) = &args.data_dir {
         cfg.master.data_dir = d.join("master");
         cfg.worker.cache_dir = d.join("worker");
+        cfg.gateway.upload_dir = d.join("gateway-uploads");
     }
     if let Some(a) = &args.master_addr {
         cfg.master.rpc_addr = a.clone();
@@ -89,6 +94,17 @@ pub async fn run(mut cfg: Config, args: LocalArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let gateway = match &args.gateway {
+        Some(listen) => Some(
+            strata_gateway::serve(
+                client.clone(),
+                &cfg.gateway,
+                Some(listen.as_str()).filter(|l| !l.is_empty()),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     println!(
         "strata local is ready in {:.2}s",
         started.elapsed().as_secs_f64()
@@ -101,6 +117,9 @@ pub async fn run(mut cfg: Config, args: LocalArgs) -> anyhow::Result<()> {
         cfg.worker.cache_dir.display(),
         strata_common::size::format_size(cfg.worker.cache_capacity.0)
     );
+    if let Some(g) = &gateway {
+        println!("  S3 gateway:     http://{}", g.addr);
+    }
     for m in client.mounts().await? {
         println!("  mount:          {} -> {}", m.path, m.ufs_uri);
     }
@@ -110,6 +129,9 @@ pub async fn run(mut cfg: Config, args: LocalArgs) -> anyhow::Result<()> {
     );
     crate::wait_for_signal().await;
     println!("stopping");
+    if let Some(g) = gateway {
+        g.stop();
+    }
     worker.stop().await;
     master.stop().await;
     Ok(())

@@ -4,6 +4,8 @@
 mod admin;
 mod bench;
 mod bench_cache;
+mod bench_local;
+mod bench_streams;
 mod fs;
 mod local;
 mod mount;
@@ -102,8 +104,25 @@ async fn wait_for_signal() {
     }
 }
 
+/// Servers and benchmarks hold a socket per client stream and a file per
+/// open page: lift the soft descriptor limit to the hard one.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    raise_fd_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -156,14 +175,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench(c) => bench::run(&cfg, c).await,
         Cmd::Mount(a) => mount::run(&cfg, a).await,
         Cmd::Gateway { listen } => {
-            let listen = listen.unwrap_or_else(|| cfg.gateway.listen.clone());
-            let g = strata_gateway::serve(
-                client(&cfg)?,
-                &listen,
-                &cfg.gateway.access_key,
-                &cfg.gateway.secret_key,
-            )
-            .await?;
+            let g = strata_gateway::serve(client(&cfg)?, &cfg.gateway, listen.as_deref()).await?;
             println!(
                 "strata gateway serving S3 on http://{} (master {})",
                 g.addr, cfg.cluster.master

@@ -84,15 +84,16 @@ impl DataConn {
 pub(crate) struct Pool {
     idle: Mutex<HashMap<String, Vec<DataConn>>>,
     timeout: Duration,
+    /// Idle connections kept per worker; more are closed when returned.
+    max_idle: usize,
 }
 
-const MAX_IDLE_PER_WORKER: usize = 16;
-
 impl Pool {
-    pub fn new(timeout: Duration) -> Self {
+    pub fn new(timeout: Duration, max_idle: usize) -> Self {
         Pool {
             idle: Mutex::new(HashMap::new()),
             timeout,
+            max_idle,
         }
     }
 
@@ -113,7 +114,7 @@ impl Pool {
     pub fn put(&self, c: DataConn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let v = idle.entry(c.addr.clone()).or_default();
-        if v.len() < MAX_IDLE_PER_WORKER {
+        if v.len() < self.max_idle {
             v.push(c);
         }
     }

@@ -33,11 +33,18 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 /// How long a fetched worker list is trusted before asking the master again.
 const WORKER_LIST_TTL: Duration = Duration::from_secs(2);
 
+/// The live workers as last listed by the master, with their placement
+/// weights (kept together so a read does not rebuild them).
+pub(crate) struct LiveWorkers {
+    pub list: Vec<WorkerInfo>,
+    pub cands: Vec<Candidate>,
+}
+
 pub(crate) struct Inner {
     master_addr: String,
     master: MasterClient<Channel>,
     cfg: ClientConfig,
-    workers: Mutex<Option<(Instant, Vec<WorkerInfo>)>>,
+    workers: Mutex<Option<(Instant, Arc<LiveWorkers>)>>,
     pool: conn::Pool,
     pub(crate) short_circuit: short_circuit::ShortCircuit,
 }
@@ -97,9 +104,9 @@ impl Client {
                 master: MasterClient::new(ch)
                     .max_decoding_message_size(256 << 20)
                     .max_encoding_message_size(64 << 20),
+                pool: conn::Pool::new(timeout, cfg.pool_idle_per_worker),
                 cfg,
                 workers: Mutex::new(None),
-                pool: conn::Pool::new(timeout),
                 short_circuit: short_circuit::ShortCircuit::default(),
             }),
         })
@@ -267,7 +274,7 @@ impl Client {
             .map_err(|s| self.status(s))
     }
 
-    pub(crate) async fn live_workers(&self, refresh: bool) -> Result<Vec<WorkerInfo>> {
+    pub(crate) async fn live_workers(&self, refresh: bool) -> Result<Arc<LiveWorkers>> {
         if !refresh
             && let Some((t, w)) = &*self.inner.workers.lock().unwrap_or_else(|p| p.into_inner())
             && t.elapsed() < WORKER_LIST_TTL
@@ -283,6 +290,14 @@ impl Client {
         if live.is_empty() {
             return Err(ClientError::NoWorkers(self.inner.master_addr.clone()));
         }
+        let cands = live
+            .iter()
+            .map(|w| Candidate {
+                id: w.worker_id,
+                weight: w.stats.as_ref().map(|s| s.capacity_bytes).unwrap_or(1),
+            })
+            .collect();
+        let live = Arc::new(LiveWorkers { list: live, cands });
         *self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((Instant::now(), live.clone()));
         Ok(live)
@@ -296,18 +311,12 @@ impl Client {
         refresh: bool,
     ) -> Result<String> {
         let live = self.live_workers(refresh).await?;
-        let cands: Vec<Candidate> = live
-            .iter()
-            .map(|w| Candidate {
-                id: w.worker_id,
-                weight: w.stats.as_ref().map(|s| s.capacity_bytes).unwrap_or(1),
-            })
-            .collect();
-        let id = owners(block_placement_key(cache_id, block), &cands, 1)
+        let id = owners(block_placement_key(cache_id, block), &live.cands, 1)
             .first()
             .copied()
             .ok_or_else(|| ClientError::NoWorkers(self.inner.master_addr.clone()))?;
         Ok(live
+            .list
             .iter()
             .find(|w| w.worker_id == id)
             .map(|w| w.data_addr.clone())
@@ -435,7 +444,7 @@ impl Client {
             let Some(id) = CacheId::from_hex(&f.cache_id) else {
                 continue;
             };
-            for w in &workers {
+            for w in &workers.list {
                 match self
                     .request(
                         &w.data_addr,
@@ -472,7 +481,7 @@ impl Client {
             return 0;
         };
         let mut n = 0;
-        for w in workers {
+        for w in &workers.list {
             if let Ok(Message::End { cached_pages, .. }) = self
                 .request(&w.data_addr, &Message::Free { cache_id: id.0 })
                 .await

@@ -2,6 +2,7 @@
 //! `client.read_ahead_blocks` chunks in parallel ahead of the consumer.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt, TryStreamExt, stream};
@@ -17,6 +18,8 @@ pub struct Reader {
     client: Client,
     info: Arc<FileInfo>,
     cache_id: CacheId,
+    /// Blocks below this index have been scheduled by [`Reader::prewarm`].
+    prewarmed: Arc<AtomicU64>,
 }
 
 enum Want {
@@ -44,6 +47,7 @@ impl Reader {
             client,
             info: Arc::new(info),
             cache_id,
+            prewarmed: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -144,15 +148,37 @@ impl Reader {
     }
 
     /// Short-circuit read of `[off, off+len)` inside one block from the page
-    /// files of a worker on this host; `None` when any page is not
-    /// available that way (the caller reads over the network).
-    async fn read_local(&self, off: u64, len: u64) -> Option<Bytes> {
+    /// files of a worker on this host, done by `read` on the (file, offset,
+    /// length) parts in order; `None` when any page is not available that
+    /// way (the caller reads over the network).
+    async fn read_local<T>(
+        &self,
+        off: u64,
+        len: u64,
+        read: impl FnOnce(&[crate::short_circuit::Part]) -> Option<T>,
+    ) -> Option<T> {
         if !self.client.inner.cfg.short_circuit || len == 0 {
             return None;
         }
         let (block_end, block) = self.block_bounds(off);
         if off + len > block_end {
             return None;
+        }
+        let sc = &self.client.inner.short_circuit;
+        // Fast path: a read inside one page whose file is already open
+        // (the bytes under a page key never change, wherever it is owned).
+        let ps = self.info.page_size.max(1);
+        let in_block = off - block * self.info.block_size;
+        let skip = in_block % ps;
+        if skip + len <= ps {
+            let k = PageKey {
+                cache_id: self.cache_id,
+                block,
+                page: (in_block / ps) as u32,
+            };
+            if let Some(f) = sc.get(&k) {
+                return read(&[(f, skip, len)]);
+            }
         }
         let addr = self.client.owner(self.cache_id, block, false).await.ok()?;
         if !crate::short_circuit::is_local(&addr) {
@@ -163,7 +189,6 @@ impl Reader {
             page_size: self.info.page_size,
         };
         let spans = g.spans(self.info.size, off, len);
-        let sc = &self.client.inner.short_circuit;
         let key = |s: &strata_common::geometry::PageSpan| PageKey {
             cache_id: self.cache_id,
             block: s.block,
@@ -196,13 +221,70 @@ impl Reader {
             .zip(files)
             .map(|(s, f)| f.map(|f| (f, s.skip, s.take)))
             .collect::<Option<_>>()?;
-        crate::short_circuit::read_pages(&parts)
+        read(&parts)
+    }
+
+    /// The page files on this host's worker that hold cached pages of this
+    /// file, in file order, as (file offset of the page, path). Pages not
+    /// cached by a worker on this host are absent. For benchmarks and
+    /// diagnostics: the files may be evicted or moved at any time.
+    pub async fn local_page_files(&self) -> Result<Vec<(u64, String)>> {
+        let ps = self.info.page_size.max(1);
+        let step = ps * strata_proto::data::MAX_LOCATED as u64;
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < self.info.size {
+            let (block_end, block) = self.block_bounds(off);
+            let len = step.min(block_end - off).min(self.info.size - off);
+            let addr = self.client.owner(self.cache_id, block, false).await?;
+            if crate::short_circuit::is_local(&addr) {
+                let spec = Client::read_spec(&self.info, off, len)?;
+                let mut c = self.client.inner.pool.get(&addr).await?;
+                c.send(&Message::Locate(spec)).await?;
+                c.flush().await?;
+                let reply = c.recv().await?;
+                self.client.inner.pool.put(c);
+                if let Message::Located { pages } = reply {
+                    out.extend(
+                        pages
+                            .into_iter()
+                            .map(|p| (p.block * self.info.block_size + p.page as u64 * ps, p.path)),
+                    );
+                }
+            }
+            off += len;
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Reads into `buf` from `off` (clipped to the file); returns the bytes
+    /// read. Short-circuit reads land in `buf` directly with no
+    /// intermediate buffer; network reads are copied in once.
+    pub async fn read_into(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        let n = (buf.len() as u64).min(self.info.size.saturating_sub(off)) as usize;
+        let dst = &mut buf[..n];
+        if self
+            .read_local(off, n as u64, |parts| {
+                crate::short_circuit::read_pages_into(parts, dst)
+            })
+            .await
+            .is_some()
+        {
+            return Ok(n);
+        }
+        let b = self.read_at(off, n as u64).await?;
+        buf[..b.len()].copy_from_slice(&b);
+        Ok(b.len())
     }
 
     /// Reads `len` bytes at `off` (clipped to the file).
     pub async fn read_at(&self, off: u64, len: u64) -> Result<Bytes> {
         let clipped = len.min(self.info.size.saturating_sub(off));
-        if let Some(b) = self.read_local(off, clipped).await {
+        if let Some(b) = self
+            .read_local(off, clipped, crate::short_circuit::read_pages)
+            .await
+        {
             return Ok(b);
         }
         let pieces = self.pieces(off, len);
@@ -225,6 +307,41 @@ impl Reader {
         Ok(out.freeze())
     }
 
+    /// Real-time prewarm: a reader at `off` that will go on sequentially up
+    /// to `until` has the next `client.prewarm_blocks` blocks after its own
+    /// loaded on their owner workers (UFS to cache, nothing sent back), each
+    /// block once per reader. The loads run in the background; a failure
+    /// only means the reader fetches those pages itself later. Does nothing
+    /// outside a Tokio runtime.
+    pub fn prewarm(&self, off: u64, until: u64) {
+        let k = self.client.inner.cfg.prewarm_blocks;
+        let bs = self.info.block_size;
+        let until = until.min(self.info.size);
+        if k == 0 || bs == 0 || off >= until {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (_, block) = self.block_bounds(off);
+        let last = (until - 1) / bs;
+        let upto = (block + 1 + k).min(last + 1);
+        let from = self
+            .prewarmed
+            .fetch_max(upto, Ordering::AcqRel)
+            .max(block + 1);
+        for b in from..upto {
+            let me = self.clone();
+            rt.spawn(async move {
+                let start = b * bs;
+                let len = bs.min(me.info.size - start);
+                if let Err(e) = me.load_range(start, len).await {
+                    tracing::debug!(path = %me.info.path, block = b, "prewarm failed: {e}");
+                }
+            });
+        }
+    }
+
     /// The file from `off` to the end as an ordered stream of chunks, with
     /// up to `client.read_ahead_blocks` requests in flight.
     pub fn stream(&self, off: u64) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
@@ -240,9 +357,11 @@ impl Reader {
         let me = self.clone();
         let pieces = self.pieces(off, len);
         let parallel = self.client.inner.cfg.read_ahead_blocks.max(1);
+        let until = off.saturating_add(len);
         stream::iter(pieces)
             .map(move |(o, l)| {
                 let me = me.clone();
+                me.prewarm(o, until);
                 async move { me.exchange(o, l, Want::Data).await.map(|r| r.0) }
             })
             .buffered(parallel)

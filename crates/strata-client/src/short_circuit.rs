@@ -1,23 +1,49 @@
 //! Short-circuit reads: a client on the same host as a page's worker reads
 //! the cached page file directly instead of over TCP. The worker says which
-//! files hold verified pages (`Locate`); open files are kept (a few hundred)
-//! and dropped when the worker has deleted them (evicted or moved), after
-//! which the page is located again or read over the network.
+//! files hold verified pages (`Locate`); open files are kept (a few
+//! thousand) and dropped once the worker has deleted them (evicted or
+//! moved), after which the page is located again or read over the network.
+//!
+//! A page file's bytes never change under its name (the name carries the
+//! page's checksum and the key carries the object's fingerprint), so a read
+//! from a file the worker has just unlinked still returns the right bytes;
+//! the link count is checked at most once per [`RECHECK`] only so that
+//! kept descriptors do not pin disk space the worker freed.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use strata_common::ids::PageKey;
 
-/// Open page files kept per client.
-const MAX_OPEN: usize = 256;
+/// Open page files kept per client (1 MiB pages: a 4 GiB working set).
+const MAX_OPEN: usize = 4096;
+/// How often a kept file's link count is checked.
+const RECHECK: Duration = Duration::from_secs(1);
 
-#[derive(Default)]
+struct OpenPage {
+    file: Arc<std::fs::File>,
+    /// Milliseconds since `ShortCircuit::epoch` of the last link-count check.
+    checked_ms: AtomicU64,
+}
+
 pub(crate) struct ShortCircuit {
-    files: Mutex<HashMap<PageKey, Arc<std::fs::File>>>,
+    files: Mutex<HashMap<PageKey, Arc<OpenPage>>>,
+    epoch: Instant,
+}
+
+impl Default for ShortCircuit {
+    fn default() -> Self {
+        ShortCircuit {
+            files: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 /// True if a worker at `addr` runs on this host (loopback address).
@@ -31,42 +57,91 @@ pub(crate) fn is_local(addr: &str) -> bool {
 }
 
 impl ShortCircuit {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PageKey, Arc<std::fs::File>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PageKey, Arc<OpenPage>>> {
         self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     /// An open, still-linked file for the page, if known.
     pub(crate) fn get(&self, k: &PageKey) -> Option<Arc<std::fs::File>> {
-        let f = self.lock().get(k).cloned()?;
-        // Deleted by the worker (evicted, moved to another tier): its bytes
-        // are still right, but keeping it would pin freed disk space.
-        if f.metadata().map(|m| m.nlink() == 0).unwrap_or(true) {
-            self.lock().remove(k);
-            return None;
+        let p = self.lock().get(k).cloned()?;
+        let now = self.now_ms();
+        if now.saturating_sub(p.checked_ms.load(Ordering::Relaxed)) >= RECHECK.as_millis() as u64 {
+            // Deleted by the worker (evicted, moved to another tier): its
+            // bytes are still right, but keeping it would pin freed space.
+            if p.file.metadata().map(|m| m.nlink() == 0).unwrap_or(true) {
+                self.lock().remove(k);
+                return None;
+            }
+            p.checked_ms.store(now, Ordering::Relaxed);
         }
-        Some(f)
+        Some(p.file.clone())
     }
 
     pub(crate) fn insert(&self, k: PageKey, path: &str) -> Option<Arc<std::fs::File>> {
-        let f = Arc::new(std::fs::File::open(path).ok()?);
+        let file = Arc::new(std::fs::File::open(path).ok()?);
+        let page = Arc::new(OpenPage {
+            file: file.clone(),
+            checked_ms: AtomicU64::new(self.now_ms()),
+        });
         let mut m = self.lock();
         if m.len() >= MAX_OPEN {
-            m.clear();
+            // Drop an arbitrary eighth (hash order) rather than everything.
+            let victims: Vec<PageKey> = m.keys().take(MAX_OPEN / 8).copied().collect();
+            for v in victims {
+                m.remove(&v);
+            }
         }
-        m.insert(k, f.clone());
-        Some(f)
+        m.insert(k, page);
+        Some(file)
     }
 }
 
-/// Reads `take` bytes at `skip` of each page file, in order.
-pub(crate) fn read_pages(parts: &[(Arc<std::fs::File>, u64, u64)]) -> Option<Bytes> {
-    let total: u64 = parts.iter().map(|p| p.2).sum();
-    let mut out = BytesMut::zeroed(total as usize);
+/// A page file, the offset in it and the bytes to read there.
+pub(crate) type Part = (Arc<std::fs::File>, u64, u64);
+
+/// Reads each part in order into `dst` (exactly their total length).
+pub(crate) fn read_pages_into(parts: &[Part], dst: &mut [u8]) -> Option<()> {
     let mut at = 0usize;
     for (f, skip, take) in parts {
-        let dst = &mut out[at..at + *take as usize];
-        f.read_exact_at(dst, *skip).ok()?;
-        at += *take as usize;
+        let end = at + *take as usize;
+        std::os::unix::fs::FileExt::read_exact_at(&**f, dst.get_mut(at..end)?, *skip).ok()?;
+        at = end;
     }
-    Some(out.freeze())
+    (at == dst.len()).then_some(())
+}
+
+/// Reads `take` bytes at `skip` of each page file, in order, into one
+/// buffer that is not zeroed first.
+pub(crate) fn read_pages(parts: &[Part]) -> Option<Bytes> {
+    let total: u64 = parts.iter().map(|p| p.2).sum();
+    let mut out: Vec<u8> = Vec::with_capacity(total as usize);
+    for (f, skip, take) in parts {
+        let mut done = 0u64;
+        while done < *take {
+            let spare = out.spare_capacity_mut();
+            let want = (*take - done) as usize;
+            debug_assert!(spare.len() >= want);
+            // SAFETY: `spare` has at least `want` writable bytes; pread
+            // writes at most `want` of them and returns how many.
+            let n = unsafe {
+                libc::pread(
+                    f.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    want,
+                    (*skip + done) as libc::off_t,
+                )
+            };
+            if n <= 0 {
+                return None;
+            }
+            // SAFETY: the kernel initialised the first `n` spare bytes.
+            unsafe { out.set_len(out.len() + n as usize) };
+            done += n as u64;
+        }
+    }
+    Some(Bytes::from(out))
 }

@@ -52,10 +52,36 @@ pub struct GatewayConfig {
     /// Address the S3 gateway listens on.
     pub listen: String,
     /// The access key S3 clients sign requests with (SigV4). Required:
-    /// anonymous access is off.
+    /// anonymous access is off. This key may read and write every bucket.
     pub access_key: String,
     /// The secret key that goes with `access_key`.
     pub secret_key: String,
+    /// More access keys, each limited to the buckets it lists.
+    pub keys: Vec<GatewayKey>,
+    /// Base domain for virtual-host-style requests (`BUCKET.DOMAIN`);
+    /// empty: path-style only.
+    pub domain: String,
+    /// Where parts of multipart uploads are kept until completed or aborted.
+    pub upload_dir: PathBuf,
+    /// Bytes per second the gateway sends to all clients together; 0: no limit.
+    pub max_bandwidth: ByteSize,
+    /// Bytes per second each client connection receives at most; 0: no limit.
+    pub conn_bandwidth: ByteSize,
+    /// Requests per second each access key may make; 0: no limit.
+    pub requests_per_sec: u32,
+}
+
+/// An access key of the S3 gateway and the buckets it may use ("*": all).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayKey {
+    pub access_key: String,
+    pub secret_key: String,
+    /// Buckets this key may read (list, head, get).
+    pub read: Vec<String>,
+    /// Buckets this key may write (put, copy into, delete, multipart); a
+    /// writable bucket is also readable.
+    pub write: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -64,6 +90,12 @@ impl Default for GatewayConfig {
             listen: "127.0.0.1:29998".into(),
             access_key: String::new(),
             secret_key: String::new(),
+            keys: Vec::new(),
+            domain: String::new(),
+            upload_dir: PathBuf::from("./strata-data/gateway-uploads"),
+            max_bandwidth: ByteSize(0),
+            conn_bandwidth: ByteSize(0),
+            requests_per_sec: 0,
         }
     }
 }
@@ -348,6 +380,11 @@ pub struct ClientConfig {
     /// Read cached pages straight from the files of a worker on this host
     /// (one on a loopback address) instead of over TCP.
     pub short_circuit: bool,
+    /// Blocks beyond a sequential reader's position that are loaded on
+    /// their owner workers ahead of it (real-time prewarm); 0 turns it off.
+    pub prewarm_blocks: u64,
+    /// Idle data connections kept open per worker for reuse.
+    pub pool_idle_per_worker: usize,
 }
 
 impl Default for ClientConfig {
@@ -357,6 +394,8 @@ impl Default for ClientConfig {
             read_chunk: ByteSize(16 << 20),
             io_timeout_secs: 60,
             short_circuit: true,
+            prewarm_blocks: 4,
+            pool_idle_per_worker: 64,
         }
     }
 }

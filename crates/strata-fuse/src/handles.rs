@@ -50,6 +50,8 @@ impl Window {
         }
         let r = reader.clone();
         let len = WINDOW.min(reader.len() - at);
+        // A sequential reader: load the blocks after this one ahead of it.
+        reader.prewarm(at, reader.len());
         let task = tokio::spawn(async move { r.read_at(at, len).await.map_err(|e| to_errno(&e)) });
         self.next = Some((at, task));
     }

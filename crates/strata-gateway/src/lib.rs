@@ -4,10 +4,15 @@
 //! paths below them. It owns the S3 mapping and error codes; it knows
 //! nothing about workers or pages.
 
+mod access;
 mod listing;
+mod multipart;
+mod throttle;
 
 use std::net::SocketAddr;
-use std::time::{Duration, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -17,7 +22,8 @@ use s3s::auth::SimpleAuth;
 use s3s::dto::*;
 use s3s::service::S3ServiceBuilder;
 use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
-use strata_client::{Client, ClientError, FileInfo, WriteOptions};
+use strata_client::{Client, ClientError, FileInfo, Reader, WriteOptions, Writer};
+use strata_common::config::GatewayConfig;
 use tokio::net::TcpListener;
 
 pub use listing::{Page, page};
@@ -36,12 +42,108 @@ pub enum GatewayError {
 /// The S3 service over a Strata client.
 pub struct Gateway {
     client: Client,
+    uploads: multipart::Uploads,
 }
 
 impl Gateway {
-    pub fn new(client: Client) -> Gateway {
-        Gateway { client }
+    pub fn new(client: Client, upload_dir: PathBuf) -> Gateway {
+        Gateway {
+            client,
+            uploads: multipart::Uploads::new(upload_dir),
+        }
     }
+}
+
+/// Conditional request headers (RFC 7232 as S3 applies them).
+#[derive(Default)]
+struct Conditions<'a> {
+    if_match: Option<&'a ETagCondition>,
+    if_none_match: Option<&'a ETagCondition>,
+    if_modified_since: Option<&'a Timestamp>,
+    if_unmodified_since: Option<&'a Timestamp>,
+}
+
+fn unix_secs(t: &Timestamp) -> i64 {
+    time::OffsetDateTime::from(t.clone()).unix_timestamp()
+}
+
+fn etag_matches(cond: &ETagCondition, info: &FileInfo) -> bool {
+    match cond {
+        ETagCondition::Any => true,
+        ETagCondition::ETag(e) => e.value() == etag(info).value(),
+    }
+}
+
+impl Conditions<'_> {
+    /// `Ok` if the request goes ahead. A failed If-Match or
+    /// If-Unmodified-Since is 412; a matching If-None-Match or an
+    /// unmodified If-Modified-Since is 304 (`not_modified_is_412` turns
+    /// those into 412 too, as for copy sources).
+    fn check(&self, info: &FileInfo, not_modified_is_412: bool) -> S3Result<()> {
+        let mtime = info.mtime_ms.max(0) / 1000;
+        let precondition = || {
+            S3Error::with_message(
+                S3ErrorCode::PreconditionFailed,
+                format!("{}: a precondition does not hold", info.path),
+            )
+        };
+        let not_modified = || {
+            if not_modified_is_412 {
+                precondition()
+            } else {
+                s3_error!(NotModified)
+            }
+        };
+        if let Some(m) = self.if_match
+            && !etag_matches(m, info)
+        {
+            return Err(precondition());
+        }
+        if self.if_match.is_none()
+            && let Some(t) = self.if_unmodified_since
+            && mtime > unix_secs(t)
+        {
+            return Err(precondition());
+        }
+        if let Some(m) = self.if_none_match
+            && etag_matches(m, info)
+        {
+            return Err(not_modified());
+        }
+        if self.if_none_match.is_none()
+            && let Some(t) = self.if_modified_since
+            && mtime <= unix_secs(t)
+        {
+            return Err(not_modified());
+        }
+        Ok(())
+    }
+}
+
+/// A `bytes=a-b` copy-source range against an object of `len` bytes.
+fn copy_range(r: Option<&str>, len: u64) -> S3Result<std::ops::Range<u64>> {
+    let Some(r) = r else { return Ok(0..len) };
+    let bad = || {
+        S3Error::with_message(
+            S3ErrorCode::InvalidArgument,
+            format!("x-amz-copy-source-range {r:?} must be bytes=FIRST-LAST within the object"),
+        )
+    };
+    let (a, b) = r
+        .trim()
+        .strip_prefix("bytes=")
+        .and_then(|x| x.split_once('-'))
+        .ok_or_else(bad)?;
+    let (a, b): (u64, u64) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    if a > b || b >= len {
+        return Err(bad());
+    }
+    Ok(a..b + 1)
+}
+
+/// Keys under these prefixes are never listed (none exist today).
+fn listable(key: &str) -> bool {
+    !key.is_empty()
 }
 
 /// A key or bucket name must be a clean relative path: no `..`, no empty
@@ -128,6 +230,123 @@ impl Gateway {
         }
         Ok(info)
     }
+
+    /// The bucket's objects, sorted by key.
+    async fn objects(&self, bucket: &str) -> S3Result<Vec<(String, FileInfo)>> {
+        let root = ns_path(bucket, None)?;
+        self.check_bucket(bucket).await?;
+        let files = self
+            .client
+            .list_files_recursive(&root)
+            .await
+            .map_err(|e| s3_err(e, true))?;
+        let mut objs: Vec<(String, FileInfo)> = files
+            .into_iter()
+            .filter(|f| !f.is_dir)
+            .filter_map(|f| {
+                let key = f.path.strip_prefix(&format!("{root}/"))?.to_string();
+                listable(&key).then_some((key, f))
+            })
+            .collect();
+        objs.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(objs)
+    }
+
+    /// One page of a bucket listing: objects with their keys, and prefixes.
+    async fn list_page(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        delimiter: Option<&str>,
+        after: Option<&str>,
+        max_keys: usize,
+    ) -> S3Result<(Vec<Object>, Vec<CommonPrefix>, Option<String>)> {
+        let objs = self.objects(bucket).await?;
+        let keys: Vec<String> = objs.iter().map(|(k, _)| k.clone()).collect();
+        let p = page(&keys, prefix, delimiter, after, max_keys);
+        let contents = p
+            .objects
+            .iter()
+            .map(|&i| {
+                let (k, f) = &objs[i];
+                Object {
+                    key: Some(k.clone()),
+                    size: Some(f.size as i64),
+                    e_tag: Some(etag(f)),
+                    last_modified: Some(modified(f)),
+                    storage_class: Some(ObjectStorageClass::from_static(
+                        ObjectStorageClass::STANDARD,
+                    )),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let prefixes = p
+            .common_prefixes
+            .iter()
+            .map(|c| CommonPrefix {
+                prefix: Some(c.clone()),
+            })
+            .collect();
+        Ok((contents, prefixes, p.next))
+    }
+
+    /// Opens the object a copy names, after its conditions.
+    async fn copy_source(&self, src: &CopySource, cond: Conditions<'_>) -> S3Result<Reader> {
+        let CopySource::Bucket {
+            bucket,
+            key,
+            version_id,
+        } = src
+        else {
+            return Err(S3Error::with_message(
+                S3ErrorCode::NotImplemented,
+                "copy sources must be bucket/key (access points are not supported)",
+            ));
+        };
+        if version_id.as_deref().is_some_and(|v| v != "null") {
+            return Err(S3Error::with_message(
+                S3ErrorCode::NoSuchVersion,
+                "the gateway keeps one version of each object (version id \"null\")",
+            ));
+        }
+        let info = self.file(bucket, key).await?;
+        cond.check(&info, true)?;
+        self.client.open_info(info).map_err(|e| s3_err(e, false))
+    }
+
+    /// A writer for `bucket/key` (bucket must exist).
+    async fn create(&self, bucket: &str, key: &str) -> S3Result<(String, Writer)> {
+        self.check_bucket(bucket).await?;
+        let path = ns_path(bucket, Some(key))?;
+        let opts = WriteOptions {
+            overwrite: true,
+            recursive: true,
+            ..Default::default()
+        };
+        let w = self
+            .client
+            .create(&path, opts)
+            .await
+            .map_err(|e| s3_err(e, false))?;
+        Ok((path, w))
+    }
+}
+
+/// Copies `range` of `r` into `w`; aborts `w` on failure.
+async fn copy_into(r: &Reader, range: std::ops::Range<u64>, mut w: Writer) -> S3Result<FileInfo> {
+    let mut s = Box::pin(r.stream_range(range.start, range.end - range.start));
+    while let Some(chunk) = s.next().await {
+        let res = match chunk {
+            Ok(c) => w.write(&c).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = res {
+            w.abort().await;
+            return Err(s3_err(e, false));
+        }
+    }
+    w.close().await.map_err(|e| s3_err(e, false))
 }
 
 #[async_trait::async_trait]
@@ -201,22 +420,6 @@ impl S3 for Gateway {
         req: S3Request<ListObjectsV2Input>,
     ) -> S3Result<S3Response<ListObjectsV2Output>> {
         let input = req.input;
-        let root = ns_path(&input.bucket, None)?;
-        let files = self
-            .client
-            .list_files_recursive(&root)
-            .await
-            .map_err(|e| s3_err(e, true))?;
-        let mut objs: Vec<(String, FileInfo)> = files
-            .into_iter()
-            .filter(|f| !f.is_dir)
-            .filter_map(|f| {
-                let key = f.path.strip_prefix(&format!("{root}/"))?.to_string();
-                Some((key, f))
-            })
-            .collect();
-        objs.sort_by(|a, b| a.0.cmp(&b.0));
-        let keys: Vec<String> = objs.iter().map(|(k, _)| k.clone()).collect();
         let prefix = input.prefix.clone().unwrap_or_default();
         let max_keys = input.max_keys.unwrap_or(1000).clamp(0, 1000) as usize;
         let after = match (
@@ -226,34 +429,15 @@ impl S3 for Gateway {
             (Some(t), Some(s)) => Some(t.max(s).to_string()),
             (t, s) => t.or(s).map(str::to_string),
         };
-        let p = page(
-            &keys,
-            &prefix,
-            input.delimiter.as_deref(),
-            after.as_deref(),
-            max_keys,
-        );
-        let contents: Vec<Object> = p
-            .objects
-            .iter()
-            .map(|&i| {
-                let (k, f) = &objs[i];
-                Object {
-                    key: Some(k.clone()),
-                    size: Some(f.size as i64),
-                    e_tag: Some(etag(f)),
-                    last_modified: Some(modified(f)),
-                    ..Default::default()
-                }
-            })
-            .collect();
-        let prefixes: Vec<CommonPrefix> = p
-            .common_prefixes
-            .iter()
-            .map(|c| CommonPrefix {
-                prefix: Some(c.clone()),
-            })
-            .collect();
+        let (contents, prefixes, next) = self
+            .list_page(
+                &input.bucket,
+                &prefix,
+                input.delimiter.as_deref(),
+                after.as_deref(),
+                max_keys,
+            )
+            .await?;
         Ok(S3Response::new(ListObjectsV2Output {
             name: Some(input.bucket),
             prefix: Some(prefix),
@@ -262,9 +446,83 @@ impl S3 for Gateway {
             key_count: Some((contents.len() + prefixes.len()) as i32),
             continuation_token: input.continuation_token,
             start_after: input.start_after,
-            is_truncated: Some(p.next.is_some()),
-            next_continuation_token: p.next,
+            is_truncated: Some(next.is_some()),
+            next_continuation_token: next,
             contents: Some(contents),
+            common_prefixes: Some(prefixes),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_objects(
+        &self,
+        req: S3Request<ListObjectsInput>,
+    ) -> S3Result<S3Response<ListObjectsOutput>> {
+        let input = req.input;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let max_keys = input.max_keys.unwrap_or(1000).clamp(0, 1000) as usize;
+        let (contents, prefixes, next) = self
+            .list_page(
+                &input.bucket,
+                &prefix,
+                input.delimiter.as_deref(),
+                input.marker.as_deref(),
+                max_keys,
+            )
+            .await?;
+        Ok(S3Response::new(ListObjectsOutput {
+            name: Some(input.bucket),
+            prefix: Some(prefix),
+            delimiter: input.delimiter,
+            marker: input.marker,
+            max_keys: Some(max_keys as i32),
+            is_truncated: Some(next.is_some()),
+            next_marker: next,
+            contents: Some(contents),
+            common_prefixes: Some(prefixes),
+            ..Default::default()
+        }))
+    }
+
+    /// Unversioned: every object is its only version, id "null".
+    async fn list_object_versions(
+        &self,
+        req: S3Request<ListObjectVersionsInput>,
+    ) -> S3Result<S3Response<ListObjectVersionsOutput>> {
+        let input = req.input;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let max_keys = input.max_keys.unwrap_or(1000).clamp(0, 1000) as usize;
+        let (contents, prefixes, next) = self
+            .list_page(
+                &input.bucket,
+                &prefix,
+                input.delimiter.as_deref(),
+                input.key_marker.as_deref(),
+                max_keys,
+            )
+            .await?;
+        let versions = contents
+            .into_iter()
+            .map(|o| ObjectVersion {
+                key: o.key,
+                size: o.size,
+                e_tag: o.e_tag,
+                last_modified: o.last_modified,
+                is_latest: Some(true),
+                version_id: Some("null".into()),
+                ..Default::default()
+            })
+            .collect();
+        Ok(S3Response::new(ListObjectVersionsOutput {
+            name: Some(input.bucket),
+            prefix: Some(prefix),
+            delimiter: input.delimiter,
+            key_marker: input.key_marker,
+            max_keys: Some(max_keys as i32),
+            is_truncated: Some(next.is_some()),
+            next_key_marker: next.clone(),
+            next_version_id_marker: next.map(|_| "null".into()),
+            versions: Some(versions),
             common_prefixes: Some(prefixes),
             ..Default::default()
         }))
@@ -274,7 +532,15 @@ impl S3 for Gateway {
         &self,
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
-        let info = self.file(&req.input.bucket, &req.input.key).await?;
+        let input = &req.input;
+        let info = self.file(&input.bucket, &input.key).await?;
+        Conditions {
+            if_match: input.if_match.as_ref(),
+            if_none_match: input.if_none_match.as_ref(),
+            if_modified_since: input.if_modified_since.as_ref(),
+            if_unmodified_since: input.if_unmodified_since.as_ref(),
+        }
+        .check(&info, false)?;
         Ok(S3Response::new(HeadObjectOutput {
             content_length: Some(info.size as i64),
             e_tag: Some(etag(&info)),
@@ -290,6 +556,13 @@ impl S3 for Gateway {
     ) -> S3Result<S3Response<GetObjectOutput>> {
         let input = req.input;
         let info = self.file(&input.bucket, &input.key).await?;
+        Conditions {
+            if_match: input.if_match.as_ref(),
+            if_none_match: input.if_none_match.as_ref(),
+            if_modified_since: input.if_modified_since.as_ref(),
+            if_unmodified_since: input.if_unmodified_since.as_ref(),
+        }
+        .check(&info, false)?;
         let len = info.size;
         let (range, content_range) = match input.range {
             Some(r) => {
@@ -333,18 +606,8 @@ impl S3 for Gateway {
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let input = req.input;
-        self.check_bucket(&input.bucket).await?;
-        let path = ns_path(&input.bucket, Some(&input.key))?;
-        let opts = WriteOptions {
-            overwrite: true,
-            recursive: true,
-            ..Default::default()
-        };
-        let mut w = self
-            .client
-            .create(&path, opts)
-            .await
-            .map_err(|e| s3_err(e, false))?;
+        let (path, mut w) = self.create(&input.bucket, &input.key).await?;
+        let mut h = <md5::Md5 as md5::Digest>::new();
         if let Some(mut body) = input.body {
             while let Some(chunk) = body.next().await {
                 let chunk: Bytes = match chunk {
@@ -357,15 +620,335 @@ impl S3 for Gateway {
                         ));
                     }
                 };
+                md5::Digest::update(&mut h, &chunk);
                 if let Err(e) = w.write(&chunk).await {
                     w.abort().await;
                     return Err(s3_err(e, false));
                 }
             }
         }
+        // A wrong Content-MD5 leaves nothing behind (the new file is
+        // dropped before it replaces an existing one).
+        if let Err(e) =
+            multipart::check_md5(input.content_md5.as_deref(), &md5::Digest::finalize(h))
+        {
+            w.abort().await;
+            return Err(e);
+        }
         let info = w.close().await.map_err(|e| s3_err(e, false))?;
         Ok(S3Response::new(PutObjectOutput {
             e_tag: Some(etag(&info)),
+            ..Default::default()
+        }))
+    }
+
+    async fn copy_object(
+        &self,
+        req: S3Request<CopyObjectInput>,
+    ) -> S3Result<S3Response<CopyObjectOutput>> {
+        let input = req.input;
+        let r = self
+            .copy_source(
+                &input.copy_source,
+                Conditions {
+                    if_match: input.copy_source_if_match.as_ref(),
+                    if_none_match: input.copy_source_if_none_match.as_ref(),
+                    if_modified_since: input.copy_source_if_modified_since.as_ref(),
+                    if_unmodified_since: input.copy_source_if_unmodified_since.as_ref(),
+                },
+            )
+            .await?;
+        let dst = ns_path(&input.bucket, Some(&input.key))?;
+        let info = if r.info().path == dst {
+            // Copying an object onto itself (to change metadata in S3):
+            // the gateway keeps no metadata, so there is nothing to change.
+            r.info().clone()
+        } else {
+            let (_, w) = self.create(&input.bucket, &input.key).await?;
+            copy_into(&r, 0..r.len(), w).await?
+        };
+        Ok(S3Response::new(CopyObjectOutput {
+            copy_object_result: Some(CopyObjectResult {
+                e_tag: Some(etag(&info)),
+                last_modified: Some(modified(&info)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+
+    async fn delete_objects(
+        &self,
+        req: S3Request<DeleteObjectsInput>,
+    ) -> S3Result<S3Response<DeleteObjectsOutput>> {
+        let input = req.input;
+        self.check_bucket(&input.bucket).await?;
+        if input.delete.objects.len() > 1000 {
+            return Err(S3Error::with_message(
+                S3ErrorCode::MalformedXML,
+                "DeleteObjects takes at most 1000 keys",
+            ));
+        }
+        let quiet = input.delete.quiet.unwrap_or(false);
+        let (mut deleted, mut errors) = (Vec::new(), Vec::new());
+        for o in input.delete.objects {
+            let res = match ns_path(&input.bucket, Some(&o.key)) {
+                Ok(path) => match self.client.delete(&path, false).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.is_not_found() => Ok(()),
+                    Err(e) => Err(s3_err(e, false)),
+                },
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(()) if quiet => {}
+                Ok(()) => deleted.push(DeletedObject {
+                    key: Some(o.key),
+                    ..Default::default()
+                }),
+                Err(e) => errors.push(Error {
+                    code: Some(e.code().as_str().to_string()),
+                    message: e.message().map(str::to_string),
+                    key: Some(o.key),
+                    ..Default::default()
+                }),
+            }
+        }
+        Ok(S3Response::new(DeleteObjectsOutput {
+            deleted: Some(deleted),
+            errors: Some(errors),
+            ..Default::default()
+        }))
+    }
+
+    async fn create_multipart_upload(
+        &self,
+        req: S3Request<CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+        let input = req.input;
+        self.check_bucket(&input.bucket).await?;
+        ns_path(&input.bucket, Some(&input.key))?;
+        let id = self.uploads.create(&input.bucket, &input.key).await?;
+        Ok(S3Response::new(CreateMultipartUploadOutput {
+            bucket: Some(input.bucket),
+            key: Some(input.key),
+            upload_id: Some(id),
+            ..Default::default()
+        }))
+    }
+
+    async fn upload_part(
+        &self,
+        req: S3Request<UploadPartInput>,
+    ) -> S3Result<S3Response<UploadPartOutput>> {
+        let input = req.input;
+        let dir = self
+            .uploads
+            .open(&input.bucket, &input.key, &input.upload_id)
+            .await?;
+        let body = input.body.ok_or_else(|| {
+            S3Error::with_message(S3ErrorCode::IncompleteBody, "part has no body")
+        })?;
+        let md5 = self
+            .uploads
+            .write_part(&dir, input.part_number, body, input.content_md5.as_deref())
+            .await?;
+        Ok(S3Response::new(UploadPartOutput {
+            e_tag: Some(ETag::Strong(md5)),
+            ..Default::default()
+        }))
+    }
+
+    async fn upload_part_copy(
+        &self,
+        req: S3Request<UploadPartCopyInput>,
+    ) -> S3Result<S3Response<UploadPartCopyOutput>> {
+        let input = req.input;
+        let dir = self
+            .uploads
+            .open(&input.bucket, &input.key, &input.upload_id)
+            .await?;
+        let r = self
+            .copy_source(
+                &input.copy_source,
+                Conditions {
+                    if_match: input.copy_source_if_match.as_ref(),
+                    if_none_match: input.copy_source_if_none_match.as_ref(),
+                    if_modified_since: input.copy_source_if_modified_since.as_ref(),
+                    if_unmodified_since: input.copy_source_if_unmodified_since.as_ref(),
+                },
+            )
+            .await?;
+        let range = copy_range(input.copy_source_range.as_deref(), r.len())?;
+        let body = Box::pin(r.stream_range(range.start, range.end - range.start));
+        let md5 = self
+            .uploads
+            .write_part(&dir, input.part_number, body, None)
+            .await?;
+        Ok(S3Response::new(UploadPartCopyOutput {
+            copy_part_result: Some(CopyPartResult {
+                e_tag: Some(ETag::Strong(md5)),
+                last_modified: Some(Timestamp::from(SystemTime::now())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        req: S3Request<CompleteMultipartUploadInput>,
+    ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+        let input = req.input;
+        let dir = self
+            .uploads
+            .open(&input.bucket, &input.key, &input.upload_id)
+            .await?;
+        let wanted: Vec<(i32, Option<String>)> = input
+            .multipart_upload
+            .and_then(|m| m.parts)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                (
+                    p.part_number.unwrap_or(0),
+                    p.e_tag.map(|e| e.value().to_string()),
+                )
+            })
+            .collect();
+        let stored = self.uploads.parts(&dir).await?;
+        let parts = multipart::select_parts(&stored, &wanted)?;
+        let (path, mut w) = self.create(&input.bucket, &input.key).await?;
+        for p in &parts {
+            let res = async {
+                let mut f = tokio::fs::File::open(&p.path).await?;
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = tokio::io::AsyncReadExt::read(&mut f, &mut buf).await?;
+                    if n == 0 {
+                        return Ok::<(), std::io::Error>(());
+                    }
+                    w.write(&buf[..n]).await.map_err(std::io::Error::other)?;
+                }
+            }
+            .await;
+            if let Err(e) = res {
+                w.abort().await;
+                return Err(S3Error::with_message(
+                    S3ErrorCode::InternalError,
+                    format!("assembling {path} from part {}: {e}", p.number),
+                ));
+            }
+        }
+        let info = w.close().await.map_err(|e| s3_err(e, false))?;
+        self.uploads.remove(&dir).await;
+        Ok(S3Response::new(CompleteMultipartUploadOutput {
+            bucket: Some(input.bucket),
+            key: Some(input.key),
+            e_tag: Some(etag(&info)),
+            ..Default::default()
+        }))
+    }
+
+    async fn abort_multipart_upload(
+        &self,
+        req: S3Request<AbortMultipartUploadInput>,
+    ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
+        let input = req.input;
+        let dir = self
+            .uploads
+            .open(&input.bucket, &input.key, &input.upload_id)
+            .await?;
+        self.uploads.remove(&dir).await;
+        Ok(S3Response::new(AbortMultipartUploadOutput::default()))
+    }
+
+    async fn list_parts(
+        &self,
+        req: S3Request<ListPartsInput>,
+    ) -> S3Result<S3Response<ListPartsOutput>> {
+        let input = req.input;
+        let dir = self
+            .uploads
+            .open(&input.bucket, &input.key, &input.upload_id)
+            .await?;
+        let max = input.max_parts.unwrap_or(1000).clamp(1, 1000) as usize;
+        let marker = input.part_number_marker.unwrap_or(0);
+        let all: Vec<_> = self
+            .uploads
+            .parts(&dir)
+            .await?
+            .into_iter()
+            .filter(|p| p.number > marker)
+            .collect();
+        let truncated = all.len() > max;
+        let page = &all[..all.len().min(max)];
+        let next = truncated.then(|| page.last().map(|p| p.number)).flatten();
+        let parts = page
+            .iter()
+            .map(|p| Part {
+                part_number: Some(p.number),
+                size: Some(p.size as i64),
+                e_tag: Some(ETag::Strong(p.md5.clone())),
+                last_modified: Some(Timestamp::from(p.modified)),
+                ..Default::default()
+            })
+            .collect();
+        Ok(S3Response::new(ListPartsOutput {
+            bucket: Some(input.bucket),
+            key: Some(input.key),
+            upload_id: Some(input.upload_id),
+            max_parts: Some(max as i32),
+            part_number_marker: input.part_number_marker,
+            is_truncated: Some(truncated),
+            next_part_number_marker: next,
+            parts: Some(parts),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        req: S3Request<ListMultipartUploadsInput>,
+    ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
+        let input = req.input;
+        self.check_bucket(&input.bucket).await?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let max = input.max_uploads.unwrap_or(1000).clamp(1, 1000) as usize;
+        let after = (
+            input.key_marker.clone().unwrap_or_default(),
+            input.upload_id_marker.clone().unwrap_or_default(),
+        );
+        let all: Vec<_> = self
+            .uploads
+            .list(&input.bucket)
+            .await
+            .into_iter()
+            .filter(|u| u.key.starts_with(&prefix))
+            .filter(|u| (u.key.clone(), u.id.clone()) > after)
+            .collect();
+        let truncated = all.len() > max;
+        let page = &all[..all.len().min(max)];
+        let uploads = page
+            .iter()
+            .map(|u| MultipartUpload {
+                key: Some(u.key.clone()),
+                upload_id: Some(u.id.clone()),
+                initiated: Some(Timestamp::from(u.initiated)),
+                ..Default::default()
+            })
+            .collect();
+        let last = page.last().filter(|_| truncated);
+        Ok(S3Response::new(ListMultipartUploadsOutput {
+            bucket: Some(input.bucket),
+            prefix: Some(prefix),
+            key_marker: input.key_marker,
+            upload_id_marker: input.upload_id_marker,
+            max_uploads: Some(max as i32),
+            is_truncated: Some(truncated),
+            next_key_marker: last.map(|u| u.key.clone()),
+            next_upload_id_marker: last.map(|u| u.id.clone()),
+            uploads: Some(uploads),
             ..Default::default()
         }))
     }
@@ -396,18 +979,31 @@ impl GatewayHandle {
     }
 }
 
-/// Serves S3 on `listen` with SigV4 checked against one access key.
+/// Serves S3 on `listen` (default `cfg.listen`) with SigV4 checked against
+/// the configured access keys, their bucket permissions and rate limits.
 pub async fn serve(
     client: Client,
-    listen: &str,
-    access_key: &str,
-    secret_key: &str,
+    cfg: &GatewayConfig,
+    listen: Option<&str>,
 ) -> Result<GatewayHandle, GatewayError> {
-    if access_key.is_empty() || secret_key.is_empty() {
+    let listen = listen.unwrap_or(&cfg.listen);
+    if cfg.access_key.is_empty() || cfg.secret_key.is_empty() {
         return Err(GatewayError::NoKeys);
     }
-    let mut b = S3ServiceBuilder::new(Gateway::new(client));
-    b.set_auth(SimpleAuth::from_single(access_key, secret_key));
+    let mut b = S3ServiceBuilder::new(Gateway::new(client, cfg.upload_dir.clone()));
+    let mut auth = SimpleAuth::from_single(cfg.access_key.as_str(), cfg.secret_key.as_str());
+    for k in &cfg.keys {
+        auth.register(k.access_key.clone(), k.secret_key.as_str().into());
+    }
+    b.set_auth(auth);
+    b.set_access(access::Access::new(
+        &cfg.access_key,
+        &cfg.keys,
+        cfg.requests_per_sec,
+    ));
+    if !cfg.domain.is_empty() {
+        b.set_host(access::Domain(cfg.domain.clone()));
+    }
     let service = b.build();
     let listener = TcpListener::bind(listen)
         .await
@@ -419,6 +1015,9 @@ pub async fn serve(
         addr: listen.to_string(),
         err,
     })?;
+    let global =
+        (cfg.max_bandwidth.0 > 0).then(|| Arc::new(throttle::Bucket::new(cfg.max_bandwidth.0)));
+    let per_conn = (cfg.conn_bandwidth.0 > 0).then_some(cfg.conn_bandwidth.0);
     let task = tokio::spawn(async move {
         let http = ConnBuilder::new(TokioExecutor::new());
         loop {
@@ -427,8 +1026,9 @@ pub async fn serve(
                 continue;
             };
             let _ = sock.set_nodelay(true);
+            let io = throttle::Throttled::new(sock, global.clone(), per_conn);
             let conn = http
-                .serve_connection(TokioIo::new(sock), service.clone())
+                .serve_connection(TokioIo::new(io), service.clone())
                 .into_owned();
             tokio::spawn(async move {
                 let _ = conn.await;

@@ -538,8 +538,9 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, Fr
     read_message_buf(r, &mut BytesMut::new()).await
 }
 
-/// Chunk a connection's receive buffer grows by.
-const RECV_CHUNK: usize = 8 << 20;
+/// A connection's receive buffer grows in steps of this size (a few pages'
+/// frames); with many connections per client it bounds the memory each holds.
+const RECV_CHUNK: usize = 2 << 20;
 
 /// Like [`read_message`], reading payloads into `scratch`. Frames are split
 /// off the front of `scratch`, so once the caller drops them the same memory

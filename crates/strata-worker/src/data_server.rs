@@ -36,6 +36,8 @@ enum PageData {
 pub const MAX_READ: u64 = 1 << 30;
 /// Pages a hit-only read keeps in flight (file reads overlap socket writes).
 const HIT_PIPELINE: usize = 4;
+/// Spans up to this size are copied into the reply instead of `sendfile`d.
+const SMALL_COPY: u64 = 64 << 10;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
@@ -46,7 +48,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
                     let shared = shared.clone();
                     tokio::spawn(async move {
                         let (rd, wr) = sock.into_split();
-                        let mut rd = BufReader::with_capacity(256 << 10, rd);
+                        // Frames larger than the buffer are read past it.
+                        let mut rd = BufReader::with_capacity(32 << 10, rd);
                         let mut wr = BufWriter::with_capacity(64 << 10, wr);
                         if let Err(e) = handle_conn(&shared, &mut rd, &mut wr).await {
                             tracing::debug!(%peer, error = %e, "data connection ended");
@@ -318,6 +321,15 @@ async fn read_range<W: AsyncWrite + Unpin + AsSocket>(
             let sent = match data {
                 PageData::Mem(b) => {
                     write_data(w, &b[span.skip as usize..(span.skip + span.take) as usize]).await
+                }
+                // Small reads: one copy into the buffered frame, so the data
+                // and the `End` that follows leave in one packet.
+                PageData::File(f) if span.take <= SMALL_COPY => {
+                    let mut buf = vec![0u8; span.take as usize];
+                    match std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, span.skip) {
+                        Ok(()) => write_data(w, &buf).await,
+                        Err(e) => Err(e),
+                    }
                 }
                 PageData::File(f) => send_file_frame(w, &f, span.skip, span.take).await,
                 PageData::Present => Err(std::io::Error::other("page data missing")),

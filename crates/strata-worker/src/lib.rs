@@ -53,6 +53,7 @@ impl Shared {
     pub fn stats(&self) -> pb::WorkerStats {
         let u = self.store.usage();
         let s = self.store.stats();
+        let (rss, peak_rss) = memory::process_rss();
         pb::WorkerStats {
             capacity_bytes: u.capacity,
             used_bytes: u.used,
@@ -70,6 +71,8 @@ impl Shared {
             memory_available_bytes: self.store.memory_available(),
             memory_pressure: self.store.memory_pressure(),
             pinned_files: self.store.pinned_files(),
+            rss_bytes: rss,
+            peak_rss_bytes: peak_rss,
         }
     }
 }

@@ -38,6 +38,17 @@ fn host_available() -> Option<u64> {
     meminfo_field(&text, "MemAvailable:")
 }
 
+/// This process's resident set and its peak (VmRSS, VmHWM), in bytes.
+pub fn process_rss() -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string("/proc/self/status") else {
+        return (0, 0);
+    };
+    (
+        meminfo_field(&text, "VmRSS:").unwrap_or(0),
+        meminfo_field(&text, "VmHWM:").unwrap_or(0),
+    )
+}
+
 fn meminfo_field(text: &str, key: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line[key.len()..]

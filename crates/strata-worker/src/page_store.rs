@@ -958,10 +958,15 @@ impl PageStore {
                 self.inner.stats.misses.fetch_add(1, Ordering::Relaxed);
                 return None;
             };
-            let opened =
+            // A verified page needs an open and an fstat, cheap enough to do
+            // here; checking a page's crc reads it whole, off the runtime.
+            let opened = if verified {
+                open_checked(&path, size, crc, verified)
+            } else {
                 tokio::task::spawn_blocking(move || open_checked(&path, size, crc, verified))
                     .await
-                    .unwrap_or_else(|e| Err(OpenError::Io(std::io::Error::other(e.to_string()))));
+                    .unwrap_or_else(|e| Err(OpenError::Io(std::io::Error::other(e.to_string()))))
+            };
             match opened {
                 Ok((f, len, checked)) => {
                     if checked {
@@ -1465,7 +1470,6 @@ fn open_checked(
     crc: u32,
     verified: bool,
 ) -> Result<(std::fs::File, u64, bool), OpenError> {
-    use std::os::fd::AsRawFd;
     let mut f = std::fs::File::open(path).map_err(OpenError::Io)?;
     let len = f.metadata().map_err(OpenError::Io)?.len();
     if len != size {
@@ -1478,16 +1482,6 @@ fn open_checked(
             return Err(OpenError::Corrupt);
         }
         f.seek(std::io::SeekFrom::Start(0)).map_err(OpenError::Io)?;
-    } else {
-        // SAFETY: plain syscall on a descriptor we own; failure is harmless.
-        unsafe {
-            libc::posix_fadvise(
-                f.as_raw_fd(),
-                0,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            );
-        }
     }
     Ok((f, len, !verified))
 }
