@@ -25,12 +25,26 @@ fn mount_gw_bucket(env: &Env) {
 struct GatewayProc {
     child: Child,
     endpoint: String,
+    /// Config file and multipart staging; removed with the gateway.
+    _dir: tempfile::TempDir,
 }
 
 impl GatewayProc {
     fn start(master: &str) -> GatewayProc {
+        Self::start_with(master, "")
+    }
+
+    /// A gateway with `config` (TOML, e.g. a `[gateway]` section) on top of
+    /// the test keys.
+    fn start_with(master: &str, config: &str) -> GatewayProc {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let cfg = dir.join("strata.toml");
+        std::fs::write(&cfg, config).unwrap();
         let mut child = Command::new(strata_bin())
             .args(["--master", master, "gateway", "--listen", "127.0.0.1:0"])
+            .env("STRATA_CONFIG", &cfg)
+            .env("STRATA_GATEWAY_UPLOAD_DIR", dir.join("uploads"))
             .env("STRATA_GATEWAY_ACCESS_KEY", KEY)
             .env("STRATA_GATEWAY_SECRET_KEY", SECRET)
             .env("STRATA_LOG", "warn")
@@ -45,7 +59,11 @@ impl GatewayProc {
             .find(|w| w.starts_with("http://"))
             .unwrap_or_else(|| panic!("no endpoint in {line:?}"))
             .to_string();
-        GatewayProc { child, endpoint }
+        GatewayProc {
+            child,
+            endpoint,
+            _dir: tmp,
+        }
     }
 }
 
@@ -277,4 +295,219 @@ async fn aws_cli_copies_lists_and_reads_ranges() {
             .unwrap_err()
             .is_not_found()
     );
+}
+
+/// Multipart uploads (with UploadPartCopy, ListParts, ListMultipartUploads,
+/// abort and bad completions), CopyObject, conditional GETs, Content-MD5,
+/// DeleteObjects, ListObjects v1 and ListObjectVersions through boto3.
+#[tokio::test(flavor = "multi_thread")]
+async fn boto3_multipart_copy_conditions_and_batch_delete() {
+    if !python_has_boto3() {
+        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    mount_gw_bucket(&env);
+    let gw = GatewayProc::start(&env.cluster.master_addr);
+    let out = boto3(
+        &gw.endpoint,
+        r#"
+import hashlib, os, datetime, base64
+B = "gwbucket"
+p1, p2 = os.urandom(5 << 20), os.urandom(1 << 20)
+mp = s3.create_multipart_upload(Bucket=B, Key="mp/obj.bin")
+uid = mp["UploadId"]
+e1 = s3.upload_part(Bucket=B, Key="mp/obj.bin", UploadId=uid, PartNumber=1, Body=p1)["ETag"]
+e2 = s3.upload_part(Bucket=B, Key="mp/obj.bin", UploadId=uid, PartNumber=2, Body=p2)["ETag"]
+print("etag1", e1.strip('"') == hashlib.md5(p1).hexdigest())
+print("parts", [(p["PartNumber"], p["Size"]) for p in s3.list_parts(Bucket=B, Key="mp/obj.bin", UploadId=uid)["Parts"]])
+print("uploads", [(u["Key"], u["UploadId"] == uid) for u in s3.list_multipart_uploads(Bucket=B).get("Uploads", [])])
+print("hidden", [o["Key"] for o in s3.list_objects_v2(Bucket=B).get("Contents", [])])
+print("badetag", code(lambda: s3.complete_multipart_upload(Bucket=B, Key="mp/obj.bin", UploadId=uid,
+    MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": '"00000000000000000000000000000000"'}]})))
+print("order", code(lambda: s3.complete_multipart_upload(Bucket=B, Key="mp/obj.bin", UploadId=uid,
+    MultipartUpload={"Parts": [{"PartNumber": 2, "ETag": e2}, {"PartNumber": 1, "ETag": e1}]})))
+s3.complete_multipart_upload(Bucket=B, Key="mp/obj.bin", UploadId=uid,
+    MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": e1}, {"PartNumber": 2, "ETag": e2}]})
+got = s3.get_object(Bucket=B, Key="mp/obj.bin")["Body"].read()
+print("assembled", got == p1 + p2)
+print("gone", code(lambda: s3.list_parts(Bucket=B, Key="mp/obj.bin", UploadId=uid)))
+# Small parts other than the last are refused; abort removes an upload.
+u2 = s3.create_multipart_upload(Bucket=B, Key="mp/small.bin")["UploadId"]
+a = s3.upload_part(Bucket=B, Key="mp/small.bin", UploadId=u2, PartNumber=1, Body=b"a")["ETag"]
+b = s3.upload_part(Bucket=B, Key="mp/small.bin", UploadId=u2, PartNumber=2, Body=b"b")["ETag"]
+print("small", code(lambda: s3.complete_multipart_upload(Bucket=B, Key="mp/small.bin", UploadId=u2,
+    MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": a}, {"PartNumber": 2, "ETag": b}]})))
+s3.abort_multipart_upload(Bucket=B, Key="mp/small.bin", UploadId=u2)
+print("aborted", code(lambda: s3.upload_part(Bucket=B, Key="mp/small.bin", UploadId=u2, PartNumber=3, Body=b"c")))
+print("nosmall", code(lambda: s3.head_object(Bucket=B, Key="mp/small.bin")))
+# UploadPartCopy of a range of the assembled object.
+u3 = s3.create_multipart_upload(Bucket=B, Key="mp/copy.bin")["UploadId"]
+c1 = s3.upload_part_copy(Bucket=B, Key="mp/copy.bin", UploadId=u3, PartNumber=1,
+    CopySource={"Bucket": B, "Key": "mp/obj.bin"}, CopySourceRange="bytes=100-199")["CopyPartResult"]["ETag"]
+s3.complete_multipart_upload(Bucket=B, Key="mp/copy.bin", UploadId=u3, MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": c1}]})
+print("partcopy", s3.get_object(Bucket=B, Key="mp/copy.bin")["Body"].read() == got[100:200])
+# CopyObject, and its source conditions.
+s3.copy_object(Bucket=B, Key="copies/obj.bin", CopySource={"Bucket": B, "Key": "mp/obj.bin"})
+print("copied", s3.get_object(Bucket=B, Key="copies/obj.bin")["Body"].read() == got)
+print("copyif", code(lambda: s3.copy_object(Bucket=B, Key="copies/x", CopySource={"Bucket": B, "Key": "mp/obj.bin"}, CopySourceIfMatch='"nope"')))
+print("copymissing", code(lambda: s3.copy_object(Bucket=B, Key="copies/y", CopySource={"Bucket": B, "Key": "nothing"})))
+# Conditional GETs.
+etag = s3.head_object(Bucket=B, Key="mp/obj.bin")["ETag"]
+future = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
+past = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+print("ifmatch", code(lambda: s3.get_object(Bucket=B, Key="mp/obj.bin", IfMatch=etag)))
+print("ifmatchbad", code(lambda: s3.get_object(Bucket=B, Key="mp/obj.bin", IfMatch='"other"')))
+print("ifnonematch", code(lambda: s3.get_object(Bucket=B, Key="mp/obj.bin", IfNoneMatch=etag)))
+print("ifmodified", code(lambda: s3.get_object(Bucket=B, Key="mp/obj.bin", IfModifiedSince=future)))
+print("ifmodifiedpast", code(lambda: s3.get_object(Bucket=B, Key="mp/obj.bin", IfModifiedSince=past)))
+print("ifunmodified", code(lambda: s3.head_object(Bucket=B, Key="mp/obj.bin", IfUnmodifiedSince=past)))
+print("stable", s3.head_object(Bucket=B, Key="mp/obj.bin")["ETag"] == etag)
+# Content-MD5: right is accepted, wrong is refused and writes nothing.
+body = b"checked body"
+md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+print("md5ok", code(lambda: s3.put_object(Bucket=B, Key="md5/ok", Body=body, ContentMD5=md5)))
+print("md5bad", code(lambda: s3.put_object(Bucket=B, Key="md5/bad", Body=body, ContentMD5=base64.b64encode(b"0" * 16).decode())))
+print("md5none", code(lambda: s3.head_object(Bucket=B, Key="md5/bad")))
+# ListObjects v1 with a marker, ListObjectVersions, DeleteObjects.
+r = s3.list_objects(Bucket=B, Prefix="mp/", MaxKeys=1)
+r2 = s3.list_objects(Bucket=B, Prefix="mp/", Marker=r["Contents"][-1]["Key"])
+print("v1", r["IsTruncated"], [o["Key"] for o in r["Contents"]] + [o["Key"] for o in r2["Contents"]])
+v = s3.list_object_versions(Bucket=B, Prefix="copies/")
+print("versions", [(x["Key"], x["VersionId"], x["IsLatest"]) for x in v["Versions"]])
+d = s3.delete_objects(Bucket=B, Delete={"Objects": [{"Key": "mp/copy.bin"}, {"Key": "copies/obj.bin"}, {"Key": "never"}]})
+print("deleted", sorted(x["Key"] for x in d.get("Deleted", [])), d.get("Errors", []))
+print("left", [o["Key"] for o in s3.list_objects_v2(Bucket=B).get("Contents", [])])
+"#,
+    );
+    let line = |p: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(p))
+            .unwrap_or_else(|| panic!("no {p:?} in {out}"))
+            .to_string()
+    };
+    for (k, v) in [
+        ("etag1", "True"),
+        ("parts", &format!("[(1, {}), (2, {})]", 5 << 20, 1 << 20)),
+        ("uploads", "[('mp/obj.bin', True)]"),
+        ("hidden", "[]"),
+        ("badetag", "InvalidPart"),
+        ("order", "InvalidPartOrder"),
+        ("assembled", "True"),
+        ("gone", "NoSuchUpload"),
+        ("small", "EntityTooSmall"),
+        ("aborted", "NoSuchUpload"),
+        ("nosmall", "404"),
+        ("partcopy", "True"),
+        ("copied", "True"),
+        ("copyif", "PreconditionFailed"),
+        ("copymissing", "NoSuchKey"),
+        ("ifmatch", "ok"),
+        ("ifmatchbad", "PreconditionFailed"),
+        ("ifnonematch", "304"),
+        ("ifmodified", "304"),
+        ("ifmodifiedpast", "ok"),
+        ("ifunmodified", "412"),
+        ("stable", "True"),
+        ("md5ok", "ok"),
+        ("md5bad", "BadDigest"),
+        ("md5none", "404"),
+        ("v1", "True ['mp/copy.bin', 'mp/obj.bin']"),
+        ("versions", "[('copies/obj.bin', 'null', True)]"),
+        ("deleted", "['copies/obj.bin', 'mp/copy.bin', 'never'] []"),
+        ("left", "['md5/ok', 'mp/obj.bin']"),
+    ] {
+        assert_eq!(line(k), format!("{k} {v}"), "{out}");
+    }
+}
+
+/// Restricted keys see only their buckets; a key over its request rate
+/// gets SlowDown; bandwidth limits hold per connection and in total.
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_permissions_rate_and_bandwidth_limits() {
+    if !python_has_boto3() {
+        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    mount_gw_bucket(&env);
+    let c = client(&env.cluster);
+    c.mkdir("/scratch", false).await.unwrap();
+    let gw = GatewayProc::start_with(
+        &env.cluster.master_addr,
+        r#"
+[gateway]
+conn_bandwidth = "4MiB"
+max_bandwidth = "6MiB"
+requests_per_sec = 10
+
+[[gateway.keys]]
+access_key = "reader"
+secret_key = "reader-secret"
+read = ["gwbucket"]
+write = []
+"#,
+    );
+    let out = boto3(
+        &gw.endpoint,
+        r#"
+import os, time, threading
+B = "gwbucket"
+ro = boto3.client("s3", endpoint_url=s3.meta.endpoint_url, aws_access_key_id="reader",
+                  aws_secret_access_key="reader-secret", region_name="us-east-1", config=cfg)
+s3.put_object(Bucket=B, Key="blob", Body=os.urandom(8 << 20))
+print("roget", code(lambda: ro.head_object(Bucket=B, Key="blob")))
+print("roput", code(lambda: ro.put_object(Bucket=B, Key="x", Body=b"x")))
+print("rodel", code(lambda: ro.delete_object(Bucket=B, Key="blob")))
+print("roother", code(lambda: ro.list_objects_v2(Bucket="scratch")))
+print("rocopy", code(lambda: ro.copy_object(Bucket=B, Key="c", CopySource={"Bucket": B, "Key": "blob"})))
+# One connection held to 4 MiB/s: 8 MiB take at least ~1.8 s.
+t = time.time(); n = len(s3.get_object(Bucket=B, Key="blob")["Body"].read()); dt = time.time() - t
+print("conn_rate", n, round(n / dt / (1 << 20), 2))
+# Three connections at once, 6 MiB/s in total.
+sess = [boto3.client("s3", endpoint_url=s3.meta.endpoint_url, aws_access_key_id=s3._request_signer._credentials.access_key,
+        aws_secret_access_key=s3._request_signer._credentials.secret_key, region_name="us-east-1", config=cfg) for _ in range(3)]
+got = [0, 0, 0]
+def get(i):
+    got[i] = len(sess[i].get_object(Bucket=B, Key="blob")["Body"].read())
+ths = [threading.Thread(target=get, args=(i,)) for i in range(3)]
+t = time.time()
+[x.start() for x in ths]; [x.join() for x in ths]
+dt = time.time() - t
+print("total_rate", sum(got), round(sum(got) / dt / (1 << 20), 2))
+# 100 requests as fast as possible against 10/s: some are refused.
+codes = [code(lambda: s3.list_objects_v2(Bucket=B, MaxKeys=1)) for _ in range(100)]
+print("slowdown", codes.count("SlowDown") > 0, codes.count("ok") > 0, sorted(set(codes)))
+time.sleep(1.2)
+print("recovered", code(lambda: s3.head_object(Bucket=B, Key="blob")))
+"#,
+    );
+    let line = |p: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(p))
+            .unwrap_or_else(|| panic!("no {p:?} in {out}"))
+            .to_string()
+    };
+    assert_eq!(line("roget"), "roget ok", "{out}");
+    assert_eq!(line("roput"), "roput AccessDenied", "{out}");
+    assert_eq!(line("rodel"), "rodel AccessDenied", "{out}");
+    assert_eq!(line("roother"), "roother AccessDenied", "{out}");
+    assert_eq!(line("rocopy"), "rocopy AccessDenied", "{out}");
+    // Limits are upper bounds: the transfer must not beat them by > 10 %.
+    let rate = |l: String| -> (u64, f64) {
+        let v: Vec<&str> = l.split_whitespace().collect();
+        (v[1].parse().unwrap(), v[2].parse().unwrap())
+    };
+    let (n, r) = rate(line("conn_rate"));
+    assert_eq!(n, 8 << 20);
+    assert!(r <= 4.0 * 1.1, "one connection ran at {r} MiB/s over a 4 MiB/s limit");
+    let (n, r) = rate(line("total_rate"));
+    assert_eq!(n, 3 * (8 << 20));
+    assert!(r <= 6.0 * 1.1, "three connections ran at {r} MiB/s over a 6 MiB/s limit");
+    assert!(line("slowdown").starts_with("slowdown True True"), "{out}");
+    assert_eq!(line("recovered"), "recovered ok", "{out}");
+    // Nothing the read-only key tried changed the namespace.
+    assert!(c.stat("/gwbucket/x").await.unwrap_err().is_not_found());
+    assert!(c.stat("/gwbucket/c").await.unwrap_err().is_not_found());
+    assert_eq!(c.stat("/gwbucket/blob").await.unwrap().size, 8 << 20);
 }
