@@ -145,9 +145,15 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let server = matches!(
         cli.cmd,
-        Cmd::Master | Cmd::Worker | Cmd::Local(_) | Cmd::Mount(_)
+        Cmd::Master | Cmd::Worker | Cmd::Local(_) | Cmd::Mount(_) | Cmd::Gateway { .. }
     );
-    init_logs(if server { "info" } else { "warn" });
+    // s3s logs every refused S3 request (a client's error) at ERROR level;
+    // STRATA_LOG=s3s=debug brings those back.
+    init_logs(if server {
+        "info,s3s=off"
+    } else {
+        "warn,s3s=off"
+    });
     let cfg = load_config(&cli)?;
     match cli.cmd {
         Cmd::Master => {

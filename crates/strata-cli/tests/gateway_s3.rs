@@ -47,7 +47,7 @@ impl GatewayProc {
             .env("STRATA_GATEWAY_UPLOAD_DIR", dir.join("uploads"))
             .env("STRATA_GATEWAY_ACCESS_KEY", KEY)
             .env("STRATA_GATEWAY_SECRET_KEY", SECRET)
-            .env("STRATA_LOG", "warn")
+            .env("STRATA_LOG", "warn,s3s=off")
             .stdout(Stdio::piped())
             .spawn()
             .expect("strata gateway");
@@ -476,7 +476,12 @@ t = time.time()
 dt = time.time() - t
 print("total_rate", sum(got), round(sum(got) / dt / (1 << 20), 2))
 # 100 requests as fast as possible against 10/s: some are refused.
-codes = [code(lambda: s3.list_objects_v2(Bucket=B, MaxKeys=1)) for _ in range(100)]
+codes = []
+def burst(c):
+    for _ in range(25):
+        codes.append(code(lambda: c.get_bucket_location(Bucket=B)))
+ths = [threading.Thread(target=burst, args=(sess[i % 3],)) for i in range(4)]
+[x.start() for x in ths]; [x.join() for x in ths]
 print("slowdown", codes.count("SlowDown") > 0, codes.count("ok") > 0, sorted(set(codes)))
 time.sleep(1.2)
 print("recovered", code(lambda: s3.head_object(Bucket=B, Key="blob")))
@@ -500,14 +505,328 @@ print("recovered", code(lambda: s3.head_object(Bucket=B, Key="blob")))
     };
     let (n, r) = rate(line("conn_rate"));
     assert_eq!(n, 8 << 20);
-    assert!(r <= 4.0 * 1.1, "one connection ran at {r} MiB/s over a 4 MiB/s limit");
+    assert!(
+        r <= 4.0 * 1.1,
+        "one connection ran at {r} MiB/s over a 4 MiB/s limit"
+    );
     let (n, r) = rate(line("total_rate"));
     assert_eq!(n, 3 * (8 << 20));
-    assert!(r <= 6.0 * 1.1, "three connections ran at {r} MiB/s over a 6 MiB/s limit");
+    assert!(
+        r <= 6.0 * 1.1,
+        "three connections ran at {r} MiB/s over a 6 MiB/s limit"
+    );
     assert!(line("slowdown").starts_with("slowdown True True"), "{out}");
     assert_eq!(line("recovered"), "recovered ok", "{out}");
     // Nothing the read-only key tried changed the namespace.
     assert!(c.stat("/gwbucket/x").await.unwrap_err().is_not_found());
     assert!(c.stat("/gwbucket/c").await.unwrap_err().is_not_found());
     assert_eq!(c.stat("/gwbucket/blob").await.unwrap().size, 8 << 20);
+}
+
+/// Bad requests get the error AWS S3 gives (or the closest the namespace
+/// allows, see docs/s3-compatibility.md) and change nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_s3_errors_and_change_nothing() {
+    if !python_has_boto3() {
+        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    mount_gw_bucket(&env);
+    let gw = GatewayProc::start(&env.cluster.master_addr);
+    let out = boto3(
+        &gw.endpoint,
+        &format!(
+            r#"
+import hashlib, base64, time, re
+from botocore.awsrequest import AWSRequest
+from botocore.auth import S3SigV4Auth
+from botocore.credentials import Credentials
+B = "gwbucket"
+s3.put_object(Bucket=B, Key="keep.txt", Body=b"keep")
+
+def raw(method, path, body=b"", headers=None):
+    url = s3.meta.endpoint_url + path
+    h = dict(headers or {{}})
+    h["x-amz-content-sha256"] = hashlib.sha256(body).hexdigest()
+    req = AWSRequest(method=method, url=url, data=body, headers=h)
+    S3SigV4Auth(Credentials("{KEY}", "{SECRET}"), "s3", "us-east-1").add_auth(req)
+    r = urllib.request.Request(url, data=body or None, method=method, headers=dict(req.headers))
+    try:
+        resp = urllib.request.urlopen(r)
+        return resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+def show(name, res):
+    status, body = res
+    m = re.search(r"<Code>([^<]*)</Code>", body)
+    print(name, status, m.group(1) if m else "-")
+
+url = s3.generate_presigned_url("get_object", Params={{"Bucket": B, "Key": "keep.txt"}}, ExpiresIn=1)
+time.sleep(2.5)
+try:
+    urllib.request.urlopen(url)
+    print("expired", 200, "-")
+except urllib.error.HTTPError as e:
+    m = re.search(r"<Code>([^<]*)</Code>", e.read().decode())
+    print("expired", e.code, m.group(1) if m else "-")
+bad = b"<Delete><Object><Key>keep.txt</Key>"
+show("badxml", raw("POST", "/gwbucket?delete", bad, {{"Content-MD5": base64.b64encode(hashlib.md5(bad).digest()).decode()}}))
+uid = s3.create_multipart_upload(Bucket=B, Key="mp")["UploadId"]
+show("badcomplete", raw("POST", "/gwbucket/mp?uploadId=" + uid, b"<CompleteMultipartUpload><Part>"))
+show("bigheader", raw("GET", "/gwbucket/keep.txt", b"", {{"x-amz-meta-big": "a" * 100000}}))
+show("nul", raw("PUT", "/gwbucket/a%00b", b"x"))
+show("utf8", raw("PUT", "/gwbucket/a%FFb", b"x"))
+show("dotdot", raw("PUT", "/gwbucket/a/../../escape", b"x"))
+show("range", raw("GET", "/gwbucket/keep.txt", b"", {{"Range": "bytes=10-20"}}))
+show("ok", raw("GET", "/gwbucket/keep.txt"))
+print("left", [o["Key"] for o in s3.list_objects_v2(Bucket=B).get("Contents", [])])
+"#
+        ),
+    );
+    let line = |p: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(p))
+            .unwrap_or_else(|| panic!("no {p:?} in {out}"))
+            .to_string()
+    };
+    for (k, v) in [
+        ("expired", "403 AccessDenied"),
+        ("badxml", "400 MalformedXML"),
+        ("badcomplete", "400 MalformedXML"),
+        ("bigheader", "400 RequestHeaderSectionTooLarge"),
+        ("nul", "400 InvalidArgument"),
+        ("utf8", "400 InvalidURI"),
+        ("dotdot", "400 InvalidArgument"),
+        ("range", "416 InvalidRange"),
+        ("ok", "200 -"),
+        ("left", "['keep.txt']"),
+    ] {
+        assert_eq!(line(k), format!("{k} {v}"), "{out}");
+    }
+    let c = client(&env.cluster);
+    assert!(c.stat("/escape").await.unwrap_err().is_not_found());
+    assert_eq!(c.stat("/gwbucket/keep.txt").await.unwrap().size, 4);
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Runs `cmd`, failing the test with its output if it fails; returns stdout.
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The aws CLI uploads a 1 GiB file with multipart (8 MiB parts, 10 at a
+/// time), reads it back byte-identical, and syncs a directory both ways.
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_cli_multipart_upload_of_one_gib_and_sync() {
+    if !have("aws") {
+        eprintln!("SKIPPED: the aws CLI is not installed");
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    mount_gw_bucket(&env);
+    let gw = GatewayProc::start(&env.cluster.master_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.bin");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
+        for i in 0..64u64 {
+            f.write_all(&pattern(16 << 20, 1000 + i)).unwrap();
+        }
+    }
+    std::fs::create_dir_all(dir.path().join("tree/sub")).unwrap();
+    for (name, len) in [
+        ("tree/a.txt", 10),
+        ("tree/sub/b.bin", 3 << 20),
+        ("tree/c", 0),
+    ] {
+        std::fs::write(dir.path().join(name), pattern(len, len as u64)).unwrap();
+    }
+    let aws = |args: &[&str]| {
+        run_ok(
+            Command::new("aws")
+                .args(["--endpoint-url", &gw.endpoint, "--region", "us-east-1"])
+                .args(args)
+                .env("AWS_ACCESS_KEY_ID", KEY)
+                .env("AWS_SECRET_ACCESS_KEY", SECRET)
+                .env_remove("AWS_CA_BUNDLE")
+                .env_remove("AWS_PROFILE")
+                .env("NO_PROXY", "127.0.0.1")
+                .current_dir(dir.path()),
+        )
+    };
+    aws(&["s3", "cp", "big.bin", "s3://gwbucket/big.bin"]);
+    let c = client(&env.cluster);
+    assert_eq!(c.stat("/gwbucket/big.bin").await.unwrap().size, 1 << 30);
+    aws(&["s3", "cp", "s3://gwbucket/big.bin", "back.bin"]);
+    run_ok(
+        Command::new("cmp")
+            .arg(&big)
+            .arg(dir.path().join("back.bin")),
+    );
+    aws(&["s3", "sync", "tree", "s3://gwbucket/tree"]);
+    aws(&["s3", "sync", "s3://gwbucket/tree", "tree2"]);
+    for name in ["a.txt", "sub/b.bin", "c"] {
+        assert_eq!(
+            std::fs::read(dir.path().join("tree").join(name)).unwrap(),
+            std::fs::read(dir.path().join("tree2").join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    // A second sync has nothing to do.
+    let again = aws(&["s3", "sync", "tree", "s3://gwbucket/tree"]);
+    assert!(again.trim().is_empty(), "{again}");
+    // No multipart leftovers.
+    let ups = aws(&["s3api", "list-multipart-uploads", "--bucket", "gwbucket"]);
+    assert!(!ups.contains("UploadId"), "{ups}");
+}
+
+/// rclone (as an S3 client, multipart forced with small chunks) and an
+/// s3fs-fuse mount of a gateway bucket.
+#[tokio::test(flavor = "multi_thread")]
+async fn rclone_and_s3fs_work_against_the_gateway() {
+    let env = start(ClusterOptions::default());
+    mount_gw_bucket(&env);
+    let gw = GatewayProc::start(&env.cluster.master_addr);
+    let c = client(&env.cluster);
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(12 << 20, 77);
+    std::fs::create_dir_all(dir.path().join("src")).unwrap();
+    std::fs::write(dir.path().join("src/big.bin"), &data).unwrap();
+    std::fs::write(dir.path().join("src/small.txt"), b"small").unwrap();
+    if have("rclone") {
+        let rclone = |args: &[&str]| {
+            run_ok(
+                Command::new("rclone")
+                    .args(args)
+                    .args(["--s3-upload-cutoff", "5M", "--s3-chunk-size", "5M"])
+                    .env("RCLONE_CONFIG", "/dev/null")
+                    .env_remove("AWS_CA_BUNDLE")
+                    .env("RCLONE_CONFIG_GW_TYPE", "s3")
+                    .env("RCLONE_CONFIG_GW_PROVIDER", "Other")
+                    .env("RCLONE_CONFIG_GW_ENDPOINT", &gw.endpoint)
+                    .env("RCLONE_CONFIG_GW_ACCESS_KEY_ID", KEY)
+                    .env("RCLONE_CONFIG_GW_SECRET_ACCESS_KEY", SECRET)
+                    .env("RCLONE_CONFIG_GW_REGION", "us-east-1")
+                    .env("RCLONE_CONFIG_GW_FORCE_PATH_STYLE", "true")
+                    .env("NO_PROXY", "127.0.0.1")
+                    .current_dir(dir.path()),
+            )
+        };
+        rclone(&["copy", "src", "gw:gwbucket/rc"]);
+        let ls = rclone(&["ls", "gw:gwbucket/rc"]);
+        assert!(
+            ls.contains("big.bin") && ls.contains(&(12 << 20).to_string()),
+            "{ls}"
+        );
+        let part = rclone(&[
+            "cat",
+            "gw:gwbucket/rc/small.txt",
+            "--offset",
+            "1",
+            "--count",
+            "3",
+        ]);
+        assert_eq!(part, "mal");
+        rclone(&["copy", "gw:gwbucket/rc", "back"]);
+        assert_eq!(
+            std::fs::read(dir.path().join("back/big.bin")).unwrap(),
+            data
+        );
+        rclone(&["check", "src", "gw:gwbucket/rc"]);
+        rclone(&["delete", "gw:gwbucket/rc/small.txt"]);
+        assert!(
+            c.stat("/gwbucket/rc/small.txt")
+                .await
+                .unwrap_err()
+                .is_not_found()
+        );
+        assert_eq!(c.stat("/gwbucket/rc/big.bin").await.unwrap().size, 12 << 20);
+    } else {
+        eprintln!("SKIPPED (rclone part): rclone is not installed");
+    }
+    if have("s3fs") && std::path::Path::new("/dev/fuse").exists() {
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let pw = dir.path().join("passwd");
+        std::fs::write(&pw, format!("{KEY}:{SECRET}\n")).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        run_ok(
+            Command::new("s3fs")
+                .arg("gwbucket")
+                .arg(&mnt)
+                .arg("-o")
+                .arg(format!(
+                    "url={},use_path_request_style,passwd_file={},endpoint=us-east-1,\
+                     sigv4,stat_cache_expire=1",
+                    gw.endpoint,
+                    pw.display()
+                ))
+                .env("NO_PROXY", "127.0.0.1")
+                .env_remove("AWS_CA_BUNDLE"),
+        );
+        let unmount = scopeguard(mnt.clone());
+        // s3fs answers once its first request went through.
+        let mut listed = false;
+        for _ in 0..100 {
+            if std::fs::read_dir(&mnt).is_ok() {
+                listed = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(listed, "the s3fs mount did not come up");
+        std::fs::write(mnt.join("from-s3fs.bin"), &data).unwrap();
+        assert_eq!(std::fs::read(mnt.join("from-s3fs.bin")).unwrap(), data);
+        assert_eq!(
+            c.stat("/gwbucket/from-s3fs.bin").await.unwrap().size,
+            12 << 20
+        );
+        c.write_file(
+            "/gwbucket/from-strata.txt",
+            b"via strata",
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(
+            std::fs::read(mnt.join("from-strata.txt")).unwrap(),
+            b"via strata"
+        );
+        drop(unmount);
+    } else {
+        eprintln!("SKIPPED (s3fs part): s3fs or /dev/fuse is missing");
+    }
+}
+
+/// Unmounts a FUSE mount point when dropped (also when a test fails).
+struct Unmount(std::path::PathBuf);
+
+fn scopeguard(p: std::path::PathBuf) -> Unmount {
+    Unmount(p)
+}
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3").arg("-u").arg(&self.0).status();
+    }
 }

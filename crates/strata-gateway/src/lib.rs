@@ -967,6 +967,27 @@ impl S3 for Gateway {
     }
 }
 
+/// Header bytes S3 accepts in one request (names, values and separators).
+const MAX_HEADER_BYTES: usize = 8 << 10;
+
+fn header_bytes(h: &http::HeaderMap) -> usize {
+    h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum()
+}
+
+fn header_too_large() -> http::Response<s3s::Body> {
+    let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error>\
+               <Code>RequestHeaderSectionTooLarge</Code>\
+               <Message>Your request header section exceeds the maximum allowed size \
+               (8 KiB).</Message></Error>";
+    let mut r = http::Response::new(s3s::Body::from(xml.to_string()));
+    *r.status_mut() = http::StatusCode::BAD_REQUEST;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/xml"),
+    );
+    r
+}
+
 /// A running gateway.
 pub struct GatewayHandle {
     pub addr: SocketAddr,
@@ -1018,6 +1039,17 @@ pub async fn serve(
     let global =
         (cfg.max_bandwidth.0 > 0).then(|| Arc::new(throttle::Bucket::new(cfg.max_bandwidth.0)));
     let per_conn = (cfg.conn_bandwidth.0 > 0).then_some(cfg.conn_bandwidth.0);
+    // Requests whose headers exceed what S3 accepts are answered before
+    // they reach the S3 layer.
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let s3 = service.clone();
+        async move {
+            if header_bytes(req.headers()) > MAX_HEADER_BYTES {
+                return Ok(header_too_large());
+            }
+            hyper::service::Service::call(&s3, req).await
+        }
+    });
     let task = tokio::spawn(async move {
         let http = ConnBuilder::new(TokioExecutor::new());
         loop {

@@ -368,7 +368,13 @@ impl Namespace {
             ufs.mkdir(&rel).await.map_err(Self::ufs_err(path))?;
         }
         let _w = self.write_lock.lock().await;
-        if self.store.lookup(pr.inode.id, &name)?.is_some() {
+        if let Some(existing) = self.store.lookup(pr.inode.id, &name)? {
+            // Another request made it meanwhile (concurrent writers under
+            // one new directory): fine for `mkdir -p`.
+            if recursive && existing.is_dir {
+                drop(_w);
+                return self.stat(path).await;
+            }
             return Err(MasterError::Exists {
                 path: path.to_string(),
             });
