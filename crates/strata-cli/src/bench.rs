@@ -274,6 +274,11 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
     };
     // Workers report usage with their heartbeat; wait one out before reading counters.
     let settle = std::time::Duration::from_millis(cfg.worker.heartbeat_interval_ms * 3 / 2 + 100);
+    // The SDK rows measure the data protocol over TCP (the remote-client
+    // path); `strata bench local` measures short-circuit reads.
+    let mut tcp_cfg = cfg.clone();
+    tcp_cfg.client.short_circuit = false;
+    let cfg = &tcp_cfg;
     let c = crate::client(cfg)?;
     let files = c.list_files_recursive(&path).await?;
     if files.is_empty() {

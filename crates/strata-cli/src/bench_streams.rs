@@ -60,6 +60,8 @@ pub async fn run(cfg: &Config, a: StreamsArgs) -> anyhow::Result<()> {
     c.client.read_ahead_blocks = 1;
     c.client.read_chunk = ByteSize(1 << 20);
     c.client.prewarm_blocks = 0;
+    // Streams go to the worker over TCP even on its host.
+    c.client.short_circuit = false;
     // Each stream keeps its connection, as separate client processes would.
     c.client.pool_idle_per_worker = a.streams.iter().copied().max().unwrap_or(1);
     let client = crate::client(&c)?;

@@ -102,6 +102,12 @@ async fn short_circuit_reads_come_from_page_files_and_survive_their_deletion() {
             std::fs::remove_file(f.path()).unwrap();
         }
     }
+    // Descriptors already open still read the (immutable) bytes.
+    assert_eq!(&r.read_at(0, 5 << 20).await.unwrap()[..], &data[..]);
+    // Once the client notices the files are gone (link count, checked at
+    // most once a second) it reads over the network and the worker
+    // refetches from S3.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(&r.read_at(0, 5 << 20).await.unwrap()[..], &data[..]);
     let st = worker_stats(&c).await;
     assert_eq!(
@@ -109,6 +115,46 @@ async fn short_circuit_reads_come_from_page_files_and_survive_their_deletion() {
         10 << 20,
         "refetched once after the deletion"
     );
+}
+
+/// Pages evicted while a slow reader streams them: the reader still gets
+/// every byte right (from the descriptor the worker holds, or refetched).
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_evicted_while_being_read_are_served_correctly() {
+    let env = start(ClusterOptions {
+        cache_capacity: "24MiB".into(),
+        ..Default::default()
+    });
+    let s3 = s3_client(&env.s3);
+    let a = pattern(16 << 20, 21);
+    let b = pattern(20 << 20, 22);
+    s3_put(&s3, "a.bin", &a).await;
+    s3_put(&s3, "b.bin", &b).await;
+    let mut cfg = strata_common::Config::default().client;
+    // Over TCP, one 1 MiB request at a time, so the reader is slow.
+    cfg.short_circuit = false;
+    cfg.read_ahead_blocks = 1;
+    cfg.read_chunk = strata_common::config::ByteSize(1 << 20);
+    let slow = strata_client::Client::new(&env.cluster.master_addr, cfg).unwrap();
+    let c = client(&env.cluster);
+    c.load("/s3/a.bin", |_| {}).await.unwrap();
+    let r = slow.open("/s3/a.bin").await.unwrap();
+    let mut s = Box::pin(r.stream(0));
+    let mut got = Vec::new();
+    let mut loaded_b = false;
+    while let Some(chunk) = futures::StreamExt::next(&mut s).await {
+        got.extend_from_slice(&chunk.unwrap());
+        if !loaded_b && got.len() >= 4 << 20 {
+            // 20 MiB more in a 24 MiB cache evicts most of a.bin under the reader.
+            c.load("/s3/b.bin", |_| {}).await.unwrap();
+            loaded_b = true;
+        }
+    }
+    assert!(got == a, "the stream returned different bytes");
+    let st = worker_stats(&c).await;
+    assert!(st.evictions > 0, "nothing was evicted: {st:?}");
+    // b.bin is intact too.
+    assert!(c.read_file("/s3/b.bin").await.unwrap() == b);
 }
 
 fn rss_bytes(pid: u32) -> u64 {

@@ -362,7 +362,12 @@ impl Reader {
             .map(move |(o, l)| {
                 let me = me.clone();
                 me.prewarm(o, until);
-                async move { me.exchange(o, l, Want::Data).await.map(|r| r.0) }
+                async move {
+                    if let Some(b) = me.read_local(o, l, crate::short_circuit::read_pages).await {
+                        return Ok(vec![b]);
+                    }
+                    me.exchange(o, l, Want::Data).await.map(|r| r.0)
+                }
             })
             .buffered(parallel)
             .map_ok(|frames| stream::iter(frames.into_iter().map(Ok)))
