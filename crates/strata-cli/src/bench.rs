@@ -59,6 +59,14 @@ pub enum BenchCmd {
         /// Runs per row; the median is reported.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Instead: drop the file from the cache and time one cold GET
+        /// through the gateway (prewarm is the gateway's client.prewarm_blocks).
+        #[arg(long)]
+        cold: bool,
+        /// Also write this many 10 KiB objects next to the file and compare
+        /// GET operations per second through the gateway and from the store.
+        #[arg(long, default_value_t = 0)]
+        small_objects: usize,
     },
 }
 
@@ -270,7 +278,19 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
             endpoint,
             streams,
             rounds,
-        } => return gateway(cfg, &path, &endpoint, streams, rounds).await,
+            cold,
+            small_objects,
+        } => {
+            let g = GatewayBench {
+                path,
+                endpoint,
+                streams,
+                rounds,
+                cold,
+                small_objects,
+            };
+            return gateway(cfg, g).await;
+        }
     };
     // Workers report usage with their heartbeat; wait one out before reading counters.
     let settle = std::time::Duration::from_millis(cfg.worker.heartbeat_interval_ms * 3 / 2 + 100);
@@ -417,14 +437,26 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `strata bench gateway`.
-async fn gateway(
-    cfg: &Config,
-    path: &str,
-    endpoint: &str,
+struct GatewayBench {
+    path: String,
+    endpoint: String,
     streams: usize,
     rounds: usize,
-) -> anyhow::Result<()> {
+    cold: bool,
+    small_objects: usize,
+}
+
+/// `strata bench gateway`.
+async fn gateway(cfg: &Config, b: GatewayBench) -> anyhow::Result<()> {
+    let GatewayBench {
+        path,
+        endpoint,
+        streams,
+        rounds,
+        cold,
+        small_objects,
+    } = b;
+    let (path, endpoint) = (path.as_str(), endpoint.as_str());
     let (ak, sk) = (&cfg.gateway.access_key, &cfg.gateway.secret_key);
     if ak.is_empty() || sk.is_empty() {
         bail!(
@@ -447,21 +479,25 @@ async fn gateway(
     let m = c.mount_details(info.mount_id).await?;
     let opts: BTreeMap<String, String> = m.options.into_iter().collect();
     let direct = strata_ufs::open(&strata_ufs::UfsUri::parse(&m.ufs_uri, &opts)?)?;
+    if cold {
+        c.free(path).await?;
+        let t = split(std::slice::from_ref(&info), 1);
+        let r = run_tasks(&t, 1, false, gateway_get(gw.clone(), key.to_string())).await?;
+        println!(
+            "cold GET of {path} ({}) through {endpoint}: {:.1} s, {:.1} MiB/s",
+            format_size(info.size),
+            r.secs,
+            r.bytes as f64 / r.secs.max(1e-9) / (1 << 20) as f64
+        );
+        return Ok(());
+    }
     c.load(path, |_| {}).await?;
     let tasks = split(std::slice::from_ref(&info), streams);
     println!(
         "bench gateway {path}: {} via {endpoint}, {streams} stream(s), {rounds} round(s); warm (loaded first)",
         format_size(info.size)
     );
-    let via = |ufs: strata_ufs::Ufs, key: String| {
-        move |t: Task| {
-            let (ufs, key) = (ufs.clone(), key.clone());
-            async move {
-                let s = ufs.read_stream(&key, t.off..t.off + t.len).await?;
-                anyhow::Ok(s.map(|b| b.map_err(anyhow::Error::from)).boxed())
-            }
-        }
-    };
+    let via = gateway_get;
     let sample = c
         .open(path)
         .await?
@@ -501,5 +537,97 @@ async fn gateway(
             100.0 * rate(r) / rate(&t)
         );
     }
+    if small_objects > 0 {
+        small_gets(&c, &info, key, &gw, &direct, small_objects, streams).await?;
+    }
     Ok(())
+}
+
+/// A task's bytes as a stream, as `run_tasks` takes them.
+type TaskStream = futures::stream::BoxStream<'static, anyhow::Result<Bytes>>;
+type TaskFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<TaskStream>> + Send>>;
+
+/// Reads a task's range of `key` from `ufs` as a stream.
+fn gateway_get(
+    ufs: strata_ufs::Ufs,
+    key: String,
+) -> impl Fn(Task) -> TaskFuture + Clone + Send + 'static {
+    move |t: Task| {
+        let (ufs, key) = (ufs.clone(), key.clone());
+        Box::pin(async move {
+            let s = ufs.read_stream(&key, t.off..t.off + t.len).await?;
+            anyhow::Ok(s.map(|b| b.map_err(anyhow::Error::from)).boxed())
+        })
+    }
+}
+
+/// 10 KiB objects written next to `info` (through Strata, so in the store
+/// too) and read whole, `streams` at a time, three passes: GETs per second
+/// through the gateway and straight from the store.
+async fn small_gets(
+    c: &Client,
+    info: &FileInfo,
+    key: &str,
+    gw: &strata_ufs::Ufs,
+    direct: &strata_ufs::Ufs,
+    n: usize,
+    streams: usize,
+) -> anyhow::Result<()> {
+    let ns_dir = format!("{}/bench-small-10k", parent_of(&info.path));
+    let key_dir = format!("{}bench-small-10k", parent_of_key(key));
+    let ufs_dir = format!("{}bench-small-10k", parent_of_key(&info.ufs_path));
+    let body = vec![7u8; 10 << 10];
+    eprintln!("writing {n} 10 KiB objects under {ns_dir}");
+    for i in 0..n {
+        let p = format!("{ns_dir}/o{i:06}");
+        if c.stat(&p).await.is_err() {
+            c.write_file(&p, &body, Default::default()).await?;
+        }
+    }
+    c.load(&ns_dir, |_| {}).await?;
+    let ops = |ufs: strata_ufs::Ufs, dir: String| async move {
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let total = 3 * n;
+        let started = Instant::now();
+        let mut hs = Vec::new();
+        for _ in 0..streams.max(1) {
+            let (ufs, dir, next) = (ufs.clone(), dir.clone(), next.clone());
+            hs.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= total {
+                        return anyhow::Ok(());
+                    }
+                    let b = ufs
+                        .read(&format!("{dir}/o{:06}", i % n), 0..10 << 10, None)
+                        .await?;
+                    if b.len() != 10 << 10 {
+                        bail!("object {} has {} bytes", i % n, b.len());
+                    }
+                }
+            }));
+        }
+        for h in hs {
+            h.await??;
+        }
+        anyhow::Ok(total as f64 / started.elapsed().as_secs_f64())
+    };
+    let g = ops(gw.clone(), key_dir).await?;
+    let d = ops(direct.clone(), ufs_dir).await?;
+    println!(
+        "\n10 KiB GETs, {streams} at a time: gateway {g:.0} ops/s, store {d:.0} ops/s ({:.2}x)",
+        g / d
+    );
+    Ok(())
+}
+
+fn parent_of(p: &str) -> &str {
+    p.rsplit_once('/').map_or("", |(a, _)| a)
+}
+
+/// `a/b/c` -> `a/b/`; `c` -> ``.
+fn parent_of_key(k: &str) -> String {
+    k.rsplit_once('/')
+        .map_or(String::new(), |(a, _)| format!("{a}/"))
 }

@@ -176,7 +176,7 @@ impl Reader {
                 block,
                 page: (in_block / ps) as u32,
             };
-            if let Some(f) = sc.get(&k) {
+            if let Some(f) = sc.get(&k, len >= 64 << 10) {
                 return read(&[(f, skip, len)]);
             }
         }
@@ -195,7 +195,7 @@ impl Reader {
             page: s.page,
         };
         let mut files: Vec<Option<std::sync::Arc<std::fs::File>>> =
-            spans.iter().map(|s| sc.get(&key(s))).collect();
+            spans.iter().map(|s| sc.get(&key(s), true)).collect();
         if files.iter().any(Option::is_none) {
             let spec = Client::read_spec(&self.info, off, len).ok()?;
             let mut c = self.client.inner.pool.get(&addr).await.ok()?;

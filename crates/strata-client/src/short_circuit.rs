@@ -7,8 +7,9 @@
 //! A page file's bytes never change under its name (the name carries the
 //! page's checksum and the key carries the object's fingerprint), so a read
 //! from a file the worker has just unlinked still returns the right bytes;
-//! the link count is checked at most once per [`RECHECK`] only so that
-//! kept descriptors do not pin disk space the worker freed.
+//! the link count is checked (on every read of a page or more, at most once
+//! per [`RECHECK`] for smaller ones) only so that kept descriptors do not
+//! pin disk space the worker freed.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -65,11 +66,16 @@ impl ShortCircuit {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// An open, still-linked file for the page, if known.
-    pub(crate) fn get(&self, k: &PageKey) -> Option<Arc<std::fs::File>> {
+    /// An open, still-linked file for the page, if known. With `recheck`
+    /// (large reads, where an fstat costs nothing in comparison) the link
+    /// count is checked now; otherwise at most once per [`RECHECK`].
+    pub(crate) fn get(&self, k: &PageKey, recheck: bool) -> Option<Arc<std::fs::File>> {
         let p = self.lock().get(k).cloned()?;
         let now = self.now_ms();
-        if now.saturating_sub(p.checked_ms.load(Ordering::Relaxed)) >= RECHECK.as_millis() as u64 {
+        if recheck
+            || now.saturating_sub(p.checked_ms.load(Ordering::Relaxed))
+                >= RECHECK.as_millis() as u64
+        {
             // Deleted by the worker (evicted, moved to another tier): its
             // bytes are still right, but keeping it would pin freed space.
             if p.file.metadata().map(|m| m.nlink() == 0).unwrap_or(true) {

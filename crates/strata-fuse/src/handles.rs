@@ -1,5 +1,6 @@
 //! Open files and directories. A read handle serves the kernel from a
-//! window fetched ahead while reads are sequential; a write handle streams
+//! window fetched ahead while reads are sequential (1 MiB, doubling up to
+//! 32 MiB while the reader keeps up, back to 1 MiB on a random read); a write handle streams
 //! sequential writes (and appends) into one SDK writer, committed at every
 //! flush (each close of a descriptor) or fsync, and at release; a write
 //! after a commit continues the file as an append.
@@ -16,8 +17,15 @@ use tokio::sync::Mutex;
 
 use crate::{Ctx, lock, to_errno};
 
-/// Bytes fetched per request while a reader is sequential.
-const WINDOW: u64 = 8 << 20;
+/// The read-ahead window of a sequential reader starts at this size,
+/// doubles each time the reader consumes a prefetched window, and is capped
+/// at [`MAX_WINDOW`]; a random read resets it.
+const MIN_WINDOW: u64 = 1 << 20;
+const MAX_WINDOW: u64 = 32 << 20;
+/// A read this far past where the last one ended still counts as
+/// sequential (the kernel's read-ahead and parallel FUSE requests reorder
+/// and skip a little).
+const JUMP: u64 = 8 << 20;
 
 pub enum Kind {
     Read {
@@ -35,6 +43,8 @@ pub struct Window {
     buf: Bytes,
     last_end: u64,
     next: Option<(u64, tokio::task::JoinHandle<Result<Bytes, Errno>>)>,
+    /// Bytes the next prefetch asks for.
+    size: u64,
 }
 
 impl Window {
@@ -49,7 +59,7 @@ impl Window {
             return;
         }
         let r = reader.clone();
-        let len = WINDOW.min(reader.len() - at);
+        let len = self.size.min(reader.len() - at);
         // A sequential reader: load the blocks after this one ahead of it.
         reader.prewarm(at, reader.len());
         let task = tokio::spawn(async move { r.read_at(at, len).await.map_err(|e| to_errno(&e)) });
@@ -96,6 +106,7 @@ impl Open {
                     buf: Bytes::new(),
                     last_end: u64::MAX,
                     next: None,
+                    size: MIN_WINDOW,
                 }),
             },
         }
@@ -156,18 +167,20 @@ impl Open {
         }
         let want = u64::from(size).min(len - off);
         let mut w = window.lock().await;
-        let sequential = w.last_end != u64::MAX && off >= w.last_end && off - w.last_end <= WINDOW;
+        let sequential = w.last_end != u64::MAX && off >= w.last_end && off - w.last_end <= JUMP;
         if !w.covers(off, want)
             && let Some((at, _)) = &w.next
             && off >= *at
-            && off < *at + WINDOW
+            && off < *at + w.size
             && let Some((at, task)) = w.next.take()
         {
-            // The reader caught up with the prefetched window.
+            // The reader caught up with the prefetched window: it is
+            // sequential, so the next window is larger.
             match task.await {
                 Ok(Ok(b)) => {
                     w.start = at;
                     w.buf = b;
+                    w.size = (w.size * 2).min(MAX_WINDOW);
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {}
@@ -190,8 +203,10 @@ impl Open {
         }
         let windowed = sequential || off == 0;
         let fetch = if windowed {
-            WINDOW.max(want).min(len - off)
+            w.size.max(want).min(len - off)
         } else {
+            // Random access: fetch only what was asked, start small again.
+            w.size = MIN_WINDOW;
             want
         };
         let data = reader.read_at(off, fetch).await.map_err(|e| to_errno(&e))?;
