@@ -830,3 +830,60 @@ impl Drop for Unmount {
         let _ = Command::new("fusermount3").arg("-u").arg(&self.0).status();
     }
 }
+
+/// HEAD/LIST answers are cached, yet a write through another Strata client
+/// and a `strata fs sync` of a change made in the UFS show through the
+/// gateway within a second.
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_cache_follows_namespace_changes() {
+    if !python_has_boto3() {
+        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    mount_gw_bucket(&env);
+    let gw = GatewayProc::start(&env.cluster.master_addr);
+    let c = client(&env.cluster);
+    let out = boto3(
+        &gw.endpoint,
+        r#"
+s3.put_object(Bucket="gwbucket", Key="m/obj", Body=b"abc")
+print("before", s3.head_object(Bucket="gwbucket", Key="m/obj")["ContentLength"])
+print("missing", code(lambda: s3.head_object(Bucket="gwbucket", Key="m/ext")))
+"#,
+    );
+    assert!(
+        out.contains("before 3") && out.contains("missing 404"),
+        "{out}"
+    );
+    let opts = strata_client::WriteOptions {
+        overwrite: true,
+        ..Default::default()
+    };
+    c.write_file("/gwbucket/m/obj", b"hello", opts)
+        .await
+        .unwrap();
+    s3_put(&s3_client(&env.s3), "m/ext", b"external").await;
+    c.sync("/gwbucket").await.unwrap();
+    let out = boto3(
+        &gw.endpoint,
+        r#"
+import time
+t = time.time()
+while s3.head_object(Bucket="gwbucket", Key="m/obj")["ContentLength"] != 5 and time.time() - t < 5:
+    time.sleep(0.05)
+print("after", s3.head_object(Bucket="gwbucket", Key="m/obj")["ContentLength"], time.time() - t < 1.0)
+print("synced", s3.head_object(Bucket="gwbucket", Key="m/ext")["ContentLength"])
+print("listed", [o["Key"] for o in s3.list_objects_v2(Bucket="gwbucket", Prefix="m/")["Contents"]])
+print("body", s3.get_object(Bucket="gwbucket", Key="m/obj")["Body"].read().decode())
+"#,
+    );
+    for want in [
+        "after 5 True",
+        "synced 8",
+        "listed ['m/ext', 'm/obj']",
+        "body hello",
+    ] {
+        assert!(out.lines().any(|l| l == want), "no {want:?} in {out}");
+    }
+}

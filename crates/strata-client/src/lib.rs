@@ -265,6 +265,16 @@ impl Client {
             .map_err(|s| self.status(s))
     }
 
+    /// A number that changes whenever the namespace changes (for caches of
+    /// metadata: equal numbers mean nothing changed in between).
+    pub async fn namespace_version(&self) -> Result<u64> {
+        self.master()
+            .namespace_version(pb::Empty {})
+            .await
+            .map(|r| r.into_inner().version)
+            .map_err(|s| self.status(s))
+    }
+
     /// All workers the master knows, live or not.
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>> {
         self.master()

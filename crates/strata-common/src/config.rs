@@ -69,6 +69,9 @@ pub struct GatewayConfig {
     pub conn_bandwidth: ByteSize,
     /// Requests per second each access key may make; 0: no limit.
     pub requests_per_sec: u32,
+    /// Seconds HEAD/LIST metadata stays cached in the gateway at most (it
+    /// is also dropped whenever the namespace changes); 0: no cache.
+    pub metadata_ttl_secs: u64,
 }
 
 /// An access key of the S3 gateway and the buckets it may use ("*": all).
@@ -96,6 +99,7 @@ impl Default for GatewayConfig {
             max_bandwidth: ByteSize(0),
             conn_bandwidth: ByteSize(0),
             requests_per_sec: 0,
+            metadata_ttl_secs: 60,
         }
     }
 }

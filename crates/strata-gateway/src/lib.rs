@@ -6,6 +6,7 @@
 
 mod access;
 mod listing;
+mod meta_cache;
 mod multipart;
 mod throttle;
 
@@ -43,13 +44,41 @@ pub enum GatewayError {
 pub struct Gateway {
     client: Client,
     uploads: multipart::Uploads,
+    meta: Arc<meta_cache::MetaCache>,
 }
 
 impl Gateway {
-    pub fn new(client: Client, upload_dir: PathBuf) -> Gateway {
+    /// A gateway keeping multipart parts in `upload_dir` and metadata for
+    /// up to `metadata_ttl` (zero: no metadata cache).
+    pub fn new(client: Client, upload_dir: PathBuf, metadata_ttl: Duration) -> Gateway {
         Gateway {
+            meta: meta_cache::MetaCache::new(client.clone(), metadata_ttl),
             client,
             uploads: multipart::Uploads::new(upload_dir),
+        }
+    }
+
+    /// `stat` through the metadata cache.
+    async fn stat(&self, path: &str) -> Result<FileInfo, ClientError> {
+        match self.meta.stat(path) {
+            Some(Some(i)) => return Ok(i),
+            Some(None) => return Err(ClientError::NotFound(format!("{path}: not found"))),
+            None => {}
+        }
+        let r = self.client.stat(path).await;
+        match &r {
+            Ok(i) => self.meta.put_stat(path, Some(i.clone())),
+            Err(e) if e.is_not_found() => self.meta.put_stat(path, None),
+            Err(_) => {}
+        }
+        r
+    }
+
+    /// Forgets what the cache knows of `bucket` and `key` after a write.
+    fn changed(&self, bucket: &str, key: Option<&str>) {
+        match ns_path(bucket, key) {
+            Ok(p) => self.meta.invalidate(bucket, &p),
+            Err(_) => self.meta.clear(),
         }
     }
 }
@@ -210,7 +239,7 @@ fn modified(info: &FileInfo) -> Timestamp {
 impl Gateway {
     /// `NoSuchBucket` unless the bucket is a namespace directory.
     async fn check_bucket(&self, bucket: &str) -> S3Result<()> {
-        match self.client.stat(&ns_path(bucket, None)?).await {
+        match self.stat(&ns_path(bucket, None)?).await {
             Ok(b) if b.is_dir => Ok(()),
             Ok(_) => Err(s3_error!(NoSuchBucket)),
             Err(e) => Err(s3_err(e, true)),
@@ -221,7 +250,6 @@ impl Gateway {
         // A missing bucket is NoSuchBucket, a missing key NoSuchKey.
         self.check_bucket(bucket).await?;
         let info = self
-            .client
             .stat(&ns_path(bucket, Some(key))?)
             .await
             .map_err(|e| s3_err(e, false))?;
@@ -232,9 +260,12 @@ impl Gateway {
     }
 
     /// The bucket's objects, sorted by key.
-    async fn objects(&self, bucket: &str) -> S3Result<Vec<(String, FileInfo)>> {
+    async fn objects(&self, bucket: &str) -> S3Result<Arc<Vec<(String, FileInfo)>>> {
         let root = ns_path(bucket, None)?;
         self.check_bucket(bucket).await?;
+        if let Some(l) = self.meta.list(bucket) {
+            return Ok(l);
+        }
         let files = self
             .client
             .list_files_recursive(&root)
@@ -249,6 +280,8 @@ impl Gateway {
             })
             .collect();
         objs.sort_by(|a, b| a.0.cmp(&b.0));
+        let objs = Arc::new(objs);
+        self.meta.put_list(bucket, objs.clone());
         Ok(objs)
     }
 
@@ -398,6 +431,7 @@ impl S3 for Gateway {
             .mkdir(&ns_path(&req.input.bucket, None)?, false)
             .await
             .map_err(|e| s3_err(e, true))?;
+        self.meta.clear();
         Ok(S3Response::new(CreateBucketOutput::default()))
     }
 
@@ -406,7 +440,9 @@ impl S3 for Gateway {
         req: S3Request<DeleteBucketInput>,
     ) -> S3Result<S3Response<DeleteBucketOutput>> {
         let path = ns_path(&req.input.bucket, None)?;
-        match self.client.delete(&path, false).await {
+        let res = self.client.delete(&path, false).await;
+        self.meta.clear();
+        match res {
             Ok(_) => Ok(S3Response::new(DeleteBucketOutput::default())),
             Err(ClientError::FailedPrecondition(m)) if m.contains("not empty") => {
                 Err(s3_error!(BucketNotEmpty))
@@ -635,7 +671,9 @@ impl S3 for Gateway {
             w.abort().await;
             return Err(e);
         }
-        let info = w.close().await.map_err(|e| s3_err(e, false))?;
+        let info = w.close().await.map_err(|e| s3_err(e, false));
+        self.changed(&input.bucket, Some(&input.key));
+        let info = info?;
         Ok(S3Response::new(PutObjectOutput {
             e_tag: Some(etag(&info)),
             ..Default::default()
@@ -665,7 +703,9 @@ impl S3 for Gateway {
             r.info().clone()
         } else {
             let (_, w) = self.create(&input.bucket, &input.key).await?;
-            copy_into(&r, 0..r.len(), w).await?
+            let info = copy_into(&r, 0..r.len(), w).await;
+            self.changed(&input.bucket, Some(&input.key));
+            info?
         };
         Ok(S3Response::new(CopyObjectOutput {
             copy_object_result: Some(CopyObjectResult {
@@ -692,6 +732,7 @@ impl S3 for Gateway {
         let quiet = input.delete.quiet.unwrap_or(false);
         let (mut deleted, mut errors) = (Vec::new(), Vec::new());
         for o in input.delete.objects {
+            self.changed(&input.bucket, Some(&o.key));
             let res = match ns_path(&input.bucket, Some(&o.key)) {
                 Ok(path) => match self.client.delete(&path, false).await {
                     Ok(_) => Ok(()),
@@ -840,7 +881,9 @@ impl S3 for Gateway {
                 ));
             }
         }
-        let info = w.close().await.map_err(|e| s3_err(e, false))?;
+        let info = w.close().await.map_err(|e| s3_err(e, false));
+        self.changed(&input.bucket, Some(&input.key));
+        let info = info?;
         self.uploads.remove(&dir).await;
         Ok(S3Response::new(CompleteMultipartUploadOutput {
             bucket: Some(input.bucket),
@@ -958,7 +1001,9 @@ impl S3 for Gateway {
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
         let path = ns_path(&req.input.bucket, Some(&req.input.key))?;
-        match self.client.delete(&path, false).await {
+        let res = self.client.delete(&path, false).await;
+        self.changed(&req.input.bucket, Some(&req.input.key));
+        match res {
             // Deleting a missing key succeeds in S3.
             Ok(_) => Ok(S3Response::new(DeleteObjectOutput::default())),
             Err(e) if e.is_not_found() => Ok(S3Response::new(DeleteObjectOutput::default())),
@@ -1011,7 +1056,11 @@ pub async fn serve(
     if cfg.access_key.is_empty() || cfg.secret_key.is_empty() {
         return Err(GatewayError::NoKeys);
     }
-    let mut b = S3ServiceBuilder::new(Gateway::new(client, cfg.upload_dir.clone()));
+    let mut b = S3ServiceBuilder::new(Gateway::new(
+        client,
+        cfg.upload_dir.clone(),
+        Duration::from_secs(cfg.metadata_ttl_secs),
+    ));
     let mut auth = SimpleAuth::from_single(cfg.access_key.as_str(), cfg.secret_key.as_str());
     for k in &cfg.keys {
         auth.register(k.access_key.clone(), k.secret_key.as_str().into());

@@ -299,6 +299,11 @@ impl Namespace {
         })
     }
 
+    /// Commands applied so far: changes with every namespace mutation.
+    pub fn version(&self) -> Result<u64, MasterError> {
+        Ok(self.store.applied()?)
+    }
+
     pub async fn stat(&self, path: &NsPath) -> Result<pb::FileInfo, MasterError> {
         let r = self.resolve(path).await?;
         Ok(self.file_info(&r))

@@ -97,6 +97,12 @@ impl Master for MasterService {
         Ok(Response::new(self.ns.sync(&p).await?))
     }
 
+    async fn namespace_version(&self, _req: Request<pb::Empty>) -> R<pb::VersionResponse> {
+        Ok(Response::new(pb::VersionResponse {
+            version: self.ns.version()?,
+        }))
+    }
+
     async fn register_worker(
         &self,
         req: Request<pb::RegisterWorkerRequest>,
