@@ -342,6 +342,36 @@ impl Reader {
         }
     }
 
+    /// Prewarm for a client that reads a file in consecutive pieces, each
+    /// with its own reader (an S3 client's ranged GETs): having read up to
+    /// `end`, the block holding `end` and the `client.prewarm_blocks - 1`
+    /// after it are loaded on their owners, except blocks below
+    /// `scheduled` (already asked for by an earlier piece). Returns the new
+    /// `scheduled` bound for the caller to keep.
+    pub fn prewarm_after(&self, end: u64, scheduled: u64) -> u64 {
+        let k = self.client.inner.cfg.prewarm_blocks;
+        let bs = self.info.block_size;
+        if k == 0 || bs == 0 || end >= self.info.size {
+            return scheduled;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return scheduled;
+        };
+        let first = end / bs;
+        let upto = (first + k).min(self.info.size.div_ceil(bs));
+        for b in first.max(scheduled)..upto {
+            let me = self.clone();
+            rt.spawn(async move {
+                let start = b * bs;
+                let len = bs.min(me.info.size - start);
+                if let Err(e) = me.load_range(start, len).await {
+                    tracing::debug!(path = %me.info.path, block = b, "prewarm failed: {e}");
+                }
+            });
+        }
+        upto.max(scheduled)
+    }
+
     /// The file from `off` to the end as an ordered stream of chunks, with
     /// up to `client.read_ahead_blocks` requests in flight.
     pub fn stream(&self, off: u64) -> impl Stream<Item = Result<Bytes>> + Send + 'static {

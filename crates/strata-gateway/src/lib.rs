@@ -45,6 +45,11 @@ pub struct Gateway {
     client: Client,
     uploads: multipart::Uploads,
     meta: Arc<meta_cache::MetaCache>,
+    /// Cache id -> blocks below this index already prewarmed (S3 clients
+    /// fetch large objects as many ranged GETs; each extends the prewarm).
+    /// A read from offset 0 starts over; entries older than a minute are
+    /// forgotten (the blocks may have been evicted or freed since).
+    prewarmed: std::sync::Mutex<std::collections::HashMap<String, (u64, std::time::Instant)>>,
 }
 
 impl Gateway {
@@ -55,7 +60,24 @@ impl Gateway {
             meta: meta_cache::MetaCache::new(client.clone(), metadata_ttl),
             client,
             uploads: multipart::Uploads::new(upload_dir),
+            prewarmed: Default::default(),
         }
+    }
+
+    /// Real-time prewarm for a GET that ends at `end`: the blocks after it
+    /// are loaded on their owners, each block once per object version.
+    fn prewarm_after(&self, reader: &Reader, start: u64, end: u64) {
+        let id = reader.info().cache_id.clone();
+        let mut m = self.prewarmed.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() > 10_000 {
+            m.clear();
+        }
+        let before = match m.get(&id) {
+            Some((upto, at)) if start > 0 && at.elapsed() < Duration::from_secs(60) => *upto,
+            _ => 0,
+        };
+        let now = reader.prewarm_after(end, before);
+        m.insert(id, (now, std::time::Instant::now()));
     }
 
     /// `stat` through the metadata cache.
@@ -611,6 +633,7 @@ impl S3 for Gateway {
         let e_tag = etag(&info);
         let last_modified = modified(&info);
         let reader = self.client.open_info(info).map_err(|e| s3_err(e, false))?;
+        self.prewarm_after(&reader, range.start, range.end);
         // Streamed from the SDK reader through a small channel (the body must
         // be Sync; the reader's stream is not): memory stays bounded whatever
         // the object size.
