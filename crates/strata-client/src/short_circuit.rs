@@ -88,7 +88,14 @@ impl ShortCircuit {
     }
 
     pub(crate) fn insert(&self, k: PageKey, path: &str) -> Option<Arc<std::fs::File>> {
-        let file = Arc::new(std::fs::File::open(path).ok()?);
+        let file = std::fs::File::open(path).ok()?;
+        // Each page file is read in place: no kernel read-ahead (a 4 KiB
+        // read of a page on disk would otherwise pull in much more).
+        // SAFETY: an advisory call on a descriptor we own; errors are harmless.
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM);
+        }
+        let file = Arc::new(file);
         let page = Arc::new(OpenPage {
             file: file.clone(),
             checked_ms: AtomicU64::new(self.now_ms()),
