@@ -46,28 +46,24 @@ pub enum BenchCmd {
     /// GET a cached file through a running `strata gateway` with N streams,
     /// next to the same GETs from the S3 store behind it and a plain
     /// loopback TCP stream of the same bytes. Keys from `[gateway]`.
-    Gateway {
-        /// A file under a mount; read as bucket = first path segment.
-        #[arg(long)]
-        path: String,
-        /// The gateway's S3 endpoint.
-        #[arg(long, default_value = "http://127.0.0.1:29998")]
-        endpoint: String,
-        /// Parallel GET streams, each reading one range of the file.
-        #[arg(long, default_value_t = 1)]
-        streams: usize,
-        /// Runs per row; the median is reported.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// Instead: drop the file from the cache and time one cold GET
-        /// through the gateway (prewarm is the gateway's client.prewarm_blocks).
-        #[arg(long)]
-        cold: bool,
-        /// Also write this many 10 KiB objects next to the file and compare
-        /// GET operations per second through the gateway and from the store.
-        #[arg(long, default_value_t = 0)]
-        small_objects: usize,
-    },
+    Gateway(GatewayBench),
+}
+
+/// A small deterministic generator (xorshift64*), one per reader.
+pub(crate) struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// An `io`-aligned offset with `io` bytes inside a file of `size` bytes.
+    pub fn offset(&mut self, size: u64, io: u64) -> u64 {
+        (self.next() % (size / io)) * io
+    }
 }
 
 #[derive(Clone)]
@@ -273,24 +269,7 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Cache(a) => return crate::bench_cache::run(a),
         BenchCmd::Local(a) => return crate::bench_local::run(cfg, a).await,
         BenchCmd::Streams(a) => return crate::bench_streams::run(cfg, a).await,
-        BenchCmd::Gateway {
-            path,
-            endpoint,
-            streams,
-            rounds,
-            cold,
-            small_objects,
-        } => {
-            let g = GatewayBench {
-                path,
-                endpoint,
-                streams,
-                rounds,
-                cold,
-                small_objects,
-            };
-            return gateway(cfg, g).await;
-        }
+        BenchCmd::Gateway(g) => return gateway(cfg, g).await,
     };
     // Workers report usage with their heartbeat; wait one out before reading counters.
     let settle = std::time::Duration::from_millis(cfg.worker.heartbeat_interval_ms * 3 / 2 + 100);
@@ -437,12 +416,27 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct GatewayBench {
+#[derive(clap::Args)]
+pub struct GatewayBench {
+    /// A file under a mount; read as bucket = first path segment.
+    #[arg(long)]
     path: String,
+    /// The gateway's S3 endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:29998")]
     endpoint: String,
+    /// Parallel GET streams, each reading one range of the file.
+    #[arg(long, default_value_t = 1)]
     streams: usize,
+    /// Runs per row; the median is reported.
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Instead: drop the file from the cache and time one cold GET
+    /// through the gateway (prewarm is the gateway's client.prewarm_blocks).
+    #[arg(long)]
     cold: bool,
+    /// Also write this many 10 KiB objects next to the file and compare
+    /// GET operations per second through the gateway and from the store.
+    #[arg(long, default_value_t = 0)]
     small_objects: usize,
 }
 

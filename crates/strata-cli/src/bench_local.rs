@@ -19,6 +19,8 @@ use strata_common::Config;
 use strata_common::size::{format_size, parse_size};
 use tokio::io::AsyncWriteExt;
 
+use crate::bench::Rng;
+
 #[derive(clap::Args)]
 pub struct LocalArgs {
     /// A file in the namespace; it is loaded into the cache first.
@@ -36,23 +38,6 @@ pub struct LocalArgs {
     /// Bytes per random read.
     #[arg(long, default_value = "4KiB")]
     io_size: String,
-}
-
-/// A small deterministic generator (xorshift64*), one per reader.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// An `io`-aligned offset with `io` bytes inside a file of `size` bytes.
-    fn offset(&mut self, size: u64, io: u64) -> u64 {
-        (self.next() % (size / io)) * io
-    }
 }
 
 fn row(name: &str, value: f64, unit: &str, base: f64) {

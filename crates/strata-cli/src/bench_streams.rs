@@ -13,6 +13,8 @@ use strata_common::Config;
 use strata_common::config::ByteSize;
 use strata_common::size::{format_size, parse_size};
 
+use crate::bench::Rng;
+
 #[derive(clap::Args)]
 pub struct StreamsArgs {
     /// A directory in the namespace whose files are read (all of them are
@@ -41,17 +43,6 @@ const MIX: [(u64, u64); 6] = [
     (16 << 20, 25),
     (64 << 20, 30),
 ];
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 pub async fn run(cfg: &Config, a: StreamsArgs) -> anyhow::Result<()> {
     // One request in flight per stream, 1 MiB each: N streams are N

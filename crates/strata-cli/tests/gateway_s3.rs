@@ -783,7 +783,7 @@ async fn rclone_and_s3fs_work_against_the_gateway() {
                 .env("NO_PROXY", "127.0.0.1")
                 .env_remove("AWS_CA_BUNDLE"),
         );
-        let unmount = scopeguard(mnt.clone());
+        let unmount = Unmount(mnt.clone());
         // s3fs answers once its first request went through.
         let mut listed = false;
         for _ in 0..100 {
@@ -820,10 +820,6 @@ async fn rclone_and_s3fs_work_against_the_gateway() {
 
 /// Unmounts a FUSE mount point when dropped (also when a test fails).
 struct Unmount(std::path::PathBuf);
-
-fn scopeguard(p: std::path::PathBuf) -> Unmount {
-    Unmount(p)
-}
 
 impl Drop for Unmount {
     fn drop(&mut self) {

@@ -330,7 +330,14 @@ impl Reader {
             .prewarmed
             .fetch_max(upto, Ordering::AcqRel)
             .max(block + 1);
-        for b in from..upto {
+        self.load_blocks(&rt, from..upto);
+    }
+
+    /// Loads `blocks` on their owners in the background (prewarm); a failure
+    /// only means the reader fetches those pages itself later.
+    fn load_blocks(&self, rt: &tokio::runtime::Handle, blocks: std::ops::Range<u64>) {
+        let bs = self.info.block_size;
+        for b in blocks {
             let me = self.clone();
             rt.spawn(async move {
                 let start = b * bs;
@@ -359,16 +366,7 @@ impl Reader {
         };
         let first = end / bs;
         let upto = (first + k).min(self.info.size.div_ceil(bs));
-        for b in first.max(scheduled)..upto {
-            let me = self.clone();
-            rt.spawn(async move {
-                let start = b * bs;
-                let len = bs.min(me.info.size - start);
-                if let Err(e) = me.load_range(start, len).await {
-                    tracing::debug!(path = %me.info.path, block = b, "prewarm failed: {e}");
-                }
-            });
-        }
+        self.load_blocks(&rt, first.max(scheduled)..upto);
         upto.max(scheduled)
     }
 

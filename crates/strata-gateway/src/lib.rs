@@ -192,11 +192,6 @@ fn copy_range(r: Option<&str>, len: u64) -> S3Result<std::ops::Range<u64>> {
     Ok(a..b + 1)
 }
 
-/// Keys under these prefixes are never listed (none exist today).
-fn listable(key: &str) -> bool {
-    !key.is_empty()
-}
-
 /// A key or bucket name must be a clean relative path: no `..`, no empty
 /// or `.` segments, no NUL.
 fn ns_path(bucket: &str, key: Option<&str>) -> S3Result<String> {
@@ -298,7 +293,7 @@ impl Gateway {
             .filter(|f| !f.is_dir)
             .filter_map(|f| {
                 let key = f.path.strip_prefix(&format!("{root}/"))?.to_string();
-                listable(&key).then_some((key, f))
+                Some((key, f))
             })
             .collect();
         objs.sort_by(|a, b| a.0.cmp(&b.0));
