@@ -8,11 +8,57 @@ use strata_common::size::format_size;
 pub enum AdminCmd {
     /// Workers, capacity, usage and cache hit ratio.
     Report,
+    /// The metadata masters (Raft members): list, add, remove.
+    #[command(subcommand)]
+    Masters(MastersCmd),
+}
+
+#[derive(Subcommand)]
+pub enum MastersCmd {
+    /// Members, their roles and the leader.
+    List,
+    /// Add a master started with `strata master --join --node-id ID`; it
+    /// catches up as a learner, then becomes a voter.
+    Add {
+        /// Its member id (unique; never reuse the id of a removed master).
+        id: u64,
+        /// Its address HOST:PORT.
+        addr: String,
+    },
+    /// Remove a master from the cluster (stop its process afterwards).
+    Remove { id: u64 },
+}
+
+fn print_masters(l: &strata_client::MasterList) {
+    println!(
+        "leader: {} ({})   term: {}   applied index: {}   inodes: {}",
+        l.leader_id,
+        if l.leader_addr.is_empty() {
+            "none"
+        } else {
+            &l.leader_addr
+        },
+        l.term,
+        l.last_applied,
+        l.inodes
+    );
+    println!("{:<6} {:<24} {:<10}", "id", "address", "role");
+    for m in &l.masters {
+        println!("{:<6} {:<24} {:<10}", m.id, m.addr, m.role);
+    }
 }
 
 pub async fn run(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
     let c = crate::client(cfg)?;
     match cmd {
+        AdminCmd::Masters(m) => {
+            let l = match m {
+                MastersCmd::List => c.list_masters().await?,
+                MastersCmd::Add { id, addr } => c.add_master(id, &addr).await?,
+                MastersCmd::Remove { id } => c.remove_master(id).await?,
+            };
+            print_masters(&l);
+        }
         AdminCmd::Report => {
             let workers = c.workers().await?;
             let mounts = c.mounts().await?;

@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a master (namespace, mount table, worker membership).
-    Master,
+    Master(MasterArgs),
     /// Run a worker (page cache, data server).
     Worker,
     /// Run a master and a worker in one process, for a first run and tests.
@@ -62,6 +62,25 @@ enum Cmd {
     Umount { mountpoint: PathBuf },
     /// Print the effective configuration (file + environment) as TOML.
     Config,
+}
+
+#[derive(clap::Args)]
+struct MasterArgs {
+    /// Raft member id (master.node_id).
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// First members of a new cluster, ID=HOST:PORT,... (master.initial_members).
+    #[arg(long, value_name = "ID=HOST:PORT,...")]
+    initial_members: Option<String>,
+    /// Wait to be added with `strata admin masters add` (master.join).
+    #[arg(long)]
+    join: bool,
+    /// Listen address (master.rpc_addr).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Metadata directory (master.data_dir).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 fn init_logs(default: &str) {
@@ -145,20 +164,39 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let server = matches!(
         cli.cmd,
-        Cmd::Master | Cmd::Worker | Cmd::Local(_) | Cmd::Mount(_) | Cmd::Gateway { .. }
+        Cmd::Master(_) | Cmd::Worker | Cmd::Local(_) | Cmd::Mount(_) | Cmd::Gateway { .. }
     );
     // s3s logs every refused S3 request (a client's error) at ERROR level;
     // STRATA_LOG=s3s=debug brings those back.
     init_logs(if server {
-        "info,s3s=off"
+        "info,s3s=off,openraft=off"
     } else {
-        "warn,s3s=off"
+        "warn,s3s=off,openraft=off"
     });
     let cfg = load_config(&cli)?;
     match cli.cmd {
-        Cmd::Master => {
+        Cmd::Master(a) => {
+            let mut cfg = cfg;
+            if let Some(id) = a.node_id {
+                cfg.master.node_id = id;
+            }
+            if let Some(m) = a.initial_members {
+                cfg.master.initial_members = m;
+            }
+            if a.join {
+                cfg.master.join = true;
+            }
+            if let Some(l) = a.listen {
+                cfg.master.rpc_addr = l;
+            }
+            if let Some(d) = a.data_dir {
+                cfg.master.data_dir = d;
+            }
             let m = strata_master::start(&cfg).await?;
-            println!("strata master listening on {}", m.addr);
+            println!(
+                "strata master {} listening on {}",
+                cfg.master.node_id, m.addr
+            );
             wait_for_signal().await;
             m.stop().await;
             Ok(())

@@ -20,11 +20,12 @@ use strata_common::ids::block_placement_key;
 use strata_common::placement::{Candidate, owners};
 use strata_common::{CacheId, NsPath};
 use strata_proto::data::{Message, ReadSpec, Source};
+use strata_proto::masters::{CallError, MasterSet, ReadFrom};
 use strata_proto::pb::{self, master_client::MasterClient};
 use tonic::transport::Channel;
 
 pub use error::ClientError;
-pub use pb::{FileInfo, MountInfo, PersistState, WorkerInfo, WriteType};
+pub use pb::{FileInfo, MasterList, MountInfo, PersistState, WorkerInfo, WriteType};
 pub use reader::Reader;
 pub use writer::{WriteOptions, Writer};
 
@@ -42,7 +43,7 @@ pub(crate) struct LiveWorkers {
 
 pub(crate) struct Inner {
     master_addr: String,
-    master: MasterClient<Channel>,
+    masters: MasterSet,
     cfg: ClientConfig,
     workers: Mutex<Option<(Instant, Arc<LiveWorkers>)>>,
     pool: conn::Pool,
@@ -85,25 +86,27 @@ impl Client {
     /// Creates a client for the master at `addr` (`host:port`). Nothing is
     /// dialled until the first call.
     pub fn new(addr: &str, cfg: ClientConfig) -> Result<Client> {
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
+        let read_from = match cfg.read_from.as_str() {
+            "leader" => ReadFrom::Leader,
+            "any" => ReadFrom::Any,
+            "any-stale" => ReadFrom::AnyStale,
+            other => {
+                return Err(ClientError::InvalidArgument(format!(
+                    "client.read_from is {other:?}; use leader, any or any-stale"
+                )));
+            }
         };
-        let ep = tonic::transport::Endpoint::from_shared(uri).map_err(|e| {
-            ClientError::InvalidArgument(format!("invalid master address {addr:?}: {e}"))
-        })?;
-        let ch = ep
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let masters = MasterSet::new(
+            strata_common::config::split_list(addr),
+            Duration::from_secs(cfg.failover_timeout_secs),
+            read_from,
+        )
+        .map_err(ClientError::InvalidArgument)?;
         let timeout = Duration::from_secs(cfg.io_timeout_secs.max(1));
         Ok(Client {
             inner: Arc::new(Inner {
                 master_addr: addr.to_string(),
-                master: MasterClient::new(ch)
-                    .max_decoding_message_size(256 << 20)
-                    .max_encoding_message_size(64 << 20),
+                masters,
                 pool: conn::Pool::new(timeout, cfg.pool_idle_per_worker),
                 cfg,
                 workers: Mutex::new(None),
@@ -116,34 +119,65 @@ impl Client {
         &self.inner.master_addr
     }
 
-    pub(crate) fn master(&self) -> MasterClient<Channel> {
-        self.inner.master.clone()
+    /// The masters this client knows (learned from the masters themselves).
+    pub fn masters(&self) -> Vec<String> {
+        self.inner.masters.addrs()
     }
 
-    pub(crate) fn status(&self, s: tonic::Status) -> ClientError {
-        ClientError::from_status(s, &self.inner.master_addr)
+    fn call_err(&self, e: CallError) -> ClientError {
+        ClientError::from_status(e.status, &e.addr)
+    }
+
+    /// A read-only master call, sent where `client.read_from` says and
+    /// retried through failovers.
+    pub(crate) async fn master_read<M, T, F, Fut>(&self, msg: M, f: F) -> Result<T>
+    where
+        M: Clone,
+        F: Fn(MasterClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let set = &self.inner.masters;
+        set.call(false, |c| f(c, set.request(msg.clone(), None)))
+            .await
+            .map_err(|e| self.call_err(e))
+    }
+
+    /// A mutating master call: sent to the leader with one request id for
+    /// all its retries, so it is applied once however often it is retried.
+    pub(crate) async fn master_write<M, T, F, Fut>(&self, msg: M, f: F) -> Result<T>
+    where
+        M: Clone,
+        F: Fn(MasterClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let set = &self.inner.masters;
+        let rid = set.request_id();
+        set.call(true, |c| f(c, set.request(msg.clone(), Some(rid))))
+            .await
+            .map_err(|e| self.call_err(e))
     }
 
     pub async fn stat(&self, path: &str) -> Result<FileInfo> {
         let p = parse_path(path)?;
-        self.master()
-            .get_file_info(pb::PathRequest {
+        self.master_read(
+            pb::PathRequest {
                 path: p.to_string(),
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.status(s))
+            },
+            |mut c, r| async move { c.get_file_info(r).await },
+        )
+        .await
     }
 
     pub async fn list(&self, path: &str) -> Result<Vec<FileInfo>> {
         let p = parse_path(path)?;
-        self.master()
-            .list_status(pb::PathRequest {
+        self.master_read(
+            pb::PathRequest {
                 path: p.to_string(),
-            })
-            .await
-            .map(|r| r.into_inner().entries)
-            .map_err(|s| self.status(s))
+            },
+            |mut c, r| async move { c.list_status(r).await },
+        )
+        .await
+        .map(|r| r.entries)
     }
 
     /// Every file below `path` (or `path` itself if it is a file).
@@ -165,14 +199,14 @@ impl Client {
 
     pub async fn mkdir(&self, path: &str, recursive: bool) -> Result<FileInfo> {
         let p = parse_path(path)?;
-        self.master()
-            .create_directory(pb::MkdirRequest {
+        self.master_write(
+            pb::MkdirRequest {
                 path: p.to_string(),
                 recursive,
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.status(s))
+            },
+            |mut c, r| async move { c.create_directory(r).await },
+        )
+        .await
     }
 
     /// Deletes a file or (with `recursive`) a directory tree. Bytes that lived
@@ -180,14 +214,14 @@ impl Client {
     pub async fn delete(&self, path: &str, recursive: bool) -> Result<u64> {
         let p = parse_path(path)?;
         let r = self
-            .master()
-            .delete(pb::DeleteRequest {
-                path: p.to_string(),
-                recursive,
-            })
-            .await
-            .map_err(|s| self.status(s))?
-            .into_inner();
+            .master_write(
+                pb::DeleteRequest {
+                    path: p.to_string(),
+                    recursive,
+                },
+                |mut c, r| async move { c.delete(r).await },
+            )
+            .await?;
         for id in r.unpersisted_cache_ids {
             if let Some(id) = CacheId::from_hex(&id) {
                 self.free_everywhere(id).await;
@@ -198,20 +232,21 @@ impl Client {
 
     pub async fn rename(&self, src: &str, dst: &str) -> Result<()> {
         let (s, d) = (parse_path(src)?, parse_path(dst)?);
-        self.master()
-            .rename(pb::RenameRequest {
+        self.master_write(
+            pb::RenameRequest {
                 src: s.to_string(),
                 dst: d.to_string(),
-            })
-            .await
-            .map(|_| ())
-            .map_err(|s| self.status(s))
+            },
+            |mut c, r| async move { c.rename(r).await },
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn mount(&self, path: &str, ufs_uri: &str, opts: MountOptions) -> Result<MountInfo> {
         let p = parse_path(path)?;
-        self.master()
-            .mount(pb::MountRequest {
+        self.master_write(
+            pb::MountRequest {
                 path: p.to_string(),
                 ufs_uri: ufs_uri.to_string(),
                 options: opts.options.into_iter().collect(),
@@ -219,69 +254,97 @@ impl Client {
                 sync_interval: opts.sync_interval,
                 block_size: opts.block_size,
                 page_size: opts.page_size,
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.status(s))
+            },
+            |mut c, r| async move { c.mount(r).await },
+        )
+        .await
     }
 
     pub async fn unmount(&self, path: &str) -> Result<()> {
         let p = parse_path(path)?;
-        self.master()
-            .unmount(pb::PathRequest {
+        self.master_write(
+            pb::PathRequest {
                 path: p.to_string(),
-            })
-            .await
-            .map(|_| ())
-            .map_err(|s| self.status(s))
+            },
+            |mut c, r| async move { c.unmount(r).await },
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn mounts(&self) -> Result<Vec<MountInfo>> {
-        self.master()
-            .list_mounts(pb::Empty {})
-            .await
-            .map(|r| r.into_inner().mounts)
-            .map_err(|s| self.status(s))
+        self.master_read(
+            pb::Empty {},
+            |mut c, r| async move { c.list_mounts(r).await },
+        )
+        .await
+        .map(|r| r.mounts)
     }
 
     /// A mount with its credentials (what workers use to reach the UFS).
     pub async fn mount_details(&self, id: u64) -> Result<MountInfo> {
-        self.master()
-            .get_mount(pb::MountIdRequest { id })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.status(s))
+        self.master_read(pb::MountIdRequest { id }, |mut c, r| async move {
+            c.get_mount(r).await
+        })
+        .await
     }
 
     /// Re-validates `path` against the UFS now.
     pub async fn sync(&self, path: &str) -> Result<pb::SyncResponse> {
         let p = parse_path(path)?;
-        self.master()
-            .sync(pb::PathRequest {
+        self.master_write(
+            pb::PathRequest {
                 path: p.to_string(),
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.status(s))
+            },
+            |mut c, r| async move { c.sync(r).await },
+        )
+        .await
     }
 
     /// A number that changes whenever the namespace changes (for caches of
     /// metadata: equal numbers mean nothing changed in between).
     pub async fn namespace_version(&self) -> Result<u64> {
-        self.master()
-            .namespace_version(pb::Empty {})
+        self.master_read(pb::Empty {}, |mut c, r| async move {
+            c.namespace_version(r).await
+        })
+        .await
+        .map(|r| r.version)
+    }
+
+    /// The masters (Raft members) and the current leader.
+    pub async fn list_masters(&self) -> Result<pb::MasterList> {
+        self.master_read(
+            pb::Empty {},
+            |mut c, r| async move { c.list_masters(r).await },
+        )
+        .await
+    }
+
+    /// Adds a master (started with `master.join`) to the cluster.
+    pub async fn add_master(&self, id: u64, addr: &str) -> Result<pb::MasterList> {
+        let req = pb::AddMasterRequest {
+            id,
+            addr: addr.to_string(),
+        };
+        self.master_write(req, |mut c, r| async move { c.add_master(r).await })
             .await
-            .map(|r| r.into_inner().version)
-            .map_err(|s| self.status(s))
+    }
+
+    /// Removes a master from the cluster.
+    pub async fn remove_master(&self, id: u64) -> Result<pb::MasterList> {
+        let req = pb::RemoveMasterRequest { id };
+        self.master_write(req, |mut c, r| async move { c.remove_master(r).await })
+            .await
     }
 
     /// All workers the master knows, live or not.
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>> {
-        self.master()
-            .list_workers(pb::Empty {})
-            .await
-            .map(|r| r.into_inner().workers)
-            .map_err(|s| self.status(s))
+        self.master_read(
+            pb::Empty {},
+            |mut c, r| async move { c.list_workers(r).await },
+        )
+        .await
+        .map(|r| r.workers)
     }
 
     pub(crate) async fn live_workers(&self, refresh: bool) -> Result<Arc<LiveWorkers>> {

@@ -65,17 +65,15 @@ impl Writer {
                 strata_proto::data::MAX_PRIORITY
             )));
         }
+        let req = pb::CreateFileRequest {
+            path: p.to_string(),
+            write_type: opts.write_type as i32,
+            overwrite: opts.overwrite,
+            recursive: opts.recursive,
+        };
         let info = client
-            .master()
-            .create_file(pb::CreateFileRequest {
-                path: p.to_string(),
-                write_type: opts.write_type as i32,
-                overwrite: opts.overwrite,
-                recursive: opts.recursive,
-            })
-            .await
-            .map_err(|s| client.status(s))?
-            .into_inner();
+            .master_write(req, |mut c, r| async move { c.create_file(r).await })
+            .await?;
         let cache_id = CacheId::for_inode(info.id, info.generation);
         let mode = match opts.write_type {
             WriteType::CacheThrough => WriteMode::CacheThrough,
@@ -221,18 +219,16 @@ impl Writer {
                 ),
             })?,
         };
+        let req = pb::CompleteFileRequest {
+            id: self.info.id,
+            generation: self.info.generation,
+            size: self.sent,
+            fingerprint,
+            mtime_ms,
+        };
         self.client
-            .master()
-            .complete_file(pb::CompleteFileRequest {
-                id: self.info.id,
-                generation: self.info.generation,
-                size: self.sent,
-                fingerprint,
-                mtime_ms,
-            })
+            .master_write(req, |mut c, r| async move { c.complete_file(r).await })
             .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.client.status(s))
     }
 
     async fn abort_ref(&mut self) {

@@ -107,8 +107,26 @@ impl Default for GatewayConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// Master gRPC address that workers and clients dial.
+    /// Master gRPC address(es) that workers and clients dial, comma
+    /// separated. With several masters any of them will do: the current
+    /// member list is learned from the masters themselves.
     pub master: String,
+}
+
+impl ClusterConfig {
+    /// The configured master addresses.
+    pub fn masters(&self) -> Vec<String> {
+        split_list(&self.master)
+    }
+}
+
+/// Splits a comma-separated list, dropping blanks.
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 impl Default for ClusterConfig {
@@ -137,6 +155,43 @@ pub struct MasterConfig {
     pub page_size: ByteSize,
     /// Seconds a mount's UFS may take to answer the reachability check.
     pub mount_check_timeout_secs: u64,
+    /// This master's Raft member id (unique in the cluster, never reused).
+    pub node_id: u64,
+    /// Address other masters, workers and clients use to reach this master
+    /// (default: the address `rpc_addr` is bound to).
+    pub advertise_addr: Option<String>,
+    /// The first members of a new cluster, `ID=HOST:PORT` comma separated,
+    /// the same on each of them. Empty: a single master that forms its own
+    /// cluster, unless `join` is set.
+    pub initial_members: String,
+    /// Start empty and wait to be added to an existing cluster with
+    /// `strata admin masters add`.
+    pub join: bool,
+    /// Milliseconds between leader heartbeats to the other masters.
+    pub raft_heartbeat_ms: u64,
+    /// Milliseconds without a heartbeat before a follower stands for
+    /// election (randomised up to twice this).
+    pub raft_election_timeout_ms: u64,
+    /// Log entries between state snapshots (which also bound the log).
+    pub raft_snapshot_every: u64,
+}
+
+impl MasterConfig {
+    /// `initial_members` parsed into (id, address) pairs.
+    pub fn initial_members(&self) -> Result<Vec<(u64, String)>, String> {
+        split_list(&self.initial_members)
+            .into_iter()
+            .map(|m| {
+                let (id, addr) = m
+                    .split_once('=')
+                    .ok_or_else(|| format!("master.initial_members: {m:?} is not ID=HOST:PORT"))?;
+                let id = id.trim().parse::<u64>().map_err(|_| {
+                    format!("master.initial_members: {id:?} in {m:?} is not a number")
+                })?;
+                Ok((id, addr.trim().to_string()))
+            })
+            .collect()
+    }
 }
 
 impl Default for MasterConfig {
@@ -149,6 +204,13 @@ impl Default for MasterConfig {
             block_size: ByteSize(crate::geometry::DEFAULT_BLOCK_SIZE),
             page_size: ByteSize(crate::geometry::DEFAULT_PAGE_SIZE),
             mount_check_timeout_secs: 10,
+            node_id: 1,
+            advertise_addr: None,
+            initial_members: String::new(),
+            join: false,
+            raft_heartbeat_ms: 100,
+            raft_election_timeout_ms: 600,
+            raft_snapshot_every: 50_000,
         }
     }
 }
@@ -389,6 +451,13 @@ pub struct ClientConfig {
     pub prewarm_blocks: u64,
     /// Idle data connections kept open per worker for reuse.
     pub pool_idle_per_worker: usize,
+    /// Seconds a metadata call keeps retrying through a master failover
+    /// before it fails.
+    pub failover_timeout_secs: u64,
+    /// Which masters answer reads: `any` (in turn; each confirms with the
+    /// leader that it is current, so reads stay linearizable), `leader`, or
+    /// `any-stale` (any master from its own state, possibly behind).
+    pub read_from: String,
 }
 
 impl Default for ClientConfig {
@@ -400,6 +469,8 @@ impl Default for ClientConfig {
             short_circuit: true,
             prewarm_blocks: 4,
             pool_idle_per_worker: 64,
+            failover_timeout_secs: 30,
+            read_from: "any".into(),
         }
     }
 }
@@ -511,6 +582,19 @@ impl Config {
                 return Err("worker.tiers: list the tiers fastest first (MEM, SSD, HDD)".into());
             }
             prev = Some(t.medium);
+        }
+        self.master.initial_members()?;
+        if self.master.node_id == 0 {
+            return Err("master.node_id must be at least 1".into());
+        }
+        if self.master.raft_heartbeat_ms == 0
+            || self.master.raft_election_timeout_ms < 3 * self.master.raft_heartbeat_ms
+        {
+            return Err(
+                "master.raft_election_timeout_ms must be at least 3 × master.raft_heartbeat_ms \
+                 (and the heartbeat above 0)"
+                    .into(),
+            );
         }
         if self.master.sync_interval < -1 {
             return Err("master.sync_interval is -1 (never), 0 (always) or seconds".into());

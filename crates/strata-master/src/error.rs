@@ -26,7 +26,17 @@ pub enum MasterError {
     Bind { addr: String, msg: String },
     #[error("internal error: {0}")]
     Internal(String),
+    /// This master is not the Raft leader (or not yet ready to serve as
+    /// one); clients retry at `leader` when it is known.
+    #[error("master {me} is not the leader{}; retry at the leader", leader.as_ref().map(|l| format!(" (the leader is {l})")).unwrap_or_else(|| " (no leader elected yet)".into()))]
+    NotLeader { me: String, leader: Option<String> },
+    #[error(
+        "metadata replication: {0} (the masters may have lost their quorum; check `strata admin masters list`)"
+    )]
+    Raft(String),
 }
+
+pub use strata_proto::masters::LEADER_HEADER;
 
 impl From<MasterError> for Status {
     fn from(e: MasterError) -> Status {
@@ -51,7 +61,16 @@ impl From<MasterError> for Status {
             MasterError::Meta(_) | MasterError::Bind { .. } | MasterError::Internal(_) => {
                 Code::Internal
             }
+            MasterError::NotLeader { .. } | MasterError::Raft(_) => Code::Unavailable,
         };
-        Status::new(code, e.to_string())
+        let mut status = Status::new(code, e.to_string());
+        if let MasterError::NotLeader {
+            leader: Some(l), ..
+        } = &e
+            && let Ok(v) = l.parse()
+        {
+            status.metadata_mut().insert(LEADER_HEADER, v);
+        }
+        status
     }
 }

@@ -6,12 +6,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strata_common::{CacheId, Config, NsPath, now_ms};
-use strata_meta::{Command, Inode, MetaStore, MountEntry, PersistState, ROOT_ID, UfsEntry};
+use strata_meta::{
+    Command, Inode, MetaError, MetaStore, MountEntry, PersistState, ROOT_ID, UfsEntry,
+};
 use strata_proto::pb;
 use strata_ufs::{Ufs, UfsError, UfsErrorKind, UfsUri};
 
 use crate::error::MasterError;
+use crate::raft::{self, Raft, ReadIndex};
 use crate::workers::Membership;
+
+tokio::task_local! {
+    /// The client's request id for the call being served: the command that
+    /// completes the call is logged with it, so a retried call applies once.
+    pub static REQUEST_ID: Option<u128>;
+}
 
 /// A resolved path: the inode and, when it lies under a mount, the mount and
 /// the path relative to the mount's UFS root.
@@ -24,7 +33,9 @@ pub struct Resolved {
 }
 
 pub struct Namespace {
-    store: Arc<MetaStore>,
+    pub(crate) store: Arc<MetaStore>,
+    pub(crate) raft: Raft,
+    pub(crate) reads: Arc<ReadIndex>,
     config: Config,
     ufs: Mutex<HashMap<u64, Ufs>>,
     /// Serialises check-then-apply sequences (one writer at a time).
@@ -39,10 +50,16 @@ fn join_rel(rel: &str, name: &str) -> String {
 }
 
 impl Namespace {
-    pub fn open(config: &Config) -> Result<Self, MasterError> {
-        let store = MetaStore::open(&config.master.data_dir)?;
+    pub fn new(
+        config: &Config,
+        store: Arc<MetaStore>,
+        raft: Raft,
+        reads: Arc<ReadIndex>,
+    ) -> Result<Self, MasterError> {
         Ok(Namespace {
-            store: Arc::new(store),
+            store,
+            raft,
+            reads,
             config: config.clone(),
             ufs: Mutex::new(HashMap::new()),
             write_lock: tokio::sync::Mutex::new(()),
@@ -51,13 +68,69 @@ impl Namespace {
         })
     }
 
-    async fn apply(&self, cmd: Command) -> Result<strata_meta::Output, MasterError> {
-        let store = self.store.clone();
-        // redb commits fsync; keep them off the async runtime threads.
-        tokio::task::spawn_blocking(move || store.apply(&cmd))
+    /// Commits a command through Raft (a majority has it in its log) and
+    /// returns what applying it produced on this master.
+    async fn commit(
+        &self,
+        command: Command,
+        request_id: Option<u128>,
+    ) -> Result<strata_meta::Output, MasterError> {
+        let r = self
+            .raft
+            .client_write(raft::Request {
+                command,
+                request_id,
+            })
             .await
-            .map_err(|e| MasterError::Internal(format!("apply task failed: {e}")))?
-            .map_err(MasterError::from)
+            .map_err(|e| raft::write_error(&self.reads, &self.raft, e))?;
+        r.data.map_err(MasterError::from)
+    }
+
+    /// A command on the way to completing a call (e.g. a UFS listing merged
+    /// while resolving a path).
+    async fn apply(&self, cmd: Command) -> Result<strata_meta::Output, MasterError> {
+        self.commit(cmd, None).await
+    }
+
+    /// The command that completes the call: logged with the request id.
+    async fn apply_final(&self, cmd: Command) -> Result<strata_meta::Output, MasterError> {
+        let rid = REQUEST_ID.try_with(|r| *r).ok().flatten();
+        self.commit(cmd, rid).await
+    }
+
+    /// What a request id's call produced, if it was applied already.
+    pub fn replayed(&self, rid: u128) -> Result<Option<strata_meta::Output>, MasterError> {
+        Ok(self.store.replayed(rid)?)
+    }
+
+    /// A file or directory's info by inode (to answer a replayed call).
+    pub async fn stat_inode(&self, id: u64) -> Result<pb::FileInfo, MasterError> {
+        let p = self.path_of(id)?;
+        self.stat(&p).await
+    }
+
+    /// A mount's info by its mount point's inode (to answer a replayed call).
+    pub fn mount_by_inode(&self, inode: u64) -> Result<pb::MountInfo, MasterError> {
+        let m = self
+            .store
+            .mounts()?
+            .into_iter()
+            .find(|m| m.inode == inode)
+            .ok_or_else(|| MasterError::Internal("mount row missing".into()))?;
+        Ok(mount_info(&m, false))
+    }
+
+    /// The reply to a delete, from what it removed.
+    pub fn delete_response(removed: &[Inode]) -> pb::DeleteResponse {
+        let unpersisted = removed
+            .iter()
+            .filter(|i| !i.is_dir && i.persist != PersistState::Persisted)
+            .map(|i| CacheId::for_inode(i.id, i.generation).to_hex())
+            .collect();
+        pb::DeleteResponse {
+            inodes_removed: removed.len() as u64,
+            unpersisted_cache_ids: unpersisted,
+        }
     }
 
     fn ufs_for(&self, mount: &MountEntry) -> Result<Ufs, MasterError> {
@@ -355,7 +428,9 @@ impl Namespace {
             match self.resolve(&parent).await {
                 Ok(_) => {}
                 Err(MasterError::NotFound { .. }) => {
-                    Box::pin(self.mkdir(&parent, true)).await?;
+                    REQUEST_ID
+                        .scope(None, Box::pin(self.mkdir(&parent, true)))
+                        .await?;
                 }
                 Err(e) => return Err(e),
             }
@@ -372,26 +447,42 @@ impl Namespace {
             let ufs = self.ufs_for(m)?;
             ufs.mkdir(&rel).await.map_err(Self::ufs_err(path))?;
         }
-        let _w = self.write_lock.lock().await;
+        // No writer lock: the state machine checks again in log order, so
+        // concurrent creates in one directory commit together.
         if let Some(existing) = self.store.lookup(pr.inode.id, &name)? {
             // Another request made it meanwhile (concurrent writers under
             // one new directory): fine for `mkdir -p`.
             if recursive && existing.is_dir {
-                drop(_w);
                 return self.stat(path).await;
             }
             return Err(MasterError::Exists {
                 path: path.to_string(),
             });
         }
-        self.apply(Command::Mkdir {
-            parent: pr.inode.id,
-            name,
-            mtime_ms: now_ms(),
-            synced_ms: pr.mount.as_ref().map(|_| now_ms()),
-        })
-        .await?;
-        drop(_w);
+        let r = self
+            .apply_final(Command::Mkdir {
+                parent: pr.inode.id,
+                name,
+                mtime_ms: now_ms(),
+                synced_ms: pr.mount.as_ref().map(|_| now_ms()),
+            })
+            .await;
+        match r {
+            Ok(_) => {}
+            Err(MasterError::Meta(MetaError::Exists(_))) => {
+                // Lost a race with another creator of the same name.
+                if recursive
+                    && let Ok(r) = self.resolve(path).await
+                    && r.inode.is_dir
+                {
+                    return Ok(self.file_info(&r));
+                }
+                return Err(MasterError::Exists {
+                    path: path.to_string(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
         self.stat(path).await
     }
 
@@ -406,7 +497,7 @@ impl Namespace {
             && let Some(p) = path.parent()
             && let Err(MasterError::NotFound { .. }) = self.resolve(&p).await
         {
-            self.mkdir(&p, true).await?;
+            REQUEST_ID.scope(None, self.mkdir(&p, true)).await?;
         }
         let (pr, name) = self.resolve_parent(path).await?;
         self.check_writable(&pr)?;
@@ -424,7 +515,6 @@ impl Namespace {
                 PersistState::ToBePersisted
             }
         };
-        let _w = self.write_lock.lock().await;
         if let Some(old) = self.store.lookup(pr.inode.id, &name)? {
             if old.is_dir {
                 return Err(MasterError::IsDir {
@@ -437,18 +527,27 @@ impl Namespace {
                 });
             }
         }
-        self.apply(Command::CreateFile {
-            parent: pr.inode.id,
-            name: name.clone(),
-            mtime_ms: now_ms(),
-            persist,
-            overwrite,
-        })
-        .await?;
-        let ino = self
-            .store
-            .lookup(pr.inode.id, &name)?
-            .ok_or_else(|| MasterError::Internal("created file vanished".into()))?;
+        let out = self
+            .apply_final(Command::CreateFile {
+                parent: pr.inode.id,
+                name: name.clone(),
+                mtime_ms: now_ms(),
+                persist,
+                overwrite,
+            })
+            .await
+            .map_err(|e| match e {
+                MasterError::Meta(MetaError::Exists(_)) => MasterError::Exists {
+                    path: path.to_string(),
+                },
+                e => e,
+            })?;
+        let ino = out
+            .inode
+            .and_then(|id| self.store.inode(id).ok().flatten())
+            .ok_or_else(|| MasterError::NotFound {
+                path: path.to_string(),
+            })?;
         let r = self.child_resolved(&pr, ino)?;
         Ok(self.file_info(&r))
     }
@@ -457,8 +556,7 @@ impl Namespace {
         &self,
         req: pb::CompleteFileRequest,
     ) -> Result<pb::FileInfo, MasterError> {
-        let _w = self.write_lock.lock().await;
-        self.apply(Command::CompleteFile {
+        self.apply_final(Command::CompleteFile {
             id: req.id,
             generation: req.generation,
             size: req.size,
@@ -470,7 +568,6 @@ impl Namespace {
             },
         })
         .await?;
-        drop(_w);
         let path = self.path_of(req.id)?;
         self.stat(&path).await
     }
@@ -546,17 +643,8 @@ impl Namespace {
             }
         }
         let _w = self.write_lock.lock().await;
-        let out = self.apply(Command::Delete { id: r.inode.id }).await?;
-        let unpersisted = out
-            .removed
-            .iter()
-            .filter(|i| !i.is_dir && i.persist != PersistState::Persisted)
-            .map(|i| CacheId::for_inode(i.id, i.generation).to_hex())
-            .collect();
-        Ok(pb::DeleteResponse {
-            inodes_removed: out.removed.len() as u64,
-            unpersisted_cache_ids: unpersisted,
-        })
+        let out = self.apply_final(Command::Delete { id: r.inode.id }).await?;
+        Ok(Self::delete_response(&out.removed))
     }
 
     pub async fn rename(&self, src: &NsPath, dst: &NsPath) -> Result<(), MasterError> {
@@ -596,7 +684,7 @@ impl Namespace {
                 .map_err(Self::ufs_err(src))?;
         }
         let _w = self.write_lock.lock().await;
-        self.apply(Command::Rename {
+        self.apply_final(Command::Rename {
             id: r.inode.id,
             new_parent: pr.inode.id,
             new_name: name,
@@ -662,7 +750,7 @@ impl Namespace {
         let mut options: Vec<(String, String)> = opts.into_iter().collect();
         options.sort();
         let out = self
-            .apply(Command::AddMount {
+            .apply_final(Command::AddMount {
                 parent: pr.inode.id,
                 name,
                 mtime_ms: now_ms(),
@@ -703,7 +791,8 @@ impl Namespace {
                 path: path.to_string(),
                 msg: "is not a mount point (see `strata fs mount` with no arguments)".into(),
             })?;
-        self.apply(Command::RemoveMount { mount_id: m.id }).await?;
+        self.apply_final(Command::RemoveMount { mount_id: m.id })
+            .await?;
         self.ufs
             .lock()
             .unwrap_or_else(|p| p.into_inner())

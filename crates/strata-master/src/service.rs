@@ -6,7 +6,18 @@ use strata_common::NsPath;
 use strata_proto::pb::{self, master_server::Master};
 use tonic::{Request, Response, Status};
 
-use crate::namespace::Namespace;
+use crate::MasterError;
+use crate::namespace::{Namespace, REQUEST_ID};
+use crate::raft;
+
+// A call retried with the same request id (after a timeout or a failover)
+// is applied once and answered with the first application's result.
+use strata_proto::masters::{READ_HEADER, REQUEST_ID_HEADER};
+
+fn request_id<T>(r: &Request<T>) -> Option<u128> {
+    let v = r.metadata().get(REQUEST_ID_HEADER)?.to_str().ok()?;
+    u128::from_str_radix(v, 16).ok()
+}
 
 pub struct MasterService {
     ns: Arc<Namespace>,
@@ -24,14 +35,99 @@ fn path(p: &str) -> Result<NsPath, Status> {
 
 type R<T> = Result<Response<T>, Status>;
 
+impl MasterService {
+    /// Before a read: see [`raft::ReadIndex::read_barrier`].
+    async fn read<T>(&self, r: &Request<T>) -> Result<(), Status> {
+        let stale = r
+            .metadata()
+            .get(READ_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"stale");
+        self.ns
+            .reads
+            .read_barrier(&self.ns.raft, stale)
+            .await
+            .map_err(Status::from)
+    }
+
+    /// Before a mutation: this master must be the ready leader. Returns the
+    /// request id and, if that request was applied already, its output.
+    async fn write<T>(
+        &self,
+        r: &Request<T>,
+    ) -> Result<(Option<u128>, Option<strata_meta::Output>), Status> {
+        self.ns.reads.ensure_leader(&self.ns.raft).await?;
+        let rid = request_id(r);
+        let replayed = match rid {
+            Some(id) => self.ns.replayed(id)?,
+            None => None,
+        };
+        Ok((rid, replayed))
+    }
+
+    async fn replayed_info(&self, out: strata_meta::Output) -> R<pb::FileInfo> {
+        let id = out
+            .inode
+            .ok_or_else(|| Status::internal("replayed call recorded no inode"))?;
+        Ok(Response::new(self.ns.stat_inode(id).await?))
+    }
+
+    fn masters(&self) -> pb::MasterList {
+        let m = self.ns.raft.metrics().borrow().clone();
+        let voters: std::collections::BTreeSet<u64> =
+            m.membership_config.membership().voter_ids().collect();
+        let members = raft::members(&self.ns.raft);
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| members.get(&l).cloned())
+            .unwrap_or_default();
+        pb::MasterList {
+            masters: members
+                .iter()
+                .map(|(id, addr)| pb::MasterInfo {
+                    id: *id,
+                    addr: addr.clone(),
+                    role: if Some(*id) == m.current_leader {
+                        "leader"
+                    } else if voters.contains(id) {
+                        "follower"
+                    } else {
+                        "learner"
+                    }
+                    .into(),
+                })
+                .collect(),
+            leader_id: m.current_leader.unwrap_or(0),
+            leader_addr,
+            term: m.current_term,
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            inodes: self.ns.store.inode_count().unwrap_or(0),
+        }
+    }
+
+    fn master_addrs(&self) -> Vec<String> {
+        raft::members(&self.ns.raft).into_values().collect()
+    }
+
+    fn raft_err(&self, e: impl std::fmt::Display) -> Status {
+        let s = e.to_string();
+        if s.contains("forward") || s.contains("leader") {
+            Status::from(self.ns.reads.not_leader(&self.ns.raft))
+        } else {
+            Status::from(MasterError::Raft(s))
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Master for MasterService {
     async fn get_file_info(&self, req: Request<pb::PathRequest>) -> R<pb::FileInfo> {
+        self.read(&req).await?;
         let p = path(&req.get_ref().path)?;
         Ok(Response::new(self.ns.stat(&p).await?))
     }
 
     async fn list_status(&self, req: Request<pb::PathRequest>) -> R<pb::ListResponse> {
+        self.read(&req).await?;
         let p = path(&req.get_ref().path)?;
         Ok(Response::new(pb::ListResponse {
             entries: self.ns.list(&p).await?,
@@ -39,65 +135,107 @@ impl Master for MasterService {
     }
 
     async fn create_directory(&self, req: Request<pb::MkdirRequest>) -> R<pb::FileInfo> {
+        let (rid, replayed) = self.write(&req).await?;
+        if let Some(out) = replayed {
+            return self.replayed_info(out).await;
+        }
         let r = req.into_inner();
         let p = path(&r.path)?;
-        Ok(Response::new(self.ns.mkdir(&p, r.recursive).await?))
+        let info = REQUEST_ID
+            .scope(rid, self.ns.mkdir(&p, r.recursive))
+            .await?;
+        Ok(Response::new(info))
     }
 
     async fn create_file(&self, req: Request<pb::CreateFileRequest>) -> R<pb::FileInfo> {
+        let (rid, replayed) = self.write(&req).await?;
+        if let Some(out) = replayed {
+            return self.replayed_info(out).await;
+        }
         let r = req.into_inner();
         let p = path(&r.path)?;
         let wt = pb::WriteType::try_from(r.write_type).unwrap_or(pb::WriteType::MustCache);
-        Ok(Response::new(
-            self.ns
-                .create_file(&p, wt, r.overwrite, r.recursive)
-                .await?,
-        ))
+        let info = REQUEST_ID
+            .scope(rid, self.ns.create_file(&p, wt, r.overwrite, r.recursive))
+            .await?;
+        Ok(Response::new(info))
     }
 
     async fn complete_file(&self, req: Request<pb::CompleteFileRequest>) -> R<pb::FileInfo> {
-        Ok(Response::new(
-            self.ns.complete_file(req.into_inner()).await?,
-        ))
+        let (rid, replayed) = self.write(&req).await?;
+        if let Some(out) = replayed {
+            return self.replayed_info(out).await;
+        }
+        let info = REQUEST_ID
+            .scope(rid, self.ns.complete_file(req.into_inner()))
+            .await?;
+        Ok(Response::new(info))
     }
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> R<pb::DeleteResponse> {
+        let (rid, replayed) = self.write(&req).await?;
+        if let Some(out) = replayed {
+            return Ok(Response::new(Namespace::delete_response(&out.removed)));
+        }
         let r = req.into_inner();
         let p = path(&r.path)?;
-        Ok(Response::new(self.ns.delete(&p, r.recursive).await?))
+        let resp = REQUEST_ID
+            .scope(rid, self.ns.delete(&p, r.recursive))
+            .await?;
+        Ok(Response::new(resp))
     }
 
     async fn rename(&self, req: Request<pb::RenameRequest>) -> R<pb::Empty> {
-        let r = req.into_inner();
-        self.ns.rename(&path(&r.src)?, &path(&r.dst)?).await?;
+        let (rid, replayed) = self.write(&req).await?;
+        if replayed.is_none() {
+            let r = req.into_inner();
+            let (src, dst) = (path(&r.src)?, path(&r.dst)?);
+            REQUEST_ID.scope(rid, self.ns.rename(&src, &dst)).await?;
+        }
         Ok(Response::new(pb::Empty {}))
     }
 
     async fn mount(&self, req: Request<pb::MountRequest>) -> R<pb::MountInfo> {
-        Ok(Response::new(self.ns.mount(req.into_inner()).await?))
+        let (rid, replayed) = self.write(&req).await?;
+        if let Some(out) = replayed {
+            let inode = out.inode.unwrap_or(0);
+            return Ok(Response::new(self.ns.mount_by_inode(inode)?));
+        }
+        let info = REQUEST_ID
+            .scope(rid, self.ns.mount(req.into_inner()))
+            .await?;
+        Ok(Response::new(info))
     }
 
     async fn unmount(&self, req: Request<pb::PathRequest>) -> R<pb::Empty> {
-        self.ns.unmount(&path(&req.get_ref().path)?).await?;
+        let (rid, replayed) = self.write(&req).await?;
+        if replayed.is_none() {
+            let p = path(&req.get_ref().path)?;
+            REQUEST_ID.scope(rid, self.ns.unmount(&p)).await?;
+        }
         Ok(Response::new(pb::Empty {}))
     }
 
-    async fn list_mounts(&self, _req: Request<pb::Empty>) -> R<pb::MountList> {
+    async fn list_mounts(&self, req: Request<pb::Empty>) -> R<pb::MountList> {
+        self.read(&req).await?;
         Ok(Response::new(pb::MountList {
             mounts: self.ns.mounts()?,
         }))
     }
 
     async fn get_mount(&self, req: Request<pb::MountIdRequest>) -> R<pb::MountInfo> {
+        self.read(&req).await?;
         Ok(Response::new(self.ns.mount_by_id(req.get_ref().id)?))
     }
 
     async fn sync(&self, req: Request<pb::PathRequest>) -> R<pb::SyncResponse> {
+        self.ns.reads.ensure_leader(&self.ns.raft).await?;
         let p = path(&req.get_ref().path)?;
         Ok(Response::new(self.ns.sync(&p).await?))
     }
 
-    async fn namespace_version(&self, _req: Request<pb::Empty>) -> R<pb::VersionResponse> {
+    async fn namespace_version(&self, req: Request<pb::Empty>) -> R<pb::VersionResponse> {
+        self.read(&req).await?;
         Ok(Response::new(pb::VersionResponse {
             version: self.ns.version()?,
         }))
@@ -110,18 +248,81 @@ impl Master for MasterService {
         self.ns.membership.register(req.get_ref());
         Ok(Response::new(pb::RegisterWorkerResponse {
             heartbeat_interval_ms: 1000,
+            masters: self.master_addrs(),
         }))
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> R<pb::HeartbeatResponse> {
         let r = req.into_inner();
         let known = self.ns.membership.heartbeat(r.worker_id, r.stats);
-        Ok(Response::new(pb::HeartbeatResponse { reregister: !known }))
+        let leader = self.ns.raft.metrics().borrow().state == openraft::ServerState::Leader;
+        Ok(Response::new(pb::HeartbeatResponse {
+            reregister: !known,
+            masters: self.master_addrs(),
+            leader,
+        }))
     }
 
     async fn list_workers(&self, _req: Request<pb::Empty>) -> R<pb::WorkerList> {
         Ok(Response::new(pb::WorkerList {
             workers: self.ns.membership.list(),
         }))
+    }
+
+    async fn list_masters(&self, _req: Request<pb::Empty>) -> R<pb::MasterList> {
+        Ok(Response::new(self.masters()))
+    }
+
+    async fn add_master(&self, req: Request<pb::AddMasterRequest>) -> R<pb::MasterList> {
+        self.ns.reads.ensure_leader(&self.ns.raft).await?;
+        let r = req.into_inner();
+        if r.id == 0 || r.addr.is_empty() {
+            return Err(Status::invalid_argument(
+                "a master needs an id (1 or more) and an address HOST:PORT",
+            ));
+        }
+        if let Some(a) = raft::members(&self.ns.raft).get(&r.id) {
+            return Err(Status::already_exists(format!(
+                "master id {} is already a member (at {a}); ids are never reused",
+                r.id
+            )));
+        }
+        // As a learner first: it receives the log (or a snapshot) and only
+        // counts towards the quorum once it has caught up.
+        self.ns
+            .raft
+            .add_learner(r.id, openraft::BasicNode::new(&r.addr), true)
+            .await
+            .map_err(|e| self.raft_err(e))?;
+        self.ns
+            .raft
+            .change_membership(openraft::ChangeMembers::AddVoterIds([r.id].into()), false)
+            .await
+            .map_err(|e| self.raft_err(e))?;
+        tracing::info!(id = r.id, addr = %r.addr, "master added");
+        Ok(Response::new(self.masters()))
+    }
+
+    async fn remove_master(&self, req: Request<pb::RemoveMasterRequest>) -> R<pb::MasterList> {
+        self.ns.reads.ensure_leader(&self.ns.raft).await?;
+        let id = req.get_ref().id;
+        let members = raft::members(&self.ns.raft);
+        if !members.contains_key(&id) {
+            return Err(Status::not_found(format!(
+                "master id {id} is not a member (members: {members:?})"
+            )));
+        }
+        if members.len() == 1 {
+            return Err(Status::failed_precondition(
+                "cannot remove the last master; add its replacement first",
+            ));
+        }
+        self.ns
+            .raft
+            .change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
+            .await
+            .map_err(|e| self.raft_err(e))?;
+        tracing::info!(id, "master removed");
+        Ok(Response::new(self.masters()))
     }
 }

@@ -73,7 +73,7 @@ pub enum Command {
 }
 
 /// What applying a command produced.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Output {
     /// The inode created or changed, if any.
     pub inode: Option<InodeId>,

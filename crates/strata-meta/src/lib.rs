@@ -6,9 +6,11 @@
 //! own store: no network, no UFS calls, no clocks (times arrive in commands).
 
 mod command;
+mod replicated;
 mod store;
 
 pub use command::{Command, Output, UfsEntry};
+pub use replicated::LoggedCommand;
 pub use store::MetaStore;
 
 use serde::{Deserialize, Serialize};
@@ -69,7 +71,7 @@ pub struct MountEntry {
 }
 
 /// Errors from the state machine. A command that fails changes nothing.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum MetaError {
     #[error("no such inode {0}")]
     NoInode(InodeId),
@@ -83,4 +85,12 @@ pub enum MetaError {
     Invalid(String),
     #[error("metadata store at {path}: {msg} (check the disk and permissions of master.data_dir)")]
     Store { path: String, msg: String },
+}
+
+impl MetaError {
+    /// True when the store itself failed (disk, corruption), as opposed to a
+    /// command that the state rejects.
+    pub fn is_store(&self) -> bool {
+        matches!(self, MetaError::Store { .. })
+    }
 }

@@ -8,21 +8,24 @@ use strata_common::InodeId;
 use crate::command::{Command, Output, UfsEntry};
 use crate::{Inode, MetaError, MountEntry, PersistState, ROOT_ID};
 
-const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
-const CHILDREN: TableDefinition<(u64, &str), u64> = TableDefinition::new("children");
-const MOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("mounts");
-const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+pub(crate) const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
+pub(crate) const CHILDREN: TableDefinition<(u64, &str), u64> = TableDefinition::new("children");
+pub(crate) const MOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("mounts");
+pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+pub(crate) const REPL: TableDefinition<&str, &[u8]> = TableDefinition::new("replication");
+pub(crate) const REQUESTS: TableDefinition<u128, &[u8]> = TableDefinition::new("requests");
+pub(crate) const REQUEST_AGE: TableDefinition<u64, u128> = TableDefinition::new("request_age");
 
 const NEXT_INODE: &str = "next_inode";
 const NEXT_MOUNT: &str = "next_mount";
-const APPLIED: &str = "applied_commands";
+pub(crate) const APPLIED: &str = "applied_commands";
 
 pub struct MetaStore {
-    db: Database,
-    path: PathBuf,
+    pub(crate) db: Database,
+    pub(crate) path: PathBuf,
 }
 
-fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
     // Serialising plain structs to a Vec cannot fail.
     postcard::to_allocvec(v).unwrap_or_default()
 }
@@ -43,7 +46,7 @@ impl MetaStore {
         Ok(s)
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> MetaError {
+    pub(crate) fn err(&self, e: impl std::fmt::Display) -> MetaError {
         MetaError::Store {
             path: self.path.display().to_string(),
             msg: e.to_string(),
@@ -56,6 +59,9 @@ impl MetaStore {
             let mut inodes = tx.open_table(INODES).map_err(|e| self.err(e))?;
             tx.open_table(CHILDREN).map_err(|e| self.err(e))?;
             tx.open_table(MOUNTS).map_err(|e| self.err(e))?;
+            tx.open_table(REPL).map_err(|e| self.err(e))?;
+            tx.open_table(REQUESTS).map_err(|e| self.err(e))?;
+            tx.open_table(REQUEST_AGE).map_err(|e| self.err(e))?;
             let mut counters = tx.open_table(COUNTERS).map_err(|e| self.err(e))?;
             if inodes.get(ROOT_ID).map_err(|e| self.err(e))?.is_none() {
                 let root = Inode {
@@ -175,12 +181,12 @@ impl MetaStore {
     }
 }
 
-struct Tables<'t> {
-    inodes: Table<'t, u64, &'static [u8]>,
-    children: Table<'t, (u64, &'static str), u64>,
-    mounts: Table<'t, u64, &'static [u8]>,
-    counters: Table<'t, &'static str, u64>,
-    store: &'t MetaStore,
+pub(crate) struct Tables<'t> {
+    pub(crate) inodes: Table<'t, u64, &'static [u8]>,
+    pub(crate) children: Table<'t, (u64, &'static str), u64>,
+    pub(crate) mounts: Table<'t, u64, &'static [u8]>,
+    pub(crate) counters: Table<'t, &'static str, u64>,
+    pub(crate) store: &'t MetaStore,
 }
 
 impl Tables<'_> {
@@ -188,7 +194,7 @@ impl Tables<'_> {
         self.store.err(e)
     }
 
-    fn counter(&self, k: &str) -> Result<u64, MetaError> {
+    pub(crate) fn counter(&self, k: &str) -> Result<u64, MetaError> {
         Ok(self
             .counters
             .get(k)
@@ -197,7 +203,7 @@ impl Tables<'_> {
             .unwrap_or(0))
     }
 
-    fn set_counter(&mut self, k: &str, v: u64) -> Result<(), MetaError> {
+    pub(crate) fn set_counter(&mut self, k: &str, v: u64) -> Result<(), MetaError> {
         self.counters.insert(k, v).map_err(|e| self.store.err(e))?;
         Ok(())
     }
@@ -320,7 +326,7 @@ impl Tables<'_> {
         }
     }
 
-    fn apply(&mut self, cmd: &Command) -> Result<Output, MetaError> {
+    pub(crate) fn apply(&mut self, cmd: &Command) -> Result<Output, MetaError> {
         let mut out = Output::default();
         match cmd {
             Command::Mkdir {

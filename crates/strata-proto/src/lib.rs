@@ -3,6 +3,7 @@
 //! decoding only; it knows nothing of namespaces, caches or storage.
 
 pub mod data;
+pub mod masters;
 
 #[allow(clippy::all)]
 pub mod pb {

@@ -45,7 +45,7 @@ pub struct Cluster {
 }
 
 /// Reads a child's stdout on a thread; waits for a line with `marker`.
-fn wait_line(
+pub(crate) fn wait_line(
     child: &mut Child,
     markers: &[&str],
     timeout: Duration,
@@ -85,7 +85,7 @@ fn wait_line(
     Ok(lines)
 }
 
-fn field(lines: &[String], key: &str) -> anyhow::Result<String> {
+pub(crate) fn field(lines: &[String], key: &str) -> anyhow::Result<String> {
     lines
         .iter()
         .find_map(|l| {
@@ -115,7 +115,7 @@ impl Cluster {
         let mut cmd = Command::new(&self.bin);
         cmd.env_remove("STRATA_CONFIG")
             .env_remove("STRATA_MASTER")
-            .env("STRATA_LOG", "warn")
+            .env("STRATA_LOG", "warn,openraft=off,s3s=off")
             // Fresh usage figures at the master within a tenth of a second.
             .env("STRATA_WORKER_HEARTBEAT_INTERVAL_MS", "100")
             .current_dir(self.dir.path());

@@ -5,9 +5,11 @@
 
 pub mod cluster;
 mod fast_fs;
+pub mod ha;
 pub mod proxy;
 pub mod s3;
 
 pub use cluster::{Cluster, ClusterOptions};
+pub use ha::HaCluster;
 pub use proxy::{LatencyProxy, ProxyOptions};
 pub use s3::S3Server;

@@ -99,22 +99,6 @@ impl WorkerHandle {
     }
 }
 
-pub fn master_channel(addr: &str) -> Result<tonic::transport::Channel, WorkerError> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let ep = tonic::transport::Endpoint::from_shared(uri).map_err(|e| WorkerError::Master {
-        addr: addr.to_string(),
-        msg: e.to_string(),
-    })?;
-    Ok(ep
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect_lazy())
-}
-
 /// Opens the cache directory, starts the data server and the heartbeat loop.
 pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
     let wc = &config.worker;
@@ -130,10 +114,20 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
         addr: wc.data_addr.clone(),
         msg: e.to_string(),
     })?;
-    let channel = master_channel(&config.cluster.master)?;
+    let masters = Arc::new(
+        strata_proto::masters::MasterSet::new(
+            config.cluster.masters(),
+            std::time::Duration::from_secs(config.client.failover_timeout_secs),
+            strata_proto::masters::ReadFrom::Any,
+        )
+        .map_err(|msg| WorkerError::Master {
+            addr: config.cluster.master.clone(),
+            msg,
+        })?,
+    );
     let shared = Arc::new(Shared {
         store,
-        mounts: mounts::Mounts::new(channel.clone()),
+        mounts: mounts::Mounts::new(masters.clone()),
         counters: Counters::default(),
         config: config.clone(),
         fetches: data_server::Fetches::default(),
@@ -149,7 +143,7 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
         tokio::spawn(heartbeat::run(
             id,
             advertise,
-            channel,
+            masters,
             shared.clone(),
             wc.heartbeat_interval_ms,
             rx.clone(),

@@ -1,20 +1,22 @@
 //! UFS handles for mounts, fetched from the master by mount id on first use.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use strata_proto::masters::MasterSet;
 
 use strata_proto::pb;
 use strata_ufs::{Ufs, UfsError, UfsErrorKind, UfsUri};
 
 pub struct Mounts {
-    channel: tonic::transport::Channel,
+    masters: Arc<MasterSet>,
     cache: Mutex<HashMap<u64, Ufs>>,
 }
 
 impl Mounts {
-    pub fn new(channel: tonic::transport::Channel) -> Self {
+    pub fn new(masters: Arc<MasterSet>) -> Self {
         Mounts {
-            channel,
+            masters,
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -28,18 +30,24 @@ impl Mounts {
         {
             return Ok(u.clone());
         }
-        let mut c = pb::master_client::MasterClient::new(self.channel.clone());
-        let m = c
-            .get_mount(pb::MountIdRequest { id })
+        let set = &self.masters;
+        let m = set
+            .call(false, |mut c| {
+                let r = set.request(pb::MountIdRequest { id }, None);
+                async move { c.get_mount(r).await }
+            })
             .await
-            .map_err(|s| {
+            .map_err(|e| {
                 UfsError::new(
                     UfsErrorKind::Other,
                     format!("mount {id}"),
-                    format!("cannot get the mount from the master: {}", s.message()),
+                    format!(
+                        "cannot get the mount from the master at {}: {}",
+                        e.addr,
+                        e.status.message()
+                    ),
                 )
-            })?
-            .into_inner();
+            })?;
         let opts: BTreeMap<String, String> = m.options.into_iter().collect();
         let uri = UfsUri::parse(&m.ufs_uri, &opts)?;
         let u = strata_ufs::open(&uri)?;

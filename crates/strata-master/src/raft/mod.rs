@@ -1,0 +1,274 @@
+//! Metadata replication with openraft: the log ([`log_store`]), the state
+//! machine over `strata_meta` ([`state_machine`]), master-to-master messages
+//! ([`network`]), and what the service needs from Raft: is this master the
+//! leader, where is the leader, and when may a read be answered.
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState};
+use serde::{Deserialize, Serialize};
+use strata_meta::{Command, MetaError, MetaStore, Output};
+
+use strata_proto::pb::{self, raft_transport_client::RaftTransportClient};
+use tonic::transport::Channel;
+
+use crate::MasterError;
+
+/// A log entry's payload: a namespace command and the client's request id.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub command: Command,
+    pub request_id: Option<u128>,
+}
+
+pub type Response = Result<Output, MetaError>;
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Timing of elections and heartbeats (milliseconds).
+#[derive(Clone, Debug)]
+pub struct Timing {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Entries between snapshots.
+    pub snapshot_every: u64,
+}
+
+impl Timing {
+    /// How long after the last quorum acknowledgement the leader still
+    /// answers reads alone: well under the election timeout, so no other
+    /// master can have been elected meanwhile.
+    pub fn lease_ms(&self) -> u64 {
+        self.election_min_ms / 2
+    }
+}
+
+/// Starts the Raft node over an opened store.
+pub async fn start(
+    id: u64,
+    dir: &std::path::Path,
+    store: Arc<MetaStore>,
+    timing: &Timing,
+) -> Result<Raft, MasterError> {
+    let cfg = openraft::Config {
+        cluster_name: "strata".into(),
+        heartbeat_interval: timing.heartbeat_ms,
+        election_timeout_min: timing.election_min_ms,
+        election_timeout_max: timing.election_max_ms,
+        install_snapshot_timeout: 10_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(timing.snapshot_every),
+        max_in_snapshot_log_to_keep: 1000,
+        max_payload_entries: 1000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| MasterError::Raft(format!("invalid Raft settings: {e}")))?;
+    let log = log_store::LogStore::open(dir).map_err(MasterError::Raft)?;
+    let sm = state_machine::StateMachine::new(store, dir);
+    Raft::new(id, Arc::new(cfg), network::Network, log, sm)
+        .await
+        .map_err(|e| MasterError::Raft(format!("cannot start Raft: {e}")))
+}
+
+/// The addresses of the current members (voters and learners).
+pub fn members(raft: &Raft) -> BTreeMap<u64, String> {
+    let m = raft.metrics().borrow().membership_config.clone();
+    m.nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
+}
+
+fn leader_addr(raft: &Raft) -> Option<String> {
+    let m = raft.metrics().borrow().clone();
+    let id = m.current_leader?;
+    m.membership_config
+        .nodes()
+        .find(|(n, _)| **n == id)
+        .map(|(_, node)| node.addr.clone())
+}
+
+/// Leadership and read barriers for one master.
+pub struct ReadIndex {
+    pub me: String,
+    pub lease_ms: u64,
+    /// Connection to the leader for read-index requests (followers).
+    leader: std::sync::Mutex<Option<(String, RaftTransportClient<Channel>)>>,
+    /// Term in which this master, as leader, has applied everything
+    /// committed before it took over (so its store can be read and checked).
+    ready_term: AtomicU64,
+}
+
+impl ReadIndex {
+    pub fn new(me: String, timing: &Timing) -> Self {
+        ReadIndex {
+            me,
+            lease_ms: timing.lease_ms(),
+            leader: std::sync::Mutex::new(None),
+            ready_term: AtomicU64::new(0),
+        }
+    }
+
+    pub fn not_leader(&self, raft: &Raft) -> MasterError {
+        MasterError::NotLeader {
+            me: self.me.clone(),
+            leader: leader_addr(raft),
+        }
+    }
+
+    /// Ok when this master is the leader and has applied every entry
+    /// committed by earlier leaders: its store may be checked and changed.
+    /// A new leader's first entry (a blank one in its own term) being
+    /// applied proves that; no network round is needed.
+    pub async fn ensure_leader(&self, raft: &Raft) -> Result<(), MasterError> {
+        let (state, term, applied_term) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (
+                m.state,
+                m.current_term,
+                m.last_applied.map(|l| l.leader_id.term),
+            )
+        };
+        if state != ServerState::Leader {
+            return Err(self.not_leader(raft));
+        }
+        if self.ready_term.load(Ordering::Acquire) == term {
+            return Ok(());
+        }
+        if applied_term != Some(term) {
+            raft.wait(Some(Duration::from_secs(5)))
+                .metrics(
+                    |m| {
+                        m.state != ServerState::Leader
+                            || m.current_term != term
+                            || m.last_applied.map(|l| l.leader_id.term) == Some(term)
+                    },
+                    "leader applied its first entry",
+                )
+                .await
+                .map_err(|_| self.not_leader(raft))?;
+            let m = raft.metrics();
+            let m = m.borrow();
+            if m.state != ServerState::Leader || m.current_term != term {
+                return Err(self.not_leader(raft));
+            }
+        }
+        self.ready_term.store(term, Ordering::Release);
+        Ok(())
+    }
+
+    /// As leader: the index a linearizable read must see applied. Within
+    /// the lease that is what this master has applied (every acknowledged
+    /// write is); otherwise a quorum round confirms leadership first.
+    pub async fn leader_read_index(&self, raft: &Raft) -> Result<u64, MasterError> {
+        self.ensure_leader(raft).await?;
+        let m = raft.metrics().borrow().clone();
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        if m.millis_since_quorum_ack
+            .is_some_and(|ms| ms < self.lease_ms)
+        {
+            return Ok(applied);
+        }
+        let (read, applied) = raft
+            .get_read_log_id()
+            .await
+            .map_err(|_| self.not_leader(raft))?;
+        Ok(read
+            .map(|l| l.index)
+            .unwrap_or(0)
+            .max(applied.map(|l| l.index).unwrap_or(0)))
+    }
+
+    /// Before answering a read: linearizable (everything acknowledged before
+    /// the read began is visible) unless `stale`, which answers from this
+    /// master's state as it is, however far behind.
+    pub async fn read_barrier(&self, raft: &Raft, stale: bool) -> Result<(), MasterError> {
+        let (state, leader) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (m.state, m.current_leader)
+        };
+        if stale && leader.is_some() {
+            return Ok(());
+        }
+        let index = if state == ServerState::Leader {
+            self.leader_read_index(raft).await?
+        } else {
+            self.ask_leader(raft).await?
+        };
+        let applied = raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0);
+        if applied < index {
+            self.wait_applied(raft, index).await?;
+        }
+        Ok(())
+    }
+
+    async fn ask_leader(&self, raft: &Raft) -> Result<u64, MasterError> {
+        let addr = leader_addr(raft).ok_or_else(|| self.not_leader(raft))?;
+        let mut client = {
+            let mut g = self.leader.lock().unwrap_or_else(|p| p.into_inner());
+            match &*g {
+                Some((a, c)) if *a == addr => c.clone(),
+                _ => {
+                    let c = RaftTransportClient::new(
+                        network::channel(&addr).map_err(MasterError::Raft)?,
+                    );
+                    *g = Some((addr.clone(), c.clone()));
+                    c
+                }
+            }
+        };
+        let mut req = tonic::Request::new(pb::Empty {});
+        req.set_timeout(Duration::from_secs(2));
+        client
+            .read_index(req)
+            .await
+            .map(|r| r.into_inner().index)
+            .map_err(|_| self.not_leader(raft))
+    }
+
+    /// Waits until this master has applied `index` (a follower serving a
+    /// linearizable read).
+    pub async fn wait_applied(&self, raft: &Raft, index: u64) -> Result<(), MasterError> {
+        raft.wait(Some(Duration::from_secs(5)))
+            .applied_index_at_least(Some(index), "read")
+            .await
+            .map(drop)
+            .map_err(|e| MasterError::Raft(format!("waiting to apply index {index}: {e}")))
+    }
+}
+
+/// Maps a failed write to the error the client acts on.
+pub fn write_error(
+    reads: &ReadIndex,
+    raft: &Raft,
+    e: RaftError<u64, ClientWriteError<u64, BasicNode>>,
+) -> MasterError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => MasterError::NotLeader {
+            me: reads.me.clone(),
+            leader: f.leader_node.map(|n| n.addr),
+        },
+        RaftError::APIError(e) => MasterError::Raft(e.to_string()),
+        RaftError::Fatal(_) => reads.not_leader(raft),
+    }
+}

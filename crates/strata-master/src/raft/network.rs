@@ -1,0 +1,190 @@
+//! Raft messages between masters over gRPC: the `RaftTransport` service
+//! carries openraft's own request and response types, postcard-encoded.
+
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, BasicNode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use strata_proto::pb::{self, raft_transport_client::RaftTransportClient};
+use tonic::transport::Channel;
+
+use super::{Raft, TypeConfig};
+
+/// Dials other masters; one lazily connected channel per peer.
+pub struct Network;
+
+pub struct Peer {
+    target: u64,
+    node: BasicNode,
+    client: Option<RaftTransportClient<Channel>>,
+}
+
+pub fn channel(addr: &str) -> Result<Channel, String> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(tonic::transport::Endpoint::from_shared(uri)
+        .map_err(|e| format!("invalid master address {addr:?}: {e}"))?
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Peer {
+        let client = channel(&node.addr).ok().map(|ch| {
+            RaftTransportClient::new(ch)
+                .max_decoding_message_size(512 << 20)
+                .max_encoding_message_size(512 << 20)
+        });
+        Peer {
+            target,
+            node: node.clone(),
+            client,
+        }
+    }
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
+
+impl Peer {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        req: &Req,
+        option: &RPCOption,
+        which: &'static str,
+    ) -> Result<Resp, RpcErr<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let Some(client) = self.client.as_mut() else {
+            let e = AnyError::error(format!("invalid address {:?}", self.node.addr));
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        };
+        let data =
+            postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(pb::RaftBytes { data });
+        request.set_timeout(option.hard_ttl());
+        let r = match which {
+            "append" => client.append_entries(request).await,
+            "vote" => client.vote(request).await,
+            _ => client.install_snapshot(request).await,
+        };
+        let reply = match r {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                let e =
+                    AnyError::error(format!("master {} at {}: {s}", self.target, self.node.addr));
+                return Err(match s.code() {
+                    tonic::Code::Unavailable | tonic::Code::Cancelled => {
+                        RPCError::Unreachable(Unreachable::new(&e))
+                    }
+                    _ => RPCError::Network(NetworkError::new(&e)),
+                });
+            }
+        };
+        let r: Result<Resp, RaftError<u64, E>> = postcard::from_bytes(&reply.data)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        r.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                e,
+            ))
+        })
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
+        self.call(&rpc, &option, "append").await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
+        self.call(&rpc, &option, "snapshot").await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcErr> {
+        self.call(&rpc, &option, "vote").await
+    }
+}
+
+/// The server side: decodes a message, hands it to the local Raft node and
+/// encodes its answer (errors included, so the sender sees Raft's own error).
+pub struct Transport {
+    pub raft: Raft,
+    pub reads: std::sync::Arc<super::ReadIndex>,
+}
+
+fn decode<T: DeserializeOwned>(r: tonic::Request<pb::RaftBytes>) -> Result<T, tonic::Status> {
+    postcard::from_bytes(&r.into_inner().data)
+        .map_err(|e| tonic::Status::invalid_argument(format!("undecodable Raft message: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<tonic::Response<pb::RaftBytes>, tonic::Status> {
+    postcard::to_allocvec(v)
+        .map(|data| tonic::Response::new(pb::RaftBytes { data }))
+        .map_err(|e| tonic::Status::internal(format!("cannot encode Raft reply: {e}")))
+}
+
+#[tonic::async_trait]
+impl pb::raft_transport_server::RaftTransport for Transport {
+    async fn append_entries(
+        &self,
+        r: tonic::Request<pb::RaftBytes>,
+    ) -> Result<tonic::Response<pb::RaftBytes>, tonic::Status> {
+        let req: AppendEntriesRequest<TypeConfig> = decode(r)?;
+        encode(&self.raft.append_entries(req).await)
+    }
+
+    async fn vote(
+        &self,
+        r: tonic::Request<pb::RaftBytes>,
+    ) -> Result<tonic::Response<pb::RaftBytes>, tonic::Status> {
+        let req: VoteRequest<u64> = decode(r)?;
+        encode(&self.raft.vote(req).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        r: tonic::Request<pb::RaftBytes>,
+    ) -> Result<tonic::Response<pb::RaftBytes>, tonic::Status> {
+        let req: InstallSnapshotRequest<TypeConfig> = decode(r)?;
+        encode(&self.raft.install_snapshot(req).await)
+    }
+
+    async fn read_index(
+        &self,
+        _r: tonic::Request<pb::Empty>,
+    ) -> Result<tonic::Response<pb::ReadIndexResponse>, tonic::Status> {
+        let index = self.reads.leader_read_index(&self.raft).await?;
+        Ok(tonic::Response::new(pb::ReadIndexResponse { index }))
+    }
+}

@@ -1,0 +1,377 @@
+//! What a replicated log needs from the store: a command applied together
+//! with opaque replication state (last applied log id, membership) in one
+//! transaction, request ids that make a retried command apply once, and
+//! whole-state snapshots. The store does not know which consensus library
+//! writes the opaque state.
+
+use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, Output};
+use crate::store::{
+    APPLIED, CHILDREN, COUNTERS, INODES, MOUNTS, REPL, REQUEST_AGE, REQUESTS, Tables, enc,
+};
+use crate::{MetaError, MetaStore};
+
+/// One committed log entry as the store applies it.
+pub struct LoggedCommand<'a> {
+    /// Log index (orders request-id expiry; the same on every replica).
+    pub index: u64,
+    /// `None` for entries that change only replication state (blank entries,
+    /// membership changes).
+    pub command: Option<&'a Command>,
+    /// Client request id. A command whose id was applied before is not
+    /// applied again; the first application's output is returned.
+    pub request: Option<u128>,
+    /// Opaque key/values stored in the same transaction.
+    pub state: &'a [(&'a str, Vec<u8>)],
+}
+
+/// Request ids are remembered for this many log entries: far longer than
+/// any client keeps retrying one call.
+const REQUEST_WINDOW: u64 = 1 << 20;
+const SNAPSHOT_MAGIC: &[u8; 8] = b"STRMETA1";
+
+/// One record of a snapshot; a snapshot is the magic followed by records.
+#[derive(Serialize, Deserialize)]
+enum Rec<'a> {
+    Inode(u64, &'a [u8]),
+    Child(u64, &'a str, u64),
+    Mount(u64, &'a [u8]),
+    Counter(&'a str, u64),
+    Repl(&'a str, &'a [u8]),
+    Request(u128, &'a [u8]),
+    Age(u64, u128),
+    /// Last record: how many came before it (a cut snapshot is detected).
+    End(u64),
+}
+
+impl MetaStore {
+    fn write_tx(&self, durable: bool) -> Result<WriteTransaction, MetaError> {
+        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        if !durable {
+            tx.set_durability(Durability::None)
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(tx)
+    }
+
+    fn put_state(&self, tx: &WriteTransaction, state: &[(&str, Vec<u8>)]) -> Result<(), MetaError> {
+        let mut t = tx.open_table(REPL).map_err(|e| self.err(e))?;
+        for (k, v) in state {
+            t.insert(*k, v.as_slice()).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Opaque replication state stored by [`MetaStore::apply_logged`].
+    pub fn repl_state(&self, key: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(REPL).map_err(|e| self.err(e))?;
+        Ok(t.get(key)
+            .map_err(|e| self.err(e))?
+            .map(|g| g.value().to_vec()))
+    }
+
+    /// The output recorded for a request id, if that request was applied.
+    pub fn replayed(&self, request: u128) -> Result<Option<Output>, MetaError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(REQUESTS).map_err(|e| self.err(e))?;
+        let v = t.get(request).map_err(|e| self.err(e))?;
+        v.map(|g| postcard::from_bytes(g.value()).map_err(|e| self.err(e)))
+            .transpose()
+    }
+
+    /// Applies a committed entry. The outer error is a store failure (the
+    /// entry must not count as applied); the inner one a command the state
+    /// rejected, which is still recorded as applied so every replica moves
+    /// past it the same way. With `durable` false the commit is not synced:
+    /// the replicated log is the durable record, and [`MetaStore::flush`]
+    /// makes everything applied so far durable.
+    pub fn apply_logged(
+        &self,
+        e: &LoggedCommand<'_>,
+        durable: bool,
+    ) -> Result<Result<Output, MetaError>, MetaError> {
+        if let (Some(rid), Some(_)) = (e.request, e.command)
+            && let Some(out) = self.replayed(rid)?
+        {
+            let tx = self.write_tx(durable)?;
+            self.put_state(&tx, e.state)?;
+            tx.commit().map_err(|err| self.err(err))?;
+            return Ok(Ok(out));
+        }
+        let tx = self.write_tx(durable)?;
+        let result = match e.command {
+            None => Ok(Output::default()),
+            Some(cmd) => {
+                let mut t = Tables {
+                    inodes: tx.open_table(INODES).map_err(|e| self.err(e))?,
+                    children: tx.open_table(CHILDREN).map_err(|e| self.err(e))?,
+                    mounts: tx.open_table(MOUNTS).map_err(|e| self.err(e))?,
+                    counters: tx.open_table(COUNTERS).map_err(|e| self.err(e))?,
+                    store: self,
+                };
+                let r = t.apply(cmd);
+                if r.is_ok() {
+                    let n = t.counter(APPLIED)?;
+                    t.set_counter(APPLIED, n + 1)?;
+                }
+                r
+            }
+        };
+        match result {
+            Err(err) if err.is_store() => Err(err),
+            Err(err) => {
+                drop(tx);
+                let tx = self.write_tx(durable)?;
+                self.put_state(&tx, e.state)?;
+                tx.commit().map_err(|err| self.err(err))?;
+                Ok(Err(err))
+            }
+            Ok(out) => {
+                if let Some(rid) = e.request {
+                    self.record_request(&tx, rid, e.index, &out)?;
+                }
+                self.put_state(&tx, e.state)?;
+                tx.commit().map_err(|err| self.err(err))?;
+                Ok(Ok(out))
+            }
+        }
+    }
+
+    fn record_request(
+        &self,
+        tx: &WriteTransaction,
+        rid: u128,
+        index: u64,
+        out: &Output,
+    ) -> Result<(), MetaError> {
+        let mut req = tx.open_table(REQUESTS).map_err(|e| self.err(e))?;
+        let mut age = tx.open_table(REQUEST_AGE).map_err(|e| self.err(e))?;
+        req.insert(rid, enc(out).as_slice())
+            .map_err(|e| self.err(e))?;
+        age.insert(index, rid).map_err(|e| self.err(e))?;
+        if index.is_multiple_of(1024) && index > REQUEST_WINDOW {
+            let cutoff = index - REQUEST_WINDOW;
+            let old: Vec<(u64, u128)> = age
+                .range(..cutoff)
+                .map_err(|e| self.err(e))?
+                .filter_map(|kv| kv.ok().map(|(k, v)| (k.value(), v.value())))
+                .collect();
+            for (i, r) in old {
+                age.remove(i).map_err(|e| self.err(e))?;
+                req.remove(r).map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every commit so far durable.
+    pub fn flush(&self) -> Result<(), MetaError> {
+        let tx = self.write_tx(true)?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// The whole state as one consistent byte string (one read transaction:
+    /// writers are not blocked while it is built), and the opaque
+    /// replication state it contains.
+    #[allow(clippy::type_complexity)]
+    pub fn export(&self) -> Result<(Vec<u8>, Vec<(String, Vec<u8>)>), MetaError> {
+        self.flush()?;
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let mut out = SNAPSHOT_MAGIC.to_vec();
+        let mut n = 0u64;
+        let mut push = |r: Rec<'_>, out: &mut Vec<u8>| -> Result<(), MetaError> {
+            postcard::to_io(&r, &mut *out).map_err(|e| self.err(e))?;
+            n += 1;
+            Ok(())
+        };
+        macro_rules! dump {
+            ($table:expr, |$k:ident, $v:ident| $rec:expr) => {{
+                let t = tx.open_table($table).map_err(|e| self.err(e))?;
+                for kv in t.iter().map_err(|e| self.err(e))? {
+                    let (k, v) = kv.map_err(|e| self.err(e))?;
+                    let ($k, $v) = (k.value(), v.value());
+                    push($rec, &mut out)?;
+                }
+            }};
+        }
+        dump!(INODES, |k, v| Rec::Inode(k, v));
+        dump!(CHILDREN, |k, v| Rec::Child(k.0, k.1, v));
+        dump!(MOUNTS, |k, v| Rec::Mount(k, v));
+        dump!(COUNTERS, |k, v| Rec::Counter(k, v));
+        let mut repl = Vec::new();
+        dump!(REPL, |k, v| {
+            repl.push((k.to_string(), v.to_vec()));
+            Rec::Repl(k, v)
+        });
+        dump!(REQUESTS, |k, v| Rec::Request(k, v));
+        dump!(REQUEST_AGE, |k, v| Rec::Age(k, v));
+        postcard::to_io(&Rec::End(n), &mut out).map_err(|e| self.err(e))?;
+        Ok((out, repl))
+    }
+
+    /// Replaces the whole state with a snapshot made by [`MetaStore::export`].
+    /// A damaged snapshot changes nothing.
+    pub fn import(&self, bytes: &[u8]) -> Result<(), MetaError> {
+        let bad = |msg: &str| MetaError::Invalid(format!("snapshot: {msg}"));
+        let mut rest = bytes
+            .strip_prefix(SNAPSHOT_MAGIC.as_slice())
+            .ok_or_else(|| bad("not a Strata metadata snapshot"))?;
+        let tx = self.write_tx(true)?;
+        {
+            let mut inodes = tx.open_table(INODES).map_err(|e| self.err(e))?;
+            let mut children = tx.open_table(CHILDREN).map_err(|e| self.err(e))?;
+            let mut mounts = tx.open_table(MOUNTS).map_err(|e| self.err(e))?;
+            let mut counters = tx.open_table(COUNTERS).map_err(|e| self.err(e))?;
+            let mut repl = tx.open_table(REPL).map_err(|e| self.err(e))?;
+            let mut req = tx.open_table(REQUESTS).map_err(|e| self.err(e))?;
+            let mut age = tx.open_table(REQUEST_AGE).map_err(|e| self.err(e))?;
+            let e = |e: redb::Error| self.err(e);
+            inodes.retain(|_, _| false).map_err(|x| e(x.into()))?;
+            children.retain(|_, _| false).map_err(|x| e(x.into()))?;
+            mounts.retain(|_, _| false).map_err(|x| e(x.into()))?;
+            counters.retain(|_, _| false).map_err(|x| e(x.into()))?;
+            repl.retain(|_, _| false).map_err(|x| e(x.into()))?;
+            req.retain(|_, _| false).map_err(|x| e(x.into()))?;
+            age.retain(|_, _| false).map_err(|x| e(x.into()))?;
+            let mut n = 0u64;
+            loop {
+                if rest.is_empty() {
+                    return Err(bad("truncated (no end record)"));
+                }
+                let (r, tail): (Rec<'_>, &[u8]) =
+                    postcard::take_from_bytes(rest).map_err(|_| bad("truncated or corrupt"))?;
+                rest = tail;
+                n += 1;
+                let res = match r {
+                    Rec::End(count) if count + 1 == n && rest.is_empty() => break,
+                    Rec::End(_) => return Err(bad("record count mismatch")),
+                    Rec::Inode(k, v) => inodes.insert(k, v).map(drop),
+                    Rec::Child(p, n, v) => children.insert((p, n), v).map(drop),
+                    Rec::Mount(k, v) => mounts.insert(k, v).map(drop),
+                    Rec::Counter(k, v) => counters.insert(k, v).map(drop),
+                    Rec::Repl(k, v) => repl.insert(k, v).map(drop),
+                    Rec::Request(k, v) => req.insert(k, v).map(drop),
+                    Rec::Age(k, v) => age.insert(k, v).map(drop),
+                };
+                res.map_err(|x| e(x.into()))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Number of inodes (for reports).
+    pub fn inode_count(&self) -> Result<u64, MetaError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(INODES).map_err(|e| self.err(e))?;
+        t.len().map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mkdir(name: &str) -> Command {
+        Command::Mkdir {
+            parent: crate::ROOT_ID,
+            name: name.into(),
+            mtime_ms: 1,
+            synced_ms: None,
+        }
+    }
+
+    #[test]
+    fn retried_requests_apply_once_and_rejected_commands_still_advance_state() {
+        let d = tempfile::tempdir().unwrap();
+        let s = MetaStore::open(d.path()).unwrap();
+        let cmd = mkdir("a");
+        let st = |i: u64| vec![("applied", i.to_le_bytes().to_vec())];
+        let first = s
+            .apply_logged(
+                &LoggedCommand {
+                    index: 1,
+                    command: Some(&cmd),
+                    request: Some(7),
+                    state: &st(1),
+                },
+                false,
+            )
+            .unwrap()
+            .unwrap();
+        // The same request again: same output, no second directory, no error.
+        let again = s
+            .apply_logged(
+                &LoggedCommand {
+                    index: 2,
+                    command: Some(&cmd),
+                    request: Some(7),
+                    state: &st(2),
+                },
+                false,
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(first, again);
+        assert_eq!(s.children(crate::ROOT_ID).unwrap().len(), 1);
+        // A different request for the same name is rejected by the state,
+        // and the replication state still moves.
+        let err = s
+            .apply_logged(
+                &LoggedCommand {
+                    index: 3,
+                    command: Some(&cmd),
+                    request: Some(8),
+                    state: &st(3),
+                },
+                true,
+            )
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, MetaError::Exists(_)), "{err}");
+        assert_eq!(
+            s.repl_state("applied").unwrap(),
+            Some(3u64.to_le_bytes().to_vec())
+        );
+    }
+
+    #[test]
+    fn snapshots_round_trip_and_damaged_ones_change_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = MetaStore::open(d.path()).unwrap();
+        for (i, n) in ["a", "b", "c"].iter().enumerate() {
+            s.apply_logged(
+                &LoggedCommand {
+                    index: i as u64 + 1,
+                    command: Some(&mkdir(n)),
+                    request: Some(i as u128),
+                    state: &[("k", vec![i as u8])],
+                },
+                false,
+            )
+            .unwrap()
+            .unwrap();
+        }
+        let (snap, repl) = s.export().unwrap();
+        assert_eq!(repl, [("k".to_string(), vec![2])]);
+        let d2 = tempfile::tempdir().unwrap();
+        let t = MetaStore::open(d2.path()).unwrap();
+        t.apply(&mkdir("other")).unwrap();
+        assert!(t.import(&snap[..snap.len() - 3]).is_err());
+        assert_eq!(t.children(crate::ROOT_ID).unwrap().len(), 1);
+        t.import(&snap).unwrap();
+        let names: Vec<String> = t
+            .children(crate::ROOT_ID)
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(t.repl_state("k").unwrap(), Some(vec![2]));
+        assert!(t.replayed(1).unwrap().is_some());
+        assert_eq!(t.applied().unwrap(), s.applied().unwrap());
+        assert!(t.import(b"garbage").is_err());
+    }
+}

@@ -1,0 +1,327 @@
+//! A highly available cluster of real processes on 127.0.0.1: N masters
+//! (each `strata master` with its own data directory) and M workers. Masters
+//! can be killed with SIGKILL, stopped with SIGSTOP, wiped, restarted, added
+//! and removed; everything is killed and removed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::cluster::{field, wait_line};
+
+pub struct MasterProc {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    stopped: bool,
+}
+
+impl MasterProc {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct HaCluster {
+    bin: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub masters: Vec<MasterProc>,
+    pub worker_addrs: Vec<String>,
+    workers: Vec<Child>,
+    env: Vec<(String, String)>,
+    next_id: u64,
+}
+
+/// A free port on 127.0.0.1 (bound and released; loopback only).
+pub fn free_addr() -> anyhow::Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+impl HaCluster {
+    /// Starts `masters` masters forming one cluster and `workers` workers.
+    pub fn start(
+        bin: &Path,
+        masters: usize,
+        workers: usize,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<HaCluster> {
+        let dir = tempfile::tempdir()?;
+        let mut c = HaCluster {
+            bin: bin.to_path_buf(),
+            dir,
+            masters: Vec::new(),
+            worker_addrs: Vec::new(),
+            workers: Vec::new(),
+            env,
+            next_id: 1,
+        };
+        let mut members = Vec::new();
+        for _ in 0..masters {
+            let id = c.next_id;
+            c.next_id += 1;
+            let addr = free_addr()?;
+            members.push(format!("{id}={addr}"));
+            c.masters.push(MasterProc {
+                id,
+                addr,
+                data_dir: c.dir.path().join(format!("master-{id}")),
+                child: None,
+                stopped: false,
+            });
+        }
+        let initial = members.join(",");
+        for i in 0..c.masters.len() {
+            c.spawn_master(i, Some(&initial))?;
+        }
+        c.wait_leader(Duration::from_secs(30))?;
+        for _ in 0..workers {
+            c.spawn_worker()?;
+        }
+        c.wait_workers_live(workers, Duration::from_secs(30))?;
+        Ok(c)
+    }
+
+    fn base_cmd(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.env_remove("STRATA_CONFIG")
+            .env_remove("STRATA_MASTER")
+            .env("STRATA_LOG", "warn,openraft=off,s3s=off")
+            .env("STRATA_WORKER_HEARTBEAT_INTERVAL_MS", "100")
+            .current_dir(self.dir.path());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn spawn_master(&mut self, i: usize, initial: Option<&str>) -> anyhow::Result<()> {
+        let m = &self.masters[i];
+        let mut cmd = self.base_cmd();
+        cmd.arg("master")
+            .arg("--node-id")
+            .arg(m.id.to_string())
+            .arg("--listen")
+            .arg(&m.addr)
+            .arg("--data-dir")
+            .arg(&m.data_dir);
+        match initial {
+            Some(members) => {
+                cmd.arg("--initial-members").arg(members);
+            }
+            None => {
+                cmd.arg("--join");
+            }
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().context("spawning strata master")?;
+        wait_line(&mut child, &["listening on"], Duration::from_secs(30))?;
+        self.masters[i].child = Some(child);
+        self.masters[i].stopped = false;
+        Ok(())
+    }
+
+    fn spawn_worker(&mut self) -> anyhow::Result<()> {
+        let n = self.workers.len();
+        let mut cmd = self.base_cmd();
+        cmd.arg("worker")
+            .env("STRATA_MASTER", self.master_list())
+            .env("STRATA_WORKER_DATA_ADDR", "127.0.0.1:0")
+            .env(
+                "STRATA_WORKER_CACHE_DIR",
+                self.dir.path().join(format!("worker-{n}")),
+            )
+            .env("STRATA_WORKER_CACHE_CAPACITY", "1GiB")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().context("spawning strata worker")?;
+        let lines = wait_line(&mut child, &["serving data on"], Duration::from_secs(30))?;
+        self.worker_addrs.push(field(&lines, "serving data on")?);
+        self.workers.push(child);
+        Ok(())
+    }
+
+    /// Comma-separated addresses of every master ever started here that is
+    /// still a member (what a client is configured with).
+    pub fn master_list(&self) -> String {
+        self.masters
+            .iter()
+            .map(|m| m.addr.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Runs `strata --master LIST ARGS...`.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut cmd = self.base_cmd();
+        cmd.arg("--master").arg(self.master_list()).args(args);
+        Ok(cmd.stdin(Stdio::null()).output()?)
+    }
+
+    /// Like [`HaCluster::cli`] but asking one master only.
+    pub fn cli_at(&self, addr: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let mut cmd = self.base_cmd();
+        cmd.arg("--master").arg(addr).args(args);
+        Ok(cmd.stdin(Stdio::null()).output()?)
+    }
+
+    /// The leader's id as a running master sees it (0: none).
+    pub fn leader_seen_by(&self, addr: &str) -> Option<u64> {
+        let out = self.cli_at(addr, &["admin", "masters", "list"]).ok()?;
+        let s = String::from_utf8_lossy(&out.stdout);
+        let rest = s.strip_prefix("leader: ")?;
+        rest.split_whitespace().next()?.parse().ok()
+    }
+
+    /// Waits until a leader is elected and known to a running master.
+    pub fn wait_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for m in self.masters.iter().filter(|m| m.running() && !m.stopped) {
+                if let Some(l) = self.leader_seen_by(&m.addr)
+                    && l != 0
+                    && self
+                        .masters
+                        .iter()
+                        .any(|x| x.id == l && x.running() && !x.stopped)
+                {
+                    return Ok(l);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no leader elected within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_workers_live(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.cli(&["admin", "report"])?;
+            if String::from_utf8_lossy(&out.stdout).contains(&format!("{n} live")) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "workers never became live: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn index(&self, id: u64) -> anyhow::Result<usize> {
+        self.masters
+            .iter()
+            .position(|m| m.id == id)
+            .with_context(|| format!("no master {id}"))
+    }
+
+    /// SIGKILLs a master (as a crash would).
+    pub fn kill_master(&mut self, id: u64) -> anyhow::Result<()> {
+        let i = self.index(id)?;
+        if let Some(mut c) = self.masters[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// Starts a killed master again on its address and data directory.
+    pub fn restart_master(&mut self, id: u64) -> anyhow::Result<()> {
+        let i = self.index(id)?;
+        let initial: Vec<String> = self
+            .masters
+            .iter()
+            .map(|m| format!("{}={}", m.id, m.addr))
+            .collect();
+        self.spawn_master(i, Some(&initial.join(",")))
+    }
+
+    /// Sends SIGSTOP (true) or SIGCONT (false) to a master.
+    pub fn pause_master(&mut self, id: u64, pause: bool) -> anyhow::Result<()> {
+        let i = self.index(id)?;
+        let pid = self.masters[i].pid().context("master not running")?;
+        let sig = if pause { "-STOP" } else { "-CONT" };
+        let st = Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()?;
+        if !st.success() {
+            bail!("kill {sig} {pid} failed");
+        }
+        self.masters[i].stopped = pause;
+        Ok(())
+    }
+
+    /// Starts a new master with `--join` and adds it with
+    /// `strata admin masters add`; returns its id.
+    pub fn add_master(&mut self) -> anyhow::Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let addr = free_addr()?;
+        self.masters.push(MasterProc {
+            id,
+            addr: addr.clone(),
+            data_dir: self.dir.path().join(format!("master-{id}")),
+            child: None,
+            stopped: false,
+        });
+        let i = self.masters.len() - 1;
+        self.spawn_master(i, None)?;
+        let out = self.cli(&["admin", "masters", "add", &id.to_string(), &addr])?;
+        if !out.status.success() {
+            bail!(
+                "adding master {id} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(id)
+    }
+
+    /// Removes a master from the cluster and stops its process.
+    pub fn remove_master(&mut self, id: u64) -> anyhow::Result<()> {
+        let out = self.cli(&["admin", "masters", "remove", &id.to_string()])?;
+        if !out.status.success() {
+            bail!(
+                "removing master {id} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.kill_master(id)?;
+        let i = self.index(id)?;
+        self.masters.remove(i);
+        Ok(())
+    }
+}
+
+impl Drop for HaCluster {
+    fn drop(&mut self) {
+        for m in &mut self.masters {
+            if let Some(mut c) = m.child.take() {
+                if m.stopped {
+                    let _ = Command::new("kill")
+                        .arg("-CONT")
+                        .arg(c.id().to_string())
+                        .status();
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for mut w in self.workers.drain(..) {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
