@@ -47,6 +47,9 @@ pub enum BenchCmd {
     /// next to the same GETs from the S3 store behind it and a plain
     /// loopback TCP stream of the same bytes. Keys from `[gateway]`.
     Gateway(GatewayBench),
+    /// Metadata operations per second (create, stat, open, list, rename,
+    /// delete) with N client tasks against a running cluster.
+    Meta(crate::bench_meta::MetaArgs),
 }
 
 /// A small deterministic generator (xorshift64*), one per reader.
@@ -270,6 +273,7 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Local(a) => return crate::bench_local::run(cfg, a).await,
         BenchCmd::Streams(a) => return crate::bench_streams::run(cfg, a).await,
         BenchCmd::Gateway(g) => return gateway(cfg, g).await,
+        BenchCmd::Meta(a) => return crate::bench_meta::run(cfg, a).await,
     };
     // Workers report usage with their heartbeat; wait one out before reading counters.
     let settle = std::time::Duration::from_millis(cfg.worker.heartbeat_interval_ms * 3 / 2 + 100);

@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod bench_cache;
 mod bench_local;
+mod bench_meta;
 mod bench_streams;
 mod fs;
 mod local;

@@ -36,6 +36,7 @@ pub struct Namespace {
     pub(crate) store: Arc<MetaStore>,
     pub(crate) raft: Raft,
     pub(crate) reads: Arc<ReadIndex>,
+    proposer: raft::Proposer,
     config: Config,
     ufs: Mutex<HashMap<u64, Ufs>>,
     /// Serialises check-then-apply sequences (one writer at a time).
@@ -58,6 +59,7 @@ impl Namespace {
     ) -> Result<Self, MasterError> {
         Ok(Namespace {
             store,
+            proposer: raft::Proposer::start(raft.clone(), reads.clone()),
             raft,
             reads,
             config: config.clone(),
@@ -75,15 +77,12 @@ impl Namespace {
         command: Command,
         request_id: Option<u128>,
     ) -> Result<strata_meta::Output, MasterError> {
-        let r = self
-            .raft
-            .client_write(raft::Request {
+        self.proposer
+            .propose(raft::Item {
                 command,
                 request_id,
             })
             .await
-            .map_err(|e| raft::write_error(&self.reads, &self.raft, e))?;
-        r.data.map_err(MasterError::from)
     }
 
     /// A command on the way to completing a call (e.g. a UFS listing merged

@@ -15,7 +15,10 @@ use crate::{MetaError, MetaStore};
 
 /// One committed log entry as the store applies it.
 pub struct LoggedCommand<'a> {
-    /// Log index (orders request-id expiry; the same on every replica).
+    /// Position in the log: strictly increasing over applied commands and
+    /// the same on every replica (orders request-id expiry). A log entry
+    /// carrying several commands gives each its own (the master uses
+    /// `log index << 16 | position in the entry`).
     pub index: u64,
     /// `None` for entries that change only replication state (blank entries,
     /// membership changes).
@@ -27,9 +30,12 @@ pub struct LoggedCommand<'a> {
     pub state: &'a [(&'a str, Vec<u8>)],
 }
 
-/// Request ids are remembered for this many log entries: far longer than
-/// any client keeps retrying one call.
-const REQUEST_WINDOW: u64 = 1 << 20;
+/// Request ids are remembered for this span of positions (about a million
+/// log entries with the master's numbering): far longer than any client
+/// keeps retrying one call.
+const REQUEST_WINDOW: u64 = 1 << 36;
+/// Old request ids are expired when a position crosses a multiple of this.
+const EXPIRE_EVERY: u64 = 1 << 26;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"STRMETA1";
 
 /// One record of a snapshot; a snapshot is the magic followed by records.
@@ -140,6 +146,111 @@ impl MetaStore {
         }
     }
 
+    /// Applies a run of committed entries in one transaction. If any
+    /// command is rejected, the run is applied again entry by entry (so a
+    /// rejected command changes nothing and the others still apply).
+    pub fn apply_logged_batch(
+        &self,
+        entries: &[LoggedCommand<'_>],
+        durable: bool,
+    ) -> Result<Vec<Result<Output, MetaError>>, MetaError> {
+        match self.try_batch(entries, durable)? {
+            Some(outs) => Ok(outs.into_iter().map(Ok).collect()),
+            None => {
+                let last = entries.len().saturating_sub(1);
+                entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| self.apply_logged(e, durable && i == last))
+                    .collect()
+            }
+        }
+    }
+
+    /// The whole run in one transaction; `None` if a command was rejected
+    /// (nothing is committed then).
+    fn try_batch(
+        &self,
+        entries: &[LoggedCommand<'_>],
+        durable: bool,
+    ) -> Result<Option<Vec<Output>>, MetaError> {
+        let tx = self.write_tx(durable)?;
+        let mut outs = Vec::with_capacity(entries.len());
+        {
+            let mut t = Tables {
+                inodes: tx.open_table(INODES).map_err(|e| self.err(e))?,
+                children: tx.open_table(CHILDREN).map_err(|e| self.err(e))?,
+                mounts: tx.open_table(MOUNTS).map_err(|e| self.err(e))?,
+                counters: tx.open_table(COUNTERS).map_err(|e| self.err(e))?,
+                store: self,
+            };
+            let mut req = tx.open_table(REQUESTS).map_err(|e| self.err(e))?;
+            let mut age = tx.open_table(REQUEST_AGE).map_err(|e| self.err(e))?;
+            let mut repl = tx.open_table(REPL).map_err(|e| self.err(e))?;
+            let mut applied = t.counter(APPLIED)?;
+            for e in entries {
+                let replayed = match (e.request, e.command) {
+                    (Some(rid), Some(_)) => match req.get(rid).map_err(|x| self.err(x))? {
+                        Some(g) => Some(
+                            postcard::from_bytes::<Output>(g.value()).map_err(|x| self.err(x))?,
+                        ),
+                        None => None,
+                    },
+                    _ => None,
+                };
+                let out = match (replayed, e.command) {
+                    (Some(out), _) => out,
+                    (None, None) => Output::default(),
+                    (None, Some(cmd)) => match t.apply(cmd) {
+                        Ok(out) => {
+                            applied += 1;
+                            if let Some(rid) = e.request {
+                                req.insert(rid, enc(&out).as_slice())
+                                    .map_err(|x| self.err(x))?;
+                                age.insert(e.index, rid).map_err(|x| self.err(x))?;
+                            }
+                            out
+                        }
+                        Err(err) if err.is_store() => return Err(err),
+                        Err(_) => return Ok(None),
+                    },
+                };
+                for (k, v) in e.state {
+                    repl.insert(*k, v.as_slice()).map_err(|x| self.err(x))?;
+                }
+                outs.push(out);
+            }
+            t.set_counter(APPLIED, applied)?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        // Expire old request ids now and then (outside the hot path).
+        if let Some(last) = entries.last()
+            && entries.iter().any(|e| e.index.is_multiple_of(EXPIRE_EVERY))
+            && last.index > REQUEST_WINDOW
+        {
+            self.expire_requests(last.index - REQUEST_WINDOW, durable)?;
+        }
+        Ok(Some(outs))
+    }
+
+    fn expire_requests(&self, cutoff: u64, durable: bool) -> Result<(), MetaError> {
+        let tx = self.write_tx(durable)?;
+        {
+            let mut req = tx.open_table(REQUESTS).map_err(|e| self.err(e))?;
+            let mut age = tx.open_table(REQUEST_AGE).map_err(|e| self.err(e))?;
+            let old: Vec<(u64, u128)> = age
+                .range(..cutoff)
+                .map_err(|e| self.err(e))?
+                .filter_map(|kv| kv.ok().map(|(k, v)| (k.value(), v.value())))
+                .collect();
+            for (i, r) in old {
+                age.remove(i).map_err(|e| self.err(e))?;
+                req.remove(r).map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
     fn record_request(
         &self,
         tx: &WriteTransaction,
@@ -152,7 +263,7 @@ impl MetaStore {
         req.insert(rid, enc(out).as_slice())
             .map_err(|e| self.err(e))?;
         age.insert(index, rid).map_err(|e| self.err(e))?;
-        if index.is_multiple_of(1024) && index > REQUEST_WINDOW {
+        if index.is_multiple_of(EXPIRE_EVERY) && index > REQUEST_WINDOW {
             let cutoff = index - REQUEST_WINDOW;
             let old: Vec<(u64, u128)> = age
                 .range(..cutoff)
@@ -335,6 +446,77 @@ mod tests {
             s.repl_state("applied").unwrap(),
             Some(3u64.to_le_bytes().to_vec())
         );
+    }
+
+    #[test]
+    fn a_batch_with_a_rejected_command_applies_the_others() {
+        let d = tempfile::tempdir().unwrap();
+        let s = MetaStore::open(d.path()).unwrap();
+        let (a, b) = (mkdir("a"), mkdir("b"));
+        let st = |i: u64| vec![("applied", i.to_le_bytes().to_vec())];
+        let (s1, s2, s3, s4) = (st(1), st(2), st(3), st(4));
+        let batch = [
+            LoggedCommand {
+                index: 1,
+                command: Some(&a),
+                request: Some(1),
+                state: &s1,
+            },
+            LoggedCommand {
+                index: 2,
+                command: None,
+                request: None,
+                state: &s2,
+            },
+            LoggedCommand {
+                index: 3,
+                command: Some(&a),
+                request: Some(2),
+                state: &s3,
+            },
+            LoggedCommand {
+                index: 4,
+                command: Some(&b),
+                request: Some(1),
+                state: &s4,
+            },
+        ];
+        let out = s.apply_logged_batch(&batch, false).unwrap();
+        assert!(out[0].is_ok() && out[1].is_ok());
+        assert!(matches!(out[2], Err(MetaError::Exists(_))));
+        // Request 1 again (with another command): the first output, no "b".
+        assert_eq!(out[3].as_ref().unwrap(), out[0].as_ref().unwrap());
+        assert_eq!(s.children(crate::ROOT_ID).unwrap().len(), 1);
+        assert_eq!(
+            s.repl_state("applied").unwrap(),
+            Some(4u64.to_le_bytes().to_vec())
+        );
+        // A clean batch goes through the one-transaction path.
+        let (c, e) = (mkdir("c"), mkdir("e"));
+        let (s5, s6) = (st(5), st(6));
+        let out = s
+            .apply_logged_batch(
+                &[
+                    LoggedCommand {
+                        index: 5,
+                        command: Some(&c),
+                        request: None,
+                        state: &s5,
+                    },
+                    LoggedCommand {
+                        index: 6,
+                        command: Some(&e),
+                        request: Some(9),
+                        state: &s6,
+                    },
+                ],
+                true,
+            )
+            .unwrap();
+        assert!(out.iter().all(|o| o.is_ok()));
+        assert_eq!(s.children(crate::ROOT_ID).unwrap().len(), 3);
+        assert!(s.replayed(9).unwrap().is_some());
+        assert_eq!(s.applied().unwrap(), 3);
     }
 
     #[test]

@@ -23,14 +23,26 @@ use tonic::transport::Channel;
 
 use crate::MasterError;
 
-/// A log entry's payload: a namespace command and the client's request id.
+/// One namespace command and the client's request id.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Request {
+pub struct Item {
     pub command: Command,
     pub request_id: Option<u128>,
 }
 
-pub type Response = Result<Output, MetaError>;
+/// A log entry's payload: the commands that arrived while the previous
+/// entry was being committed (openraft 0.9 commits one entry per log sync,
+/// so batching here is what lets concurrent writes share a sync).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub items: Vec<Item>,
+}
+
+/// One result per item of the entry.
+pub type Response = Vec<Result<Output, MetaError>>;
+
+/// Most commands in one log entry.
+pub const MAX_BATCH: usize = 1024;
 
 openraft::declare_raft_types!(
     pub TypeConfig:
@@ -270,5 +282,71 @@ pub fn write_error(
         },
         RaftError::APIError(e) => MasterError::Raft(e.to_string()),
         RaftError::Fatal(_) => reads.not_leader(raft),
+    }
+}
+
+type Proposal = (
+    Item,
+    tokio::sync::oneshot::Sender<Result<Output, MasterError>>,
+);
+
+/// Collects commands from concurrent calls into log entries.
+#[derive(Clone)]
+pub struct Proposer {
+    tx: tokio::sync::mpsc::UnboundedSender<Proposal>,
+}
+
+impl Proposer {
+    pub fn start(raft: Raft, reads: Arc<ReadIndex>) -> Proposer {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Proposal>();
+        // Two entries in flight: one being committed while the next fills.
+        let slots = Arc::new(tokio::sync::Semaphore::new(2));
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(p) => batch.push(p),
+                        Err(_) => break,
+                    }
+                }
+                let (raft, reads) = (raft.clone(), reads.clone());
+                tokio::spawn(async move {
+                    let (items, senders): (Vec<Item>, Vec<_>) = batch.into_iter().unzip();
+                    match raft.client_write(Request { items }).await {
+                        Ok(r) => {
+                            let mut outs = r.data.into_iter();
+                            for s in senders {
+                                let out = outs.next().unwrap_or_else(|| {
+                                    Err(MetaError::Invalid("no result for a command".into()))
+                                });
+                                let _ = s.send(out.map_err(MasterError::from));
+                            }
+                        }
+                        Err(e) => {
+                            for s in senders {
+                                let _ = s.send(Err(write_error(&reads, &raft, e.clone())));
+                            }
+                        }
+                    }
+                    drop(slot);
+                });
+            }
+        });
+        Proposer { tx }
+    }
+
+    /// Commits a command (with others that arrive meanwhile) and returns
+    /// what applying it produced on this master.
+    pub async fn propose(&self, item: Item) -> Result<Output, MasterError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((item, tx))
+            .map_err(|_| MasterError::Raft("the master is shutting down".into()))?;
+        rx.await
+            .map_err(|_| MasterError::Raft("the master is shutting down".into()))?
     }
 }

@@ -81,37 +81,68 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // openraft's error type is large; it is returned once, on failure.
         #[allow(clippy::result_large_err)]
         let apply = move || -> Result<Vec<Response>, SErr> {
-            let mut out = Vec::with_capacity(entries.len());
-            let last = entries.len().saturating_sub(1);
-            for (i, ent) in entries.iter().enumerate() {
+            // Per entry: its replication state (stored with its last
+            // command) and its commands.
+            let mut states = Vec::with_capacity(entries.len());
+            for ent in &entries {
                 let enc_id = postcard::to_allocvec(&ent.log_id)
                     .map_err(|e| StorageIOError::apply(ent.log_id, any(e)))?;
                 let mut state = vec![(APPLIED, enc_id)];
-                let (command, request) = match &ent.payload {
-                    EntryPayload::Blank => (None, None),
-                    EntryPayload::Normal(req) => (Some(&req.command), req.request_id),
-                    EntryPayload::Membership(m) => {
-                        let sm = Membership::new(Some(ent.log_id), m.clone());
-                        let b = postcard::to_allocvec(&sm)
-                            .map_err(|e| StorageIOError::apply(ent.log_id, any(e)))?;
-                        state.push((MEMBERSHIP, b));
-                        (None, None)
-                    }
-                };
-                let r = store
-                    .apply_logged(
-                        &LoggedCommand {
-                            index: ent.log_id.index,
-                            command,
-                            request,
-                            state: &state,
-                        },
-                        flush && i == last,
-                    )
-                    .map_err(|e| StorageIOError::apply(ent.log_id, any(e)))?;
-                out.push(r);
+                if let EntryPayload::Membership(m) = &ent.payload {
+                    let sm = Membership::new(Some(ent.log_id), m.clone());
+                    let b = postcard::to_allocvec(&sm)
+                        .map_err(|e| StorageIOError::apply(ent.log_id, any(e)))?;
+                    state.push((MEMBERSHIP, b));
+                }
+                states.push(state);
             }
-            Ok(out)
+            let mut logged: Vec<LoggedCommand<'_>> = Vec::new();
+            let mut counts = Vec::with_capacity(entries.len());
+            for (ent, state) in entries.iter().zip(&states) {
+                let base = ent.log_id.index << 16;
+                match &ent.payload {
+                    EntryPayload::Normal(req) if !req.items.is_empty() => {
+                        let n = req.items.len();
+                        for (i, item) in req.items.iter().enumerate() {
+                            logged.push(LoggedCommand {
+                                index: base | i as u64,
+                                command: Some(&item.command),
+                                request: item.request_id,
+                                state: if i + 1 == n { state } else { &[] },
+                            });
+                        }
+                        counts.push(n);
+                    }
+                    _ => {
+                        logged.push(LoggedCommand {
+                            index: base,
+                            command: None,
+                            request: None,
+                            state,
+                        });
+                        counts.push(0);
+                    }
+                }
+            }
+            let first = entries.first().map(|e| e.log_id);
+            let mut outs = store
+                .apply_logged_batch(&logged, flush)
+                .map_err(|e| match first {
+                    Some(id) => SErr::from(StorageIOError::apply(id, any(e))),
+                    None => SErr::from(StorageIOError::write_state_machine(any(e))),
+                })?
+                .into_iter();
+            Ok(counts
+                .into_iter()
+                .map(|n| {
+                    if n == 0 {
+                        outs.next();
+                        Vec::new()
+                    } else {
+                        outs.by_ref().take(n).collect()
+                    }
+                })
+                .collect())
         };
         tokio::task::spawn_blocking(apply)
             .await
