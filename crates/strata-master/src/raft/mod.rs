@@ -52,6 +52,10 @@ openraft::declare_raft_types!(
 
 pub type Raft = openraft::Raft<TypeConfig>;
 
+/// How long a follower collects reads before asking the leader for a read
+/// index on their behalf.
+const READ_INDEX_GATHER: Duration = Duration::from_millis(2);
+
 /// Timing of elections and heartbeats (milliseconds).
 #[derive(Clone, Debug)]
 pub struct Timing {
@@ -119,6 +123,10 @@ pub struct ReadIndex {
     pub lease_ms: u64,
     /// Connection to the leader for read-index requests (followers).
     leader: std::sync::Mutex<Option<(String, RaftTransportClient<Channel>)>>,
+    /// Reads waiting for the next read-index request, and whether a task
+    /// is sending them.
+    #[allow(clippy::type_complexity)]
+    waiting: std::sync::Mutex<(bool, Vec<tokio::sync::oneshot::Sender<Result<u64, String>>>)>,
     /// Term in which this master, as leader, has applied everything
     /// committed before it took over (so its store can be read and checked).
     ready_term: AtomicU64,
@@ -130,6 +138,7 @@ impl ReadIndex {
             me,
             lease_ms: timing.lease_ms(),
             leader: std::sync::Mutex::new(None),
+            waiting: std::sync::Mutex::new((false, Vec::new())),
             ready_term: AtomicU64::new(0),
         }
     }
@@ -188,13 +197,21 @@ impl ReadIndex {
     /// write is); otherwise a quorum round confirms leadership first.
     pub async fn leader_read_index(&self, raft: &Raft) -> Result<u64, MasterError> {
         self.ensure_leader(raft).await?;
-        let m = raft.metrics().borrow().clone();
-        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
-        if m.millis_since_quorum_ack
-            .is_some_and(|ms| ms < self.lease_ms)
-        {
+        let (applied, acked_ms) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (
+                m.last_applied.map(|l| l.index).unwrap_or(0),
+                m.millis_since_quorum_ack,
+            )
+        };
+        if acked_ms.is_some_and(|ms| ms < self.lease_ms) {
             return Ok(applied);
         }
+        tracing::debug!(
+            ?acked_ms,
+            "lease expired: confirming leadership with a quorum round"
+        );
         let (read, applied) = raft
             .get_read_log_id()
             .await
@@ -208,7 +225,11 @@ impl ReadIndex {
     /// Before answering a read: linearizable (everything acknowledged before
     /// the read began is visible) unless `stale`, which answers from this
     /// master's state as it is, however far behind.
-    pub async fn read_barrier(&self, raft: &Raft, stale: bool) -> Result<(), MasterError> {
+    pub async fn read_barrier(
+        self: &Arc<Self>,
+        raft: &Raft,
+        stale: bool,
+    ) -> Result<(), MasterError> {
         let (state, leader) = {
             let m = raft.metrics();
             let m = m.borrow();
@@ -220,7 +241,7 @@ impl ReadIndex {
         let index = if state == ServerState::Leader {
             self.leader_read_index(raft).await?
         } else {
-            self.ask_leader(raft).await?
+            self.coalesced_read_index(raft).await?
         };
         let applied = raft
             .metrics()
@@ -232,6 +253,47 @@ impl ReadIndex {
             self.wait_applied(raft, index).await?;
         }
         Ok(())
+    }
+
+    /// A read index from the leader, shared by every read that arrived
+    /// before the request was sent: concurrent reads on a follower cost the
+    /// leader one small call per round, not one each. A read never joins a
+    /// request already on the wire (its answer could predate the read).
+    async fn coalesced_read_index(self: &Arc<Self>, raft: &Raft) -> Result<u64, MasterError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start_driver = {
+            let mut g = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            g.1.push(tx);
+            !std::mem::replace(&mut g.0, true)
+        };
+        if start_driver {
+            let (me, raft) = (self.clone(), raft.clone());
+            tokio::spawn(async move {
+                loop {
+                    // Let concurrent reads gather for a moment (tokio's
+                    // timer has millisecond resolution): one request then
+                    // serves them all, which is what lets read capacity
+                    // grow with the number of masters.
+                    tokio::time::sleep(READ_INDEX_GATHER).await;
+                    let waiters = {
+                        let mut g = me.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                        if g.1.is_empty() {
+                            g.0 = false;
+                            return;
+                        }
+                        std::mem::take(&mut g.1)
+                    };
+                    let r = me.ask_leader(&raft).await.map_err(|e| e.to_string());
+                    for w in waiters {
+                        let _ = w.send(r.clone());
+                    }
+                }
+            });
+        }
+        match rx.await {
+            Ok(Ok(i)) => Ok(i),
+            _ => Err(self.not_leader(raft)),
+        }
     }
 
     async fn ask_leader(&self, raft: &Raft) -> Result<u64, MasterError> {

@@ -246,7 +246,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let file = tokio::task::spawn_blocking(move || -> Result<SnapshotFile, AnyError> {
             // The applied id and membership come from the export's own read
             // transaction, so they describe exactly the exported state.
+            let started = std::time::Instant::now();
             let (data, repl) = store.export().map_err(any)?;
+            let exported = started.elapsed();
             let get = |k: &str| repl.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
             let (last_log_id, membership) = decode_applied(get(APPLIED), get(MEMBERSHIP))?;
             let snapshot_id = format!(
@@ -263,6 +265,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 data,
             };
             save_snapshot(&path, &file)?;
+            tracing::info!(
+                index = last_log_id.map(|l| l.index).unwrap_or(0),
+                bytes = file.data.len(),
+                export_ms = exported.as_millis() as u64,
+                total_ms = started.elapsed().as_millis() as u64,
+                "snapshot built"
+            );
             Ok(file)
         })
         .await

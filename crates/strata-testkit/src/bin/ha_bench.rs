@@ -1,0 +1,286 @@
+//! `strata-ha-bench failover STRATA_BIN [ROUNDS]` and
+//! `strata-ha-bench follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS]`:
+//! benchmarks of the replicated masters that need to kill and confine real
+//! master processes (3 masters and a worker on 127.0.0.1, temp dirs).
+//!
+//! failover: a mixed metadata + data workload runs while the leader is
+//! killed with SIGKILL ROUNDS times (it is restarted after each round); the
+//! time from each kill to the first acknowledged write, the client-visible
+//! errors, and a final check of every acknowledged write are reported.
+//!
+//! follower-reads: each master is confined to CPU_PERCENT of one core (its
+//! own cgroup's cpu.max); stat throughput is measured with reads sent to the
+//! leader only and then spread over all masters, in the same run.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use strata_client::{Client, WriteOptions, WriteType};
+use strata_testkit::HaCluster;
+
+fn main() -> anyhow::Result<()> {
+    let usage = "usage: strata-ha-bench failover STRATA_BIN [ROUNDS] | \
+                 follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS]";
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(mode), Some(bin)) = (args.first(), args.get(1)) else {
+        bail!("{usage}");
+    };
+    let bin =
+        std::fs::canonicalize(bin).with_context(|| format!("{bin}: no such strata binary"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match mode.as_str() {
+        "failover" => {
+            let rounds = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(20);
+            rt.block_on(failover(&bin, rounds))
+        }
+        "follower-reads" => {
+            let pct: u64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(25);
+            let secs: u64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
+            rt.block_on(follower_reads(&bin, pct, secs))
+        }
+        _ => bail!("{usage}"),
+    }
+}
+
+fn cache_only() -> WriteOptions {
+    WriteOptions {
+        write_type: WriteType::MustCache,
+        recursive: true,
+        ..Default::default()
+    }
+}
+
+#[derive(Default)]
+struct Acks {
+    dirs: Vec<String>,
+    files: Vec<(String, Vec<u8>)>,
+    errors: Vec<String>,
+}
+
+async fn failover(bin: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
+    let mut c = HaCluster::start(bin, 3, 1, Vec::new())?;
+    let client = Client::new(&c.master_list(), Default::default())?;
+    let acks = Arc::new(Mutex::new(Acks::default()));
+    let last_ack = Arc::new(AtomicU64::new(0));
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workload = {
+        let (client, acks, last_ack, stop) =
+            (client.clone(), acks.clone(), last_ack.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            // Bounded: at most ten million operations.
+            while !stop.load(Ordering::Relaxed) && i < 10_000_000 {
+                i += 1;
+                let r = if i % 3 == 0 {
+                    let path = format!("/failover/f{i}");
+                    let data = format!("{i}").repeat(100).into_bytes();
+                    client
+                        .write_file(&path, &data, cache_only())
+                        .await
+                        .map(|_| acks.lock().unwrap().files.push((path, data)))
+                } else if i % 3 == 1 {
+                    let path = format!("/failover/d{i}");
+                    client
+                        .mkdir(&path, true)
+                        .await
+                        .map(|_| acks.lock().unwrap().dirs.push(path))
+                } else {
+                    client.stat("/failover").await.map(drop)
+                };
+                match r {
+                    Ok(()) if i % 3 != 2 => {
+                        last_ack.store(epoch.elapsed().as_micros() as u64, Ordering::Relaxed)
+                    }
+                    Ok(()) => {}
+                    Err(e) => acks.lock().unwrap().errors.push(e.to_string()),
+                }
+            }
+        })
+    };
+    let mut times = Vec::new();
+    for round in 1..=rounds {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let leader = client.list_masters().await?.leader_id;
+        let killed = epoch.elapsed().as_micros() as u64;
+        tokio::task::block_in_place(|| c.kill_master(leader))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while last_ack.load(Ordering::Relaxed) <= killed {
+            if Instant::now() > deadline {
+                bail!("round {round}: no write acknowledged within 60 s of killing the leader");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let dt = (last_ack.load(Ordering::Relaxed) - killed) as f64 / 1e6;
+        println!(
+            "round {round:>2}: killed leader {leader}, first acknowledged write after {dt:.3} s"
+        );
+        times.push(dt);
+        tokio::task::block_in_place(|| c.restart_master(leader))?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    workload.await?;
+    let acks = std::mem::take(&mut *acks.lock().unwrap());
+    for d in &acks.dirs {
+        let i = client.stat(d).await.with_context(|| format!("{d} lost"))?;
+        if !i.is_dir {
+            bail!("{d} is no longer a directory");
+        }
+    }
+    for (p, data) in &acks.files {
+        let got = client
+            .read_file(p)
+            .await
+            .with_context(|| format!("{p} lost"))?;
+        if got.as_ref() != data.as_slice() {
+            bail!("{p}: different bytes");
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "failover over {rounds} kills: min {:.3} s, median {:.3} s, max {:.3} s; \
+         {} directories and {} files acknowledged, all present; {} client-visible errors",
+        times[0],
+        times[times.len() / 2],
+        times[times.len() - 1],
+        acks.dirs.len(),
+        acks.files.len(),
+        acks.errors.len()
+    );
+    for e in acks.errors.iter().take(5) {
+        println!("  error: {e}");
+    }
+    Ok(())
+}
+
+/// A CPU cgroup per master capping it at a share of one core (cgroup v2
+/// `cpu.max`, or v1 `cpu.cfs_quota_us`), removed on drop.
+struct CpuCaps {
+    dirs: Vec<PathBuf>,
+    /// Where processes go back to before a directory is removed.
+    parent_procs: PathBuf,
+}
+
+impl CpuCaps {
+    fn new(pids: &[u32], percent: u64) -> anyhow::Result<CpuCaps> {
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let root = if v2 {
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            PathBuf::from("/sys/fs/cgroup/cpu")
+        };
+        if !root.join("cgroup.procs").exists() {
+            bail!("no CPU cgroup hierarchy at {}", root.display());
+        }
+        if v2 {
+            std::fs::write(root.join("cgroup.subtree_control"), "+cpu")
+                .context("enabling the cpu controller in /sys/fs/cgroup")?;
+        }
+        let mut caps = CpuCaps {
+            dirs: Vec::new(),
+            parent_procs: root.join("cgroup.procs"),
+        };
+        for (i, pid) in pids.iter().enumerate() {
+            let d = root.join(format!("strata-ha-bench-{}-{i}", std::process::id()));
+            std::fs::create_dir(&d).with_context(|| format!("creating {}", d.display()))?;
+            caps.dirs.push(d.clone());
+            if v2 {
+                std::fs::write(d.join("cpu.max"), format!("{} 10000", percent * 100))?;
+            } else {
+                // A short period keeps a capped master from running in long
+                // bursts and then stalling every request for the rest.
+                std::fs::write(d.join("cpu.cfs_period_us"), "10000")?;
+                std::fs::write(d.join("cpu.cfs_quota_us"), (percent * 100).to_string())?;
+            }
+            std::fs::write(d.join("cgroup.procs"), pid.to_string())
+                .with_context(|| format!("moving pid {pid} into {}", d.display()))?;
+        }
+        Ok(caps)
+    }
+}
+
+impl Drop for CpuCaps {
+    fn drop(&mut self) {
+        for d in &self.dirs {
+            if let Ok(pids) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                for p in pids.lines() {
+                    let _ = std::fs::write(&self.parent_procs, p);
+                }
+            }
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Concurrent stat calls in the follower-reads bench.
+const TASKS: usize = 128;
+
+async fn stat_rate(
+    addrs: &str,
+    read_from: &str,
+    files: &[String],
+    secs: u64,
+) -> anyhow::Result<f64> {
+    let cfg = strata_common::config::ClientConfig {
+        read_from: read_from.into(),
+        ..Default::default()
+    };
+    let client = Client::new(addrs, cfg)?;
+    client.stat(&files[0]).await?;
+    let ops = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (client, ops, errors, files) =
+            (client.clone(), ops.clone(), errors.clone(), files.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let mut i = t;
+            while Instant::now() < until {
+                match client.stat(&files[i % files.len()]).await {
+                    Ok(_) => ops.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                };
+                i += TASKS;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let e = errors.load(Ordering::Relaxed);
+    if e > 0 {
+        bail!("{e} stats failed (reads from {read_from})");
+    }
+    Ok(ops.load(Ordering::Relaxed) as f64 / secs as f64)
+}
+
+async fn follower_reads(bin: &std::path::Path, percent: u64, secs: u64) -> anyhow::Result<()> {
+    let c = HaCluster::start(bin, 3, 1, Vec::new())?;
+    let client = Client::new(&c.master_list(), Default::default())?;
+    let mut files = Vec::new();
+    for i in 0..2000 {
+        let p = format!("/reads/d{}/f{i}", i % 20);
+        client.write_file(&p, b"", cache_only()).await?;
+        files.push(p);
+    }
+    let pids: Vec<u32> = c.masters.iter().filter_map(|m| m.pid()).collect();
+    let _caps = CpuCaps::new(&pids, percent)?;
+    let addrs = c.master_list();
+    let leader = stat_rate(&addrs, "leader", &files, secs).await?;
+    let any = stat_rate(&addrs, "any", &files, secs).await?;
+    let stale = stat_rate(&addrs, "any-stale", &files, secs).await?;
+    println!(
+        "stats/s with each master held to {percent}% of a core: leader only {leader:.0}; \
+         all 3 masters (linearizable) {any:.0} = {:.2}x; all 3 (bounded staleness) {stale:.0} = {:.2}x",
+        any / leader,
+        stale / leader
+    );
+    Ok(())
+}
