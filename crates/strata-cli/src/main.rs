@@ -167,6 +167,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cli.cmd,
         Cmd::Master(_) | Cmd::Worker | Cmd::Local(_) | Cmd::Mount(_) | Cmd::Gateway { .. }
     );
+    if !server {
+        // `strata fs ls | head` should end quietly, as other tools do, not
+        // panic on a closed pipe (Rust ignores SIGPIPE by default).
+        // SAFETY: restoring the default disposition of one signal.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // s3s logs every refused S3 request (a client's error) at ERROR level;
     // STRATA_LOG=s3s=debug brings those back.
     init_logs(if server {

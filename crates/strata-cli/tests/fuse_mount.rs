@@ -41,11 +41,16 @@ struct Mount {
 
 impl Mount {
     fn start(cluster: &Cluster, extra: &[&str]) -> Mount {
+        Self::start_at(&cluster.master_addr, extra)
+    }
+
+    /// Mounts with `--master masters` (one address or a list).
+    fn start_at(masters: &str, extra: &[&str]) -> Mount {
         let dir = tempfile::tempdir().unwrap();
         let mp = dir.path().join("mnt");
         std::fs::create_dir(&mp).unwrap();
         let child = Command::new(strata_bin())
-            .args(["--master", &cluster.master_addr, "mount"])
+            .args(["--master", masters, "mount"])
             .arg(&mp)
             .arg("--foreground")
             .args(extra)
@@ -362,4 +367,67 @@ async fn git_clone_and_status_in_the_mount() {
     // A change shows up in git status.
     std::fs::write(into.join("d0/f0.txt"), b"changed").unwrap();
     assert!(git(&into, &["status", "--porcelain"]).contains("d0/f0.txt"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_through_the_mount_ride_out_a_master_failover() {
+    if !fuse_available() {
+        return;
+    }
+    let mut c =
+        strata_testkit::HaCluster::start(&strata_bin(), 3, 1, Vec::new()).expect("HA cluster");
+    let client = strata_client::Client::new(&c.master_list(), Default::default()).unwrap();
+    let opts = strata_client::WriteOptions {
+        write_type: strata_client::WriteType::MustCache,
+        recursive: true,
+        ..Default::default()
+    };
+    let mut files = Vec::new();
+    for i in 0..40 {
+        let data = format!("file {i} ").repeat(1000 + i).into_bytes();
+        client
+            .write_file(&format!("/ds/f{i}"), &data, opts.clone())
+            .await
+            .unwrap();
+        files.push(data);
+    }
+    // Short kernel caches, so the reads keep asking the daemon (and it the
+    // masters) during the failover.
+    let m = Mount::start_at(&c.master_list(), &["--attr-timeout", "0"]);
+    let root = m.path().join("ds");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (root, stop, files) = (root.clone(), stop.clone(), files.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut errors) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok < 1_000_000 {
+                match std::fs::read_dir(&root).map(|d| d.count()) {
+                    Ok(n) if n == files.len() => {}
+                    Ok(n) => errors.push(format!("listing: {n} entries")),
+                    Err(e) => errors.push(format!("listing: {e}")),
+                }
+                for (i, want) in files.iter().enumerate() {
+                    match std::fs::read(root.join(format!("f{i}"))) {
+                        Ok(b) if b == *want => ok += 1,
+                        Ok(_) => errors.push(format!("f{i}: wrong bytes")),
+                        Err(e) => errors.push(format!("f{i}: {e}")),
+                    }
+                }
+            }
+            (ok, errors)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let leader = client.list_masters().await.unwrap().leader_id;
+    tokio::task::block_in_place(|| c.kill_master(leader)).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, errors) = reader.join().unwrap();
+    assert!(
+        errors.is_empty(),
+        "reads failed during the failover: {errors:?}"
+    );
+    assert!(ok > 100, "only {ok} reads");
+    let now = client.list_masters().await.unwrap().leader_id;
+    assert_ne!(now, leader);
 }

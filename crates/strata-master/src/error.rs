@@ -57,6 +57,7 @@ impl From<MasterError> for Status {
                 _ => Code::Internal,
             },
             MasterError::Meta(MetaError::Exists(_)) => Code::AlreadyExists,
+            MasterError::Meta(MetaError::NoInode(_)) => Code::NotFound,
             MasterError::Meta(MetaError::Invalid(_)) => Code::InvalidArgument,
             MasterError::Meta(_) | MasterError::Bind { .. } | MasterError::Internal(_) => {
                 Code::Internal

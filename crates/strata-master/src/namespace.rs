@@ -249,8 +249,10 @@ impl Namespace {
 
     /// Resolves a path, listing directories from the UFS on the way as needed.
     pub async fn resolve(&self, path: &NsPath) -> Result<Resolved, MasterError> {
-        let mut cur = self
-            .store
+        // One read view for the walk; a new one after a directory is
+        // re-listed from the UFS (which changes the store).
+        let mut view = self.store.view()?;
+        let mut cur = view
             .inode(ROOT_ID)?
             .ok_or_else(|| MasterError::Internal("root inode missing".into()))?;
         let mut cur_path = NsPath::root();
@@ -262,11 +264,14 @@ impl Namespace {
                     path: cur_path.to_string(),
                 });
             }
-            if let Some(m) = &mount {
+            if let Some(m) = &mount
+                && self.needs_sync(&cur, m)
+            {
+                drop(view);
                 cur = self.ensure_synced(&cur, &cur_path, m, &rel, false).await?;
+                view = self.store.view()?;
             }
-            let child = self
-                .store
+            let child = view
                 .lookup(cur.id, seg)?
                 .ok_or_else(|| MasterError::NotFound {
                     path: path.to_string(),
@@ -641,8 +646,17 @@ impl Namespace {
                 }
             }
         }
-        let _w = self.write_lock.lock().await;
-        let out = self.apply_final(Command::Delete { id: r.inode.id }).await?;
+        // Batched with other commands; a concurrent delete of the same
+        // inode makes this one "not found".
+        let out = self
+            .apply_final(Command::Delete { id: r.inode.id })
+            .await
+            .map_err(|e| match e {
+                MasterError::Meta(MetaError::NoInode(_)) => MasterError::NotFound {
+                    path: path.to_string(),
+                },
+                e => e,
+            })?;
         Ok(Self::delete_response(&out.removed))
     }
 
@@ -682,14 +696,22 @@ impl Namespace {
                 .await
                 .map_err(Self::ufs_err(src))?;
         }
-        let _w = self.write_lock.lock().await;
         self.apply_final(Command::Rename {
             id: r.inode.id,
             new_parent: pr.inode.id,
             new_name: name,
             mtime_ms: now_ms(),
         })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            MasterError::Meta(MetaError::Exists(_)) => MasterError::Exists {
+                path: dst.to_string(),
+            },
+            MasterError::Meta(MetaError::NoInode(_)) => MasterError::NotFound {
+                path: src.to_string(),
+            },
+            e => e,
+        })?;
         Ok(())
     }
 

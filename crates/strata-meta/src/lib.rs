@@ -11,7 +11,7 @@ mod store;
 
 pub use command::{Command, Output, UfsEntry};
 pub use replicated::LoggedCommand;
-pub use store::MetaStore;
+pub use store::{MetaStore, MetaView};
 
 use serde::{Deserialize, Serialize};
 use strata_common::InodeId;

@@ -93,6 +93,17 @@ impl MetaStore {
         tx.commit().map_err(|e| self.err(e))
     }
 
+    /// A consistent view for several reads (one read transaction: cheaper
+    /// than a transaction per lookup when walking a path).
+    pub fn view(&self) -> Result<MetaView<'_>, MetaError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        Ok(MetaView {
+            store: self,
+            inodes: tx.open_table(INODES).map_err(|e| self.err(e))?,
+            children: tx.open_table(CHILDREN).map_err(|e| self.err(e))?,
+        })
+    }
+
     pub fn inode(&self, id: InodeId) -> Result<Option<Inode>, MetaError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(INODES).map_err(|e| self.err(e))?;
@@ -178,6 +189,33 @@ impl MetaStore {
         };
         tx.commit().map_err(|e| self.err(e))?;
         Ok(out)
+    }
+}
+
+/// See [`MetaStore::view`].
+pub struct MetaView<'s> {
+    store: &'s MetaStore,
+    inodes: redb::ReadOnlyTable<u64, &'static [u8]>,
+    children: redb::ReadOnlyTable<(u64, &'static str), u64>,
+}
+
+impl MetaView<'_> {
+    pub fn inode(&self, id: InodeId) -> Result<Option<Inode>, MetaError> {
+        let v = self.inodes.get(id).map_err(|e| self.store.err(e))?;
+        v.map(|g| postcard::from_bytes(g.value()).map_err(|e| self.store.err(e)))
+            .transpose()
+    }
+
+    pub fn lookup(&self, parent: InodeId, name: &str) -> Result<Option<Inode>, MetaError> {
+        let id = self
+            .children
+            .get((parent, name))
+            .map_err(|e| self.store.err(e))?
+            .map(|g| g.value());
+        match id {
+            Some(id) => self.inode(id),
+            None => Ok(None),
+        }
     }
 }
 

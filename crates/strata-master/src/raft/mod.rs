@@ -127,6 +127,13 @@ pub struct ReadIndex {
     /// is sending them.
     #[allow(clippy::type_complexity)]
     waiting: std::sync::Mutex<(bool, Vec<tokio::sync::oneshot::Sender<Result<u64, String>>>)>,
+    /// When this master last heard from a leader (ms on `clock`): bounds
+    /// how stale its answers to `stale` reads can be.
+    last_leader_contact: AtomicU64,
+    clock: std::time::Instant,
+    /// Longest time since the last contact with a leader for which a
+    /// follower answers a `stale` read itself (the election timeout).
+    stale_bound_ms: u64,
     /// Term in which this master, as leader, has applied everything
     /// committed before it took over (so its store can be read and checked).
     ready_term: AtomicU64,
@@ -139,6 +146,9 @@ impl ReadIndex {
             lease_ms: timing.lease_ms(),
             leader: std::sync::Mutex::new(None),
             waiting: std::sync::Mutex::new((false, Vec::new())),
+            last_leader_contact: AtomicU64::new(0),
+            clock: std::time::Instant::now(),
+            stale_bound_ms: timing.election_min_ms,
             ready_term: AtomicU64::new(0),
         }
     }
@@ -222,9 +232,17 @@ impl ReadIndex {
             .max(applied.map(|l| l.index).unwrap_or(0)))
     }
 
+    /// Records that a leader's append (or heartbeat) just arrived.
+    pub fn leader_contact(&self) {
+        self.last_leader_contact
+            .store(self.clock.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// Before answering a read: linearizable (everything acknowledged before
-    /// the read began is visible) unless `stale`, which answers from this
-    /// master's state as it is, however far behind.
+    /// the read began is visible) unless `stale`: then a follower that heard
+    /// from the leader within the election timeout answers from its own
+    /// state (it lags by at most that plus its apply delay); one that did
+    /// not falls back to the linearizable path.
     pub async fn read_barrier(
         self: &Arc<Self>,
         raft: &Raft,
@@ -236,7 +254,11 @@ impl ReadIndex {
             (m.state, m.current_leader)
         };
         if stale && leader.is_some() {
-            return Ok(());
+            let since = (self.clock.elapsed().as_millis() as u64)
+                .saturating_sub(self.last_leader_contact.load(Ordering::Relaxed));
+            if state == ServerState::Leader || since < self.stale_bound_ms {
+                return Ok(());
+            }
         }
         let index = if state == ServerState::Leader {
             self.leader_read_index(raft).await?

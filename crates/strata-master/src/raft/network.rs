@@ -161,7 +161,11 @@ impl pb::raft_transport_server::RaftTransport for Transport {
         r: tonic::Request<pb::RaftBytes>,
     ) -> Result<tonic::Response<pb::RaftBytes>, tonic::Status> {
         let req: AppendEntriesRequest<TypeConfig> = decode(r)?;
-        encode(&self.raft.append_entries(req).await)
+        let resp = self.raft.append_entries(req).await;
+        if matches!(resp, Ok(AppendEntriesResponse::Success)) {
+            self.reads.leader_contact();
+        }
+        encode(&resp)
     }
 
     async fn vote(
