@@ -386,7 +386,7 @@ async fn reads_through_the_mount_ride_out_a_master_failover() {
     for i in 0..40 {
         let data = format!("file {i} ").repeat(1000 + i).into_bytes();
         client
-            .write_file(&format!("/ds/f{i}"), &data, opts.clone())
+            .write_file(&format!("/ds/f{i}"), &data, opts)
             .await
             .unwrap();
         files.push(data);

@@ -80,7 +80,7 @@ async fn failover(bin: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
             while !stop.load(Ordering::Relaxed) && i < 10_000_000 {
                 i += 1;
                 let started = epoch.elapsed().as_micros() as u64;
-                let r = if i % 3 == 0 {
+                let r = if i.is_multiple_of(3) {
                     let path = format!("/failover/f{i}");
                     let data = format!("{i}").repeat(100).into_bytes();
                     client
