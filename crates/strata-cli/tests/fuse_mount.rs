@@ -418,7 +418,7 @@ async fn reads_through_the_mount_ride_out_a_master_failover() {
         })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let leader = client.list_masters().await.unwrap().leader_id;
+    let leader = tokio::task::block_in_place(|| c.wait_leader(Duration::from_secs(30))).unwrap();
     tokio::task::block_in_place(|| c.kill_master(leader)).unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

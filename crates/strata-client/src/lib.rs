@@ -43,7 +43,7 @@ pub(crate) struct LiveWorkers {
 
 pub(crate) struct Inner {
     master_addr: String,
-    masters: MasterSet,
+    masters: Arc<MasterSet>,
     cfg: ClientConfig,
     workers: Mutex<Option<(Instant, Arc<LiveWorkers>)>>,
     pool: conn::Pool,
@@ -96,12 +96,15 @@ impl Client {
                 )));
             }
         };
-        let masters = MasterSet::new(
-            strata_common::config::split_list(addr),
-            Duration::from_secs(cfg.failover_timeout_secs),
-            read_from,
-        )
-        .map_err(ClientError::InvalidArgument)?;
+        let masters = Arc::new(
+            MasterSet::new(
+                strata_common::config::split_list(addr),
+                Duration::from_secs(cfg.failover_timeout_secs),
+                read_from,
+            )
+            .map_err(ClientError::InvalidArgument)?,
+        );
+        masters.keep_fresh();
         let timeout = Duration::from_secs(cfg.io_timeout_secs.max(1));
         Ok(Client {
             inner: Arc::new(Inner {
@@ -311,13 +314,14 @@ impl Client {
         .map(|r| r.version)
     }
 
-    /// The masters (Raft members) and the current leader.
+    /// The masters (Raft members) and the current leader, as the first
+    /// configured master that answers sees them.
     pub async fn list_masters(&self) -> Result<pb::MasterList> {
-        self.master_read(
-            pb::Empty {},
-            |mut c, r| async move { c.list_masters(r).await },
-        )
-        .await
+        self.inner
+            .masters
+            .list_masters()
+            .await
+            .map_err(|e| self.call_err(e))
     }
 
     /// Adds a master (started with `master.join`) to the cluster.

@@ -34,7 +34,7 @@ pub enum ReadFrom {
 }
 
 /// How often the membership is re-read in the background of calls.
-const MEMBERSHIP_REFRESH: Duration = Duration::from_secs(10);
+const MEMBERSHIP_REFRESH: Duration = Duration::from_secs(3);
 
 struct State {
     /// The configured addresses: always tried when the known ones fail.
@@ -80,6 +80,12 @@ fn channel(addr: &str) -> Result<Channel, String> {
         .map_err(|e| format!("invalid master address {addr:?}: {e}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
+        // A master that is alive at the TCP level but not answering (stopped,
+        // hung, cut off) fails its calls within ~3 s, which are then retried
+        // elsewhere; calls that are merely slow are not cut short.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
         .connect_lazy())
 }
 
@@ -243,13 +249,79 @@ impl MasterSet {
         r
     }
 
-    /// Asks a master for the current membership and leader (known masters
-    /// first, then the configured ones).
+    /// The member list as the configured masters see it: asked of the
+    /// configured addresses first, in order (so `--master ADDR` shows that
+    /// master's view), then of the other known members.
+    pub async fn list_masters(&self) -> Result<crate::pb::MasterList, CallError> {
+        let mut order = self.lock().seeds.clone();
+        for a in self.addrs() {
+            if !order.contains(&a) {
+                order.push(a);
+            }
+        }
+        let mut last = None;
+        for addr in order {
+            let Some(mut c) = self.client(&addr) else {
+                continue;
+            };
+            let mut req = Request::new(crate::pb::Empty {});
+            req.set_timeout(Duration::from_secs(2));
+            match c.list_masters(req).await {
+                Ok(r) => {
+                    self.reached.store(true, Ordering::Relaxed);
+                    let l = r.into_inner();
+                    let addrs: Vec<String> = l.masters.iter().map(|m| m.addr.clone()).collect();
+                    self.set_members(&addrs);
+                    return Ok(l);
+                }
+                Err(status) => last = Some(CallError { addr, status }),
+            }
+        }
+        Err(last.unwrap_or_else(|| CallError {
+            addr: String::new(),
+            status: Status::invalid_argument("no master address configured"),
+        }))
+    }
+
+    /// Keeps the member list fresh in the background (every few seconds,
+    /// for as long as the set is alive), so that even an idle client follows
+    /// masters that are replaced one by one. Needs a tokio runtime; without
+    /// one, the list is refreshed only by calls.
+    pub fn keep_fresh(self: &std::sync::Arc<Self>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = std::sync::Arc::downgrade(self);
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(MEMBERSHIP_REFRESH).await;
+                let Some(set) = weak.upgrade() else {
+                    return;
+                };
+                if set.refresh_due() {
+                    set.refresh().await;
+                }
+            }
+        });
+    }
+
+    /// Asks a master for the current membership and leader (the leader
+    /// first, then the other known masters in turn, then the configured
+    /// ones).
     pub async fn refresh(&self) -> bool {
         let (mut order, seeds) = {
             let mut st = self.lock();
             st.refreshed = Some(Instant::now());
-            (st.addrs.clone(), st.seeds.clone())
+            let mut order = st.addrs.clone();
+            if !order.is_empty() {
+                let k = self.next_read.fetch_add(1, Ordering::Relaxed) % order.len();
+                order.rotate_left(k);
+            }
+            if let Some(l) = st.leader.clone() {
+                order.retain(|a| *a != l);
+                order.insert(0, l);
+            }
+            (order, st.seeds.clone())
         };
         for s in seeds {
             if !order.contains(&s) {

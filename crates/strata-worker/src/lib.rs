@@ -125,6 +125,7 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
             msg,
         })?,
     );
+    masters.keep_fresh();
     let shared = Arc::new(Shared {
         store,
         mounts: mounts::Mounts::new(masters.clone()),
