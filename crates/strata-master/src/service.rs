@@ -6,7 +6,6 @@ use strata_common::NsPath;
 use strata_proto::pb::{self, master_server::Master};
 use tonic::{Request, Response, Status};
 
-use crate::MasterError;
 use crate::namespace::{Namespace, REQUEST_ID};
 use crate::raft;
 
@@ -108,13 +107,15 @@ impl MasterService {
         raft::members(&self.ns.raft).into_values().collect()
     }
 
-    fn raft_err(&self, e: impl std::fmt::Display) -> Status {
-        let s = e.to_string();
-        if s.contains("forward") || s.contains("leader") {
-            Status::from(self.ns.reads.not_leader(&self.ns.raft))
-        } else {
-            Status::from(MasterError::Raft(s))
-        }
+    /// A failed membership change, mapped like any failed write.
+    fn raft_err(
+        &self,
+        e: openraft::error::RaftError<
+            u64,
+            openraft::error::ClientWriteError<u64, openraft::BasicNode>,
+        >,
+    ) -> Status {
+        Status::from(raft::write_error(&self.ns.reads, &self.ns.raft, e))
     }
 }
 

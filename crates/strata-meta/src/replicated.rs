@@ -99,49 +99,14 @@ impl MetaStore {
         e: &LoggedCommand<'_>,
         durable: bool,
     ) -> Result<Result<Output, MetaError>, MetaError> {
-        if let (Some(rid), Some(_)) = (e.request, e.command)
-            && let Some(out) = self.replayed(rid)?
-        {
-            let tx = self.write_tx(durable)?;
-            self.put_state(&tx, e.state)?;
-            tx.commit().map_err(|err| self.err(err))?;
-            return Ok(Ok(out));
-        }
-        let tx = self.write_tx(durable)?;
-        let result = match e.command {
-            None => Ok(Output::default()),
-            Some(cmd) => {
-                let mut t = Tables {
-                    inodes: tx.open_table(INODES).map_err(|e| self.err(e))?,
-                    children: tx.open_table(CHILDREN).map_err(|e| self.err(e))?,
-                    mounts: tx.open_table(MOUNTS).map_err(|e| self.err(e))?,
-                    counters: tx.open_table(COUNTERS).map_err(|e| self.err(e))?,
-                    store: self,
-                };
-                let r = t.apply(cmd);
-                if r.is_ok() {
-                    let n = t.counter(APPLIED)?;
-                    t.set_counter(APPLIED, n + 1)?;
-                }
-                r
-            }
-        };
-        match result {
-            Err(err) if err.is_store() => Err(err),
+        match self.try_batch(std::slice::from_ref(e), durable)? {
+            Ok(mut outs) => Ok(Ok(outs.pop().unwrap_or_default())),
             Err(err) => {
-                drop(tx);
+                // Nothing of the command was committed; the entry still is.
                 let tx = self.write_tx(durable)?;
                 self.put_state(&tx, e.state)?;
                 tx.commit().map_err(|err| self.err(err))?;
                 Ok(Err(err))
-            }
-            Ok(out) => {
-                if let Some(rid) = e.request {
-                    self.record_request(&tx, rid, e.index, &out)?;
-                }
-                self.put_state(&tx, e.state)?;
-                tx.commit().map_err(|err| self.err(err))?;
-                Ok(Ok(out))
             }
         }
     }
@@ -155,8 +120,8 @@ impl MetaStore {
         durable: bool,
     ) -> Result<Vec<Result<Output, MetaError>>, MetaError> {
         match self.try_batch(entries, durable)? {
-            Some(outs) => Ok(outs.into_iter().map(Ok).collect()),
-            None => {
+            Ok(outs) => Ok(outs.into_iter().map(Ok).collect()),
+            Err(_) => {
                 let last = entries.len().saturating_sub(1);
                 entries
                     .iter()
@@ -167,23 +132,18 @@ impl MetaStore {
         }
     }
 
-    /// The whole run in one transaction; `None` if a command was rejected
-    /// (nothing is committed then).
+    /// The whole run in one transaction. The inner error is the first
+    /// command the state rejected (nothing is committed then).
+    #[allow(clippy::type_complexity)]
     fn try_batch(
         &self,
         entries: &[LoggedCommand<'_>],
         durable: bool,
-    ) -> Result<Option<Vec<Output>>, MetaError> {
+    ) -> Result<Result<Vec<Output>, MetaError>, MetaError> {
         let tx = self.write_tx(durable)?;
         let mut outs = Vec::with_capacity(entries.len());
         {
-            let mut t = Tables {
-                inodes: tx.open_table(INODES).map_err(|e| self.err(e))?,
-                children: tx.open_table(CHILDREN).map_err(|e| self.err(e))?,
-                mounts: tx.open_table(MOUNTS).map_err(|e| self.err(e))?,
-                counters: tx.open_table(COUNTERS).map_err(|e| self.err(e))?,
-                store: self,
-            };
+            let mut t = Tables::open(&tx, self)?;
             let mut req = tx.open_table(REQUESTS).map_err(|e| self.err(e))?;
             let mut age = tx.open_table(REQUEST_AGE).map_err(|e| self.err(e))?;
             let mut repl = tx.open_table(REPL).map_err(|e| self.err(e))?;
@@ -212,7 +172,7 @@ impl MetaStore {
                             out
                         }
                         Err(err) if err.is_store() => return Err(err),
-                        Err(_) => return Ok(None),
+                        Err(err) => return Ok(Err(err)),
                     },
                 };
                 for (k, v) in e.state {
@@ -230,7 +190,7 @@ impl MetaStore {
         {
             self.expire_requests(last.index - REQUEST_WINDOW, durable)?;
         }
-        Ok(Some(outs))
+        Ok(Ok(outs))
     }
 
     fn expire_requests(&self, cutoff: u64, durable: bool) -> Result<(), MetaError> {
@@ -249,33 +209,6 @@ impl MetaStore {
             }
         }
         tx.commit().map_err(|e| self.err(e))
-    }
-
-    fn record_request(
-        &self,
-        tx: &WriteTransaction,
-        rid: u128,
-        index: u64,
-        out: &Output,
-    ) -> Result<(), MetaError> {
-        let mut req = tx.open_table(REQUESTS).map_err(|e| self.err(e))?;
-        let mut age = tx.open_table(REQUEST_AGE).map_err(|e| self.err(e))?;
-        req.insert(rid, enc(out).as_slice())
-            .map_err(|e| self.err(e))?;
-        age.insert(index, rid).map_err(|e| self.err(e))?;
-        if index.is_multiple_of(EXPIRE_EVERY) && index > REQUEST_WINDOW {
-            let cutoff = index - REQUEST_WINDOW;
-            let old: Vec<(u64, u128)> = age
-                .range(..cutoff)
-                .map_err(|e| self.err(e))?
-                .filter_map(|kv| kv.ok().map(|(k, v)| (k.value(), v.value())))
-                .collect();
-            for (i, r) in old {
-                age.remove(i).map_err(|e| self.err(e))?;
-                req.remove(r).map_err(|e| self.err(e))?;
-            }
-        }
-        Ok(())
     }
 
     /// Makes every commit so far durable.

@@ -175,13 +175,7 @@ impl MetaStore {
     pub fn apply(&self, cmd: &Command) -> Result<Output, MetaError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         let out = {
-            let mut t = Tables {
-                inodes: tx.open_table(INODES).map_err(|e| self.err(e))?,
-                children: tx.open_table(CHILDREN).map_err(|e| self.err(e))?,
-                mounts: tx.open_table(MOUNTS).map_err(|e| self.err(e))?,
-                counters: tx.open_table(COUNTERS).map_err(|e| self.err(e))?,
-                store: self,
-            };
+            let mut t = Tables::open(&tx, self)?;
             let out = t.apply(cmd)?;
             let n = t.counter(APPLIED)?;
             t.set_counter(APPLIED, n + 1)?;
@@ -227,7 +221,21 @@ pub(crate) struct Tables<'t> {
     pub(crate) store: &'t MetaStore,
 }
 
-impl Tables<'_> {
+impl<'t> Tables<'t> {
+    /// The namespace tables of a write transaction.
+    pub(crate) fn open(
+        tx: &'t redb::WriteTransaction,
+        store: &'t MetaStore,
+    ) -> Result<Tables<'t>, MetaError> {
+        Ok(Tables {
+            inodes: tx.open_table(INODES).map_err(|e| store.err(e))?,
+            children: tx.open_table(CHILDREN).map_err(|e| store.err(e))?,
+            mounts: tx.open_table(MOUNTS).map_err(|e| store.err(e))?,
+            counters: tx.open_table(COUNTERS).map_err(|e| store.err(e))?,
+            store,
+        })
+    }
+
     fn e(&self, e: impl std::fmt::Display) -> MetaError {
         self.store.err(e)
     }

@@ -70,7 +70,9 @@ pub struct CallError {
     pub status: Status,
 }
 
-fn channel(addr: &str) -> Result<Channel, String> {
+/// A lazily connected channel to one master (clients, workers and the
+/// masters themselves use the same settings).
+pub fn channel(addr: &str) -> Result<Channel, String> {
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {

@@ -85,6 +85,22 @@ pub(crate) fn wait_line(
     Ok(lines)
 }
 
+/// A `strata` command for a test cluster: no config or master from the
+/// caller's environment, quiet logs, fast heartbeats, run in `dir`.
+pub(crate) fn strata_command(bin: &Path, dir: &Path, env: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env_remove("STRATA_CONFIG")
+        .env_remove("STRATA_MASTER")
+        .env("STRATA_LOG", "warn,openraft=off,s3s=off")
+        // Fresh usage figures at the master within a tenth of a second.
+        .env("STRATA_WORKER_HEARTBEAT_INTERVAL_MS", "100")
+        .current_dir(dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
 pub(crate) fn field(lines: &[String], key: &str) -> anyhow::Result<String> {
     lines
         .iter()
@@ -112,17 +128,7 @@ impl Cluster {
     }
 
     fn base_cmd(&self) -> Command {
-        let mut cmd = Command::new(&self.bin);
-        cmd.env_remove("STRATA_CONFIG")
-            .env_remove("STRATA_MASTER")
-            .env("STRATA_LOG", "warn,openraft=off,s3s=off")
-            // Fresh usage figures at the master within a tenth of a second.
-            .env("STRATA_WORKER_HEARTBEAT_INTERVAL_MS", "100")
-            .current_dir(self.dir.path());
-        for (k, v) in &self.opts.env {
-            cmd.env(k, v);
-        }
-        cmd
+        strata_command(&self.bin, self.dir.path(), &self.opts.env)
     }
 
     fn boot(&mut self) -> anyhow::Result<()> {

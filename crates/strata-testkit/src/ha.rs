@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::cluster::{field, wait_line};
+use crate::cluster::{field, strata_command, wait_line};
 
 pub struct MasterProc {
     pub id: u64,
@@ -90,16 +90,7 @@ impl HaCluster {
     }
 
     fn base_cmd(&self) -> Command {
-        let mut cmd = Command::new(&self.bin);
-        cmd.env_remove("STRATA_CONFIG")
-            .env_remove("STRATA_MASTER")
-            .env("STRATA_LOG", "warn,openraft=off,s3s=off")
-            .env("STRATA_WORKER_HEARTBEAT_INTERVAL_MS", "100")
-            .current_dir(self.dir.path());
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        cmd
+        strata_command(&self.bin, self.dir.path(), &self.env)
     }
 
     fn spawn_master(&mut self, i: usize, initial: Option<&str>) -> anyhow::Result<()> {

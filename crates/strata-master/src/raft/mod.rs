@@ -109,12 +109,8 @@ pub fn members(raft: &Raft) -> BTreeMap<u64, String> {
 }
 
 fn leader_addr(raft: &Raft) -> Option<String> {
-    let m = raft.metrics().borrow().clone();
-    let id = m.current_leader?;
-    m.membership_config
-        .nodes()
-        .find(|(n, _)| **n == id)
-        .map(|(_, node)| node.addr.clone())
+    let id = raft.metrics().borrow().current_leader?;
+    members(raft).remove(&id)
 }
 
 /// Leadership and read barriers for one master.

@@ -1,8 +1,6 @@
 //! Raft messages between masters over gRPC: the `RaftTransport` service
 //! carries openraft's own request and response types, postcard-encoded.
 
-use std::time::Duration;
-
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -28,18 +26,7 @@ pub struct Peer {
     client: Option<RaftTransportClient<Channel>>,
 }
 
-pub fn channel(addr: &str) -> Result<Channel, String> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(tonic::transport::Endpoint::from_shared(uri)
-        .map_err(|e| format!("invalid master address {addr:?}: {e}"))?
-        .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true)
-        .connect_lazy())
-}
+pub use strata_proto::masters::channel;
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
