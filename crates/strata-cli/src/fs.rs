@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use strata_client::{Client, FileInfo, MountOptions, WriteOptions, WriteType};
+use strata_client::{Client, FileInfo, JobSpec, MountOptions, WriteOptions, WriteType};
 use strata_common::Config;
 use strata_common::size::{format_size, parse_size};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +22,39 @@ pub enum WriteTypeArg {
     CacheThrough,
     /// Write the UFS only.
     Through,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum TtlActionArg {
+    /// Drop the cached pages; the file stays.
+    Free,
+    /// Delete the path from the namespace and the UFS.
+    Delete,
+}
+
+/// Parses `30s`, `15m`, `12h`, `7d` or plain seconds into milliseconds.
+pub(crate) fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().with_context(|| {
+        format!("duration {s:?}: expected a number and a unit (30s, 15m, 12h, 7d)")
+    })?;
+    let ms = match unit {
+        "ms" => 1.0,
+        "s" => 1e3,
+        "m" => 60e3,
+        "h" => 3600e3,
+        "d" => 86_400e3,
+        _ => bail!("duration {s:?}: unknown unit {unit:?}; use ms, s, m, h or d"),
+    };
+    let v = n * ms;
+    if !(1.0..1e15).contains(&v) {
+        bail!("duration {s:?}: must be between 1 ms and about 30000 years");
+    }
+    Ok(v as u64)
 }
 
 #[derive(Subcommand)]
@@ -93,10 +126,28 @@ pub enum FsCmd {
     Unmount { path: String },
     /// Re-validate a path against the UFS now.
     Sync { path: String },
-    /// Cache every file below a path on the workers.
-    Load { path: String },
-    /// Drop cached pages of every file below a path.
+    /// Cache every file below a path on the workers (a `strata job load`
+    /// that is waited for).
+    Load {
+        path: String,
+        /// Compare the cached bytes with the UFS afterwards.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Drop cached pages of every persisted, unpinned file below a path (a
+    /// `strata job free` that is waited for).
     Free { path: String },
+    /// Set a path's time to live: when it expires, its cached data is freed
+    /// or the path is deleted (from the UFS too). `--clear` removes it.
+    Ttl {
+        path: String,
+        /// e.g. 30s, 15m, 12h, 7d (required unless --clear).
+        duration: Option<String>,
+        #[arg(long, value_enum, default_value = "free")]
+        action: TtlActionArg,
+        #[arg(long, conflicts_with = "duration")]
+        clear: bool,
+    },
     /// Cache every file below a path and keep it cached: pinned pages are
     /// never evicted (they still move between tiers).
     Pin { path: String },
@@ -176,6 +227,25 @@ fn print_stat(i: &FileInfo) {
     }
     if i.is_mount_point {
         println!("mount point:   yes");
+    }
+    if i.pinned {
+        println!("pinned:        yes");
+    }
+    if i.ttl_ms > 0 {
+        println!(
+            "ttl:           {} s, then {} (at {} UTC)",
+            i.ttl_ms / 1000,
+            ttl_action_name(i),
+            format_time_ms(i.ttl_expires_ms)
+        );
+    }
+}
+
+fn ttl_action_name(i: &FileInfo) -> &'static str {
+    if i.ttl_action == strata_proto::pb::TtlAction::TtlDelete as i32 {
+        "delete"
+    } else {
+        "free"
     }
 }
 
@@ -311,34 +381,74 @@ pub async fn run(cfg: &Config, cmd: FsCmd) -> anyhow::Result<()> {
                 r.directories_synced, r.files_changed
             );
         }
-        FsCmd::Load { path } => {
+        FsCmd::Load { path, verify } => {
             let started = Instant::now();
-            let pb = bar(0, "loading");
-            let p = c
-                .load(&path, |p| {
-                    pb.set_length(p.bytes_total);
-                    pb.set_position(p.bytes_done);
-                    pb.set_message(format!("loading {}/{} files", p.files_done, p.files_total));
-                })
-                .await;
-            pb.finish_and_clear();
-            let p = p?;
+            let j = c.submit_job(&path, JobSpec::Load { verify }).await?;
+            let j = crate::job::wait(&c, j.id).await?;
             let secs = started.elapsed().as_secs_f64();
             println!(
-                "loaded {} files, {} in {secs:.2}s ({}/s); {} pages fetched from the UFS, {} already cached",
-                p.files_done,
-                format_size(p.bytes_done),
-                format_size((p.bytes_done as f64 / secs.max(1e-9)) as u64),
-                p.ufs_pages,
-                p.cached_pages
+                "loaded {} files, {} in {secs:.2}s ({}/s); {} pages fetched from the UFS, {} already cached{} (job {})",
+                j.files_done,
+                format_size(j.bytes_done),
+                format_size((j.bytes_done as f64 / secs.max(1e-9)) as u64),
+                j.ufs_pages,
+                j.cached_pages,
+                if verify {
+                    format!("; {} files verified", j.verified)
+                } else {
+                    String::new()
+                },
+                j.id
             );
         }
         FsCmd::Free { path } => {
-            let n = c.free(&path).await?;
-            println!("freed {n} cached pages");
+            let j = c.submit_job(&path, JobSpec::Free).await?;
+            let j = crate::job::wait(&c, j.id).await?;
+            println!("freed {} cached pages ({})", j.cached_pages, j.message);
+        }
+        FsCmd::Ttl {
+            path,
+            duration,
+            action,
+            clear,
+        } => {
+            let mut req = strata_proto::pb::SetAttributesRequest {
+                path: path.clone(),
+                clear_ttl: clear,
+                ..Default::default()
+            };
+            if !clear {
+                let Some(d) = duration else {
+                    bail!(
+                        "usage: strata fs ttl PATH DURATION [--action free|delete]  (or --clear)"
+                    );
+                };
+                req.ttl_ms = parse_duration_ms(&d)?;
+                req.ttl_action = match action {
+                    TtlActionArg::Free => strata_proto::pb::TtlAction::TtlFree,
+                    TtlActionArg::Delete => strata_proto::pb::TtlAction::TtlDelete,
+                } as i32;
+            }
+            let i = c.set_attributes(req).await?;
+            if i.ttl_ms == 0 {
+                println!("{}: no TTL", i.path);
+            } else {
+                println!(
+                    "{}: {} at {} UTC",
+                    i.path,
+                    ttl_action_name(&i),
+                    format_time_ms(i.ttl_expires_ms)
+                );
+            }
         }
         FsCmd::Pin { path } => {
             // Pin first, so pages loaded next are pinned as they land.
+            c.set_attributes(strata_proto::pb::SetAttributesRequest {
+                path: path.clone(),
+                pinned: Some(true),
+                ..Default::default()
+            })
+            .await?;
             let (files, _) = c.pin(&path, true).await?;
             let pb = bar(0, "loading");
             let p = c
@@ -356,6 +466,12 @@ pub async fn run(cfg: &Config, cmd: FsCmd) -> anyhow::Result<()> {
             );
         }
         FsCmd::Unpin { path } => {
+            c.set_attributes(strata_proto::pb::SetAttributesRequest {
+                path: path.clone(),
+                pinned: Some(false),
+                ..Default::default()
+            })
+            .await?;
             let (files, pages) = c.pin(&path, false).await?;
             println!("unpinned {files} files ({pages} cached pages)");
         }

@@ -8,6 +8,7 @@ mod bench_local;
 mod bench_meta;
 mod bench_streams;
 mod fs;
+mod job;
 mod local;
 mod mount;
 
@@ -45,6 +46,9 @@ enum Cmd {
     /// File-system commands.
     #[command(subcommand)]
     Fs(fs::FsCmd),
+    /// Data-management jobs: load, free, persist, cp; ls, status, cancel.
+    #[command(subcommand)]
+    Job(job::JobCmd),
     /// Cluster administration.
     #[command(subcommand)]
     Admin(admin::AdminCmd),
@@ -225,6 +229,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Local(args) => local::run(cfg, args).await,
         Cmd::Fs(c) => fs::run(&cfg, c).await,
         Cmd::Admin(c) => admin::run(&cfg, c).await,
+        Cmd::Job(c) => job::run(&client(&cfg)?, c).await,
         Cmd::Bench(c) => bench::run(&cfg, c).await,
         Cmd::Mount(a) => mount::run(&cfg, a).await,
         Cmd::Gateway { listen } => {

@@ -6,6 +6,7 @@
 
 mod conn;
 mod error;
+mod jobs;
 mod reader;
 mod short_circuit;
 mod writer;
@@ -25,7 +26,9 @@ use strata_proto::pb::{self, master_client::MasterClient};
 use tonic::transport::Channel;
 
 pub use error::ClientError;
+pub use jobs::JobSpec;
 pub use pb::{FileInfo, MasterList, MountInfo, PersistState, WorkerInfo, WriteType};
+pub use pb::{JobInfo, JobState};
 pub use reader::Reader;
 pub use writer::{WriteOptions, Writer};
 

@@ -404,7 +404,21 @@ impl Reader {
 
     /// Caches a range on its owner without transferring it; returns
     /// (pages already cached, pages fetched from the UFS).
-    pub(crate) async fn load_range(&self, off: u64, len: u64) -> Result<(u64, u64)> {
+    /// The data address of the worker that owns the block holding `off`.
+    pub async fn owner_of(&self, off: u64) -> Result<String> {
+        let (_, block) = self.block_bounds(off);
+        self.client.owner(self.cache_id, block, false).await
+    }
+
+    /// End offset of the block holding `off` (for splitting work by block).
+    pub fn block_end(&self, off: u64) -> u64 {
+        self.block_bounds(off).0
+    }
+
+    /// Has the owner worker cache `[off, off+len)` (one block at most)
+    /// without sending the bytes back; returns (pages cached already, pages
+    /// fetched from the UFS).
+    pub async fn load_range(&self, off: u64, len: u64) -> Result<(u64, u64)> {
         let (_, c, u) = self.exchange(off, len, Want::LoadOnly).await?;
         Ok((c, u))
     }

@@ -174,6 +174,14 @@ pub struct MasterConfig {
     pub raft_election_timeout_ms: u64,
     /// Log entries between state snapshots (which also bound the log).
     pub raft_snapshot_every: u64,
+    /// Block loads a job keeps in flight on one worker.
+    pub job_per_worker: usize,
+    /// Block loads a job keeps in flight against one UFS (mount).
+    pub job_per_ufs: usize,
+    /// Jobs the leader runs at once (the rest wait, queued).
+    pub job_max_running: usize,
+    /// Seconds between checks of TTLs.
+    pub ttl_check_interval_secs: u64,
 }
 
 impl MasterConfig {
@@ -211,6 +219,10 @@ impl Default for MasterConfig {
             raft_heartbeat_ms: 100,
             raft_election_timeout_ms: 600,
             raft_snapshot_every: 50_000,
+            job_per_worker: 8,
+            job_per_ufs: 32,
+            job_max_running: 4,
+            ttl_check_interval_secs: 60,
         }
     }
 }

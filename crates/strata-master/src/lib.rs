@@ -5,6 +5,7 @@
 //! never touches file data and keeps no per-block location table.
 
 mod error;
+mod jobs;
 mod namespace;
 pub mod raft;
 mod service;
@@ -105,6 +106,7 @@ pub async fn start(config: &Config) -> Result<MasterHandle, MasterError> {
     tracing::info!(%addr, node_id = mc.node_id, "master serving");
     bootstrap(&raft, config, &me).await?;
     tokio::spawn(log_leader_changes(raft.clone()));
+    jobs::JobRunner::start(ns.clone(), config, &me)?;
     Ok(MasterHandle {
         addr,
         namespace: ns,

@@ -44,6 +44,8 @@ pub struct Namespace {
     /// One UFS listing per directory at a time.
     sync_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     pub membership: Membership,
+    /// Wakes the job runner (a job was submitted or cancelled).
+    pub(crate) jobs_changed: Arc<tokio::sync::Notify>,
 }
 
 fn join_rel(rel: &str, name: &str) -> String {
@@ -67,6 +69,7 @@ impl Namespace {
             write_lock: tokio::sync::Mutex::new(()),
             sync_locks: Mutex::new(HashMap::new()),
             membership: Membership::new(config.master.worker_timeout_ms),
+            jobs_changed: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -87,12 +90,15 @@ impl Namespace {
 
     /// A command on the way to completing a call (e.g. a UFS listing merged
     /// while resolving a path).
-    async fn apply(&self, cmd: Command) -> Result<strata_meta::Output, MasterError> {
+    pub(crate) async fn apply(&self, cmd: Command) -> Result<strata_meta::Output, MasterError> {
         self.commit(cmd, None).await
     }
 
     /// The command that completes the call: logged with the request id.
-    async fn apply_final(&self, cmd: Command) -> Result<strata_meta::Output, MasterError> {
+    pub(crate) async fn apply_final(
+        &self,
+        cmd: Command,
+    ) -> Result<strata_meta::Output, MasterError> {
         let rid = REQUEST_ID.try_with(|r| *r).ok().flatten();
         self.commit(cmd, rid).await
     }
@@ -148,6 +154,15 @@ impl Namespace {
         })?;
         map.insert(mount.id, u.clone());
         Ok(u)
+    }
+
+    /// The UFS of a mount, by mount id.
+    pub(crate) fn ufs_by_mount_id(&self, id: u64) -> Result<Ufs, MasterError> {
+        let m = self.store.mount(id)?.ok_or_else(|| MasterError::Invalid {
+            path: format!("mount {id}"),
+            msg: "no such mount (unmounted meanwhile?)".into(),
+        })?;
+        self.ufs_for(&m)
     }
 
     fn mount_of(&self, ino: &Inode) -> Result<Option<MountEntry>, MasterError> {
@@ -334,7 +349,17 @@ impl Namespace {
         } else {
             CacheId::for_inode(i.id, i.generation).to_hex()
         };
+        let attrs = self.store.attrs(i.id).unwrap_or_default();
+        let ttl = attrs.ttl;
         pb::FileInfo {
+            ttl_ms: ttl.map(|t| t.ttl_ms).unwrap_or(0),
+            ttl_action: match ttl.map(|t| t.action) {
+                None => pb::TtlAction::Unspecified,
+                Some(strata_meta::TtlAction::Free) => pb::TtlAction::TtlFree,
+                Some(strata_meta::TtlAction::Delete) => pb::TtlAction::TtlDelete,
+            } as i32,
+            ttl_expires_ms: ttl.map(|t| t.expires_ms()).unwrap_or(0),
+            pinned: attrs.pinned,
             id: i.id,
             path: r.path.to_string(),
             name: i.name.clone(),
@@ -577,7 +602,7 @@ impl Namespace {
     }
 
     /// Rebuilds an inode's path by walking parents.
-    fn path_of(&self, mut id: u64) -> Result<NsPath, MasterError> {
+    pub(crate) fn path_of(&self, mut id: u64) -> Result<NsPath, MasterError> {
         let mut names = Vec::new();
         while id != ROOT_ID {
             let i = self.store.inode(id)?.ok_or_else(|| MasterError::NotFound {

@@ -326,4 +326,50 @@ impl Master for MasterService {
         tracing::info!(id, "master removed");
         Ok(Response::new(self.masters()))
     }
+
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> R<pb::JobInfo> {
+        let (rid, replayed) = self.write(&req).await?;
+        if let Some(out) = replayed {
+            let id = out
+                .job
+                .ok_or_else(|| Status::internal("replayed call recorded no job"))?;
+            return Ok(Response::new(self.ns.job_info(id)?));
+        }
+        let info = REQUEST_ID
+            .scope(rid, self.ns.submit_job(req.into_inner()))
+            .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn get_job(&self, req: Request<pb::JobIdRequest>) -> R<pb::JobInfo> {
+        self.read(&req).await?;
+        Ok(Response::new(self.ns.job_info(req.get_ref().id)?))
+    }
+
+    async fn list_jobs(&self, req: Request<pb::Empty>) -> R<pb::JobList> {
+        self.read(&req).await?;
+        Ok(Response::new(pb::JobList {
+            jobs: self.ns.list_jobs()?,
+        }))
+    }
+
+    async fn cancel_job(&self, req: Request<pb::JobIdRequest>) -> R<pb::JobInfo> {
+        let (rid, replayed) = self.write(&req).await?;
+        let id = req.get_ref().id;
+        if replayed.is_none() {
+            REQUEST_ID.scope(rid, self.ns.cancel_job(id)).await?;
+        }
+        Ok(Response::new(self.ns.job_info(id)?))
+    }
+
+    async fn set_attributes(&self, req: Request<pb::SetAttributesRequest>) -> R<pb::FileInfo> {
+        let (rid, replayed) = self.write(&req).await?;
+        if let Some(out) = replayed {
+            return self.replayed_info(out).await;
+        }
+        let info = REQUEST_ID
+            .scope(rid, self.ns.set_attributes(req.into_inner()))
+            .await?;
+        Ok(Response::new(info))
+    }
 }

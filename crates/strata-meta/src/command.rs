@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use strata_common::InodeId;
 
+use crate::jobs::{Attrs, JobKind, JobProgress, JobState};
 use crate::{MountEntry, PersistState};
 
 /// One entry of a UFS directory listing, as merged by [`Command::SyncDir`].
@@ -70,6 +71,33 @@ pub enum Command {
     RemoveMount {
         mount_id: u64,
     },
+    /// Queues a job; the output names its id.
+    SubmitJob {
+        kind: JobKind,
+        path: String,
+        created_ms: i64,
+    },
+    /// Moves a job on (refused once it is finished, so a cancel sticks).
+    UpdateJob {
+        id: u64,
+        state: JobState,
+        progress: Option<JobProgress>,
+        message: Option<String>,
+        /// A leader starts (or resumes) running it.
+        new_run: bool,
+        updated_ms: i64,
+    },
+    /// A file that lived only in the cache was written to the UFS.
+    Persisted {
+        id: InodeId,
+        generation: u64,
+        fingerprint: String,
+    },
+    /// Replaces an inode's attributes (TTL, pin).
+    SetAttrs {
+        id: InodeId,
+        attrs: Attrs,
+    },
 }
 
 /// What applying a command produced.
@@ -81,4 +109,6 @@ pub struct Output {
     pub removed: Vec<crate::Inode>,
     /// Files whose content changed (SyncDir).
     pub changed: u64,
+    /// The job submitted or updated.
+    pub job: Option<u64>,
 }

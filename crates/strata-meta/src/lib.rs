@@ -6,10 +6,12 @@
 //! own store: no network, no UFS calls, no clocks (times arrive in commands).
 
 mod command;
+mod jobs;
 mod replicated;
 mod store;
 
 pub use command::{Command, Output, UfsEntry};
+pub use jobs::{Attrs, Job, JobKind, JobProgress, JobState, KEEP_FINISHED_JOBS, Ttl, TtlAction};
 pub use replicated::LoggedCommand;
 pub use store::{MetaStore, MetaView};
 

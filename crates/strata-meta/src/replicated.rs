@@ -8,6 +8,7 @@ use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, W
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, Output};
+use crate::jobs::{ATTRS, JOBS};
 use crate::store::{
     APPLIED, CHILDREN, COUNTERS, INODES, MOUNTS, REPL, REQUEST_AGE, REQUESTS, Tables, enc,
 };
@@ -48,6 +49,8 @@ enum Rec<'a> {
     Repl(&'a str, &'a [u8]),
     Request(u128, &'a [u8]),
     Age(u64, u128),
+    Job(u64, &'a [u8]),
+    Attr(u64, &'a [u8]),
     /// Last record: how many came before it (a cut snapshot is detected).
     End(u64),
 }
@@ -252,6 +255,8 @@ impl MetaStore {
         });
         dump!(REQUESTS, |k, v| Rec::Request(k, v));
         dump!(REQUEST_AGE, |k, v| Rec::Age(k, v));
+        dump!(JOBS, |k, v| Rec::Job(k, v));
+        dump!(ATTRS, |k, v| Rec::Attr(k, v));
         postcard::to_io(&Rec::End(n), &mut out).map_err(|e| self.err(e))?;
         Ok((out, repl))
     }
@@ -272,6 +277,8 @@ impl MetaStore {
             let mut repl = tx.open_table(REPL).map_err(|e| self.err(e))?;
             let mut req = tx.open_table(REQUESTS).map_err(|e| self.err(e))?;
             let mut age = tx.open_table(REQUEST_AGE).map_err(|e| self.err(e))?;
+            let mut jobs = tx.open_table(JOBS).map_err(|e| self.err(e))?;
+            let mut attrs = tx.open_table(ATTRS).map_err(|e| self.err(e))?;
             let e = |e: redb::Error| self.err(e);
             inodes.retain(|_, _| false).map_err(|x| e(x.into()))?;
             children.retain(|_, _| false).map_err(|x| e(x.into()))?;
@@ -280,6 +287,8 @@ impl MetaStore {
             repl.retain(|_, _| false).map_err(|x| e(x.into()))?;
             req.retain(|_, _| false).map_err(|x| e(x.into()))?;
             age.retain(|_, _| false).map_err(|x| e(x.into()))?;
+            jobs.retain(|_, _| false).map_err(|x| e(x.into()))?;
+            attrs.retain(|_, _| false).map_err(|x| e(x.into()))?;
             let mut n = 0u64;
             loop {
                 if rest.is_empty() {
@@ -299,6 +308,8 @@ impl MetaStore {
                     Rec::Repl(k, v) => repl.insert(k, v).map(drop),
                     Rec::Request(k, v) => req.insert(k, v).map(drop),
                     Rec::Age(k, v) => age.insert(k, v).map(drop),
+                    Rec::Job(k, v) => jobs.insert(k, v).map(drop),
+                    Rec::Attr(k, v) => attrs.insert(k, v).map(drop),
                 };
                 res.map_err(|x| e(x.into()))?;
             }

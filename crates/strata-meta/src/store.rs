@@ -6,6 +6,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
 use strata_common::InodeId;
 
 use crate::command::{Command, Output, UfsEntry};
+use crate::jobs::{ATTRS, JOBS};
 use crate::{Inode, MetaError, MountEntry, PersistState, ROOT_ID};
 
 pub(crate) const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
@@ -62,6 +63,8 @@ impl MetaStore {
             tx.open_table(REPL).map_err(|e| self.err(e))?;
             tx.open_table(REQUESTS).map_err(|e| self.err(e))?;
             tx.open_table(REQUEST_AGE).map_err(|e| self.err(e))?;
+            tx.open_table(JOBS).map_err(|e| self.err(e))?;
+            tx.open_table(ATTRS).map_err(|e| self.err(e))?;
             let mut counters = tx.open_table(COUNTERS).map_err(|e| self.err(e))?;
             if inodes.get(ROOT_ID).map_err(|e| self.err(e))?.is_none() {
                 let root = Inode {
@@ -218,6 +221,8 @@ pub(crate) struct Tables<'t> {
     pub(crate) children: Table<'t, (u64, &'static str), u64>,
     pub(crate) mounts: Table<'t, u64, &'static [u8]>,
     pub(crate) counters: Table<'t, &'static str, u64>,
+    pub(crate) jobs: Table<'t, u64, &'static [u8]>,
+    pub(crate) attrs: Table<'t, u64, &'static [u8]>,
     pub(crate) store: &'t MetaStore,
 }
 
@@ -232,6 +237,8 @@ impl<'t> Tables<'t> {
             children: tx.open_table(CHILDREN).map_err(|e| store.err(e))?,
             mounts: tx.open_table(MOUNTS).map_err(|e| store.err(e))?,
             counters: tx.open_table(COUNTERS).map_err(|e| store.err(e))?,
+            jobs: tx.open_table(JOBS).map_err(|e| store.err(e))?,
+            attrs: tx.open_table(ATTRS).map_err(|e| store.err(e))?,
             store,
         })
     }
@@ -258,6 +265,10 @@ impl<'t> Tables<'t> {
         let id = self.counter(k)?;
         self.set_counter(k, id + 1)?;
         Ok(id)
+    }
+
+    pub(crate) fn get_inode(&self, id: InodeId) -> Result<Inode, MetaError> {
+        self.get(id)
     }
 
     fn get(&self, id: InodeId) -> Result<Inode, MetaError> {
@@ -356,6 +367,7 @@ impl<'t> Tables<'t> {
             .remove((ino.parent, ino.name.as_str()))
             .map_err(|e| self.store.err(e))?;
         self.inodes.remove(id).map_err(|e| self.store.err(e))?;
+        self.drop_attrs(id)?;
         removed.push(ino);
         Ok(())
     }
@@ -564,6 +576,51 @@ impl<'t> Tables<'t> {
                     .insert(mount_id, enc(&m).as_slice())
                     .map_err(|e| self.store.err(e))?;
                 out.inode = Some(d.id);
+            }
+            Command::SubmitJob {
+                kind,
+                path,
+                created_ms,
+            } => {
+                out.job = Some(self.submit_job(kind, path, *created_ms)?);
+            }
+            Command::UpdateJob {
+                id,
+                state,
+                progress,
+                message,
+                new_run,
+                updated_ms,
+            } => {
+                self.update_job(
+                    *id,
+                    *state,
+                    progress.as_ref(),
+                    message.as_deref(),
+                    *new_run,
+                    *updated_ms,
+                )?;
+                out.job = Some(*id);
+            }
+            Command::Persisted {
+                id,
+                generation,
+                fingerprint,
+            } => {
+                let mut f = self.get(*id)?;
+                if f.is_dir || !f.complete || f.generation != *generation {
+                    return Err(MetaError::Invalid(format!(
+                        "inode {id} generation {generation} changed while it was persisted"
+                    )));
+                }
+                f.persist = PersistState::Persisted;
+                f.fingerprint = fingerprint.clone();
+                self.put(&f)?;
+                out.inode = Some(f.id);
+            }
+            Command::SetAttrs { id, attrs } => {
+                self.set_attrs(*id, attrs)?;
+                out.inode = Some(*id);
             }
             Command::RemoveMount { mount_id } => {
                 let g = self

@@ -16,6 +16,8 @@ pub struct FastFs {
     inner: s3s_fs::FileSystem,
     root: PathBuf,
     chunk: usize,
+    /// GETs still to be refused with 503 SlowDown (throttling tests).
+    pub(crate) throttle: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FastFs {
@@ -24,6 +26,7 @@ impl FastFs {
             chunk: chunk.max(1),
             inner: s3s_fs::FileSystem::new(root).map_err(|e| anyhow::anyhow!("s3s-fs: {e:?}"))?,
             root: root.to_path_buf(),
+            throttle: Default::default(),
         })
     }
 }
@@ -34,6 +37,14 @@ impl S3 for FastFs {
         &self,
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
+        use std::sync::atomic::Ordering;
+        if self
+            .throttle
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(s3s::s3_error!(SlowDown, "throttled by the test server"));
+        }
         let (bucket, key, range) = (
             req.input.bucket.clone(),
             req.input.key.clone(),

@@ -15,6 +15,8 @@ pub const SECRET_KEY: &str = "strata-test-secret";
 
 pub struct S3Server {
     pub addr: SocketAddr,
+    /// GETs the server still answers with 503 SlowDown (see [`S3Server::throttle`]).
+    throttle: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub root: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -41,6 +43,7 @@ impl S3Server {
     pub fn start_with_chunk(root: &Path, bind: &str, chunk: usize) -> anyhow::Result<S3Server> {
         let root = root.to_path_buf();
         let fs = crate::fast_fs::FastFs::new(&root, chunk)?;
+        let throttle = fs.throttle.clone();
         let mut b = S3ServiceBuilder::new(fs);
         b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
         let service = b.build();
@@ -83,11 +86,22 @@ impl S3Server {
             })?;
         Ok(S3Server {
             addr,
+            throttle,
             root,
             stop: Some(tx),
             thread: Some(thread),
             _dir: None,
         })
+    }
+
+    /// Answers the next `n` GETs with 503 SlowDown, as a throttling store does.
+    pub fn throttle(&self, n: u64) {
+        self.throttle.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// GETs still to be refused.
+    pub fn throttled_left(&self) -> u64 {
+        self.throttle.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn endpoint(&self) -> String {

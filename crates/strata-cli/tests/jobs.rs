@@ -1,0 +1,335 @@
+//! Data-management jobs and TTLs against a real S3 server: preload with
+//! progress and verification, free, cancel, a throttling and a failing UFS,
+//! TTL actions, and a load that survives the death of the master leader.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use strata_client::{Client, JobState};
+use strata_testkit::{ClusterOptions, HaCluster, LatencyProxy, ProxyOptions, S3Server};
+
+/// Files of 1 KiB to 3 MiB under `dir` in the test bucket; returns the total.
+async fn dataset(s3: &S3Server, dir: &str, n: usize) -> u64 {
+    let ufs = s3_client(s3);
+    let mut total = 0;
+    for i in 0..n {
+        let len = match i % 4 {
+            0 => 1 << 10,
+            1 => 100 << 10,
+            2 => (1 << 20) + 7,
+            _ => 3 << 20,
+        };
+        s3_put(&ufs, &format!("{dir}/f{i:03}.bin"), &pattern(len, i as u64)).await;
+        total += len as u64;
+    }
+    total
+}
+
+async fn wait_job(c: &Client, id: u64, limit: Duration) -> strata_client::JobInfo {
+    let t = Instant::now();
+    loop {
+        let j = c.job(id).await.expect("job status");
+        let s = JobState::try_from(j.state).unwrap();
+        if matches!(
+            s,
+            JobState::JobCompleted | JobState::JobFailed | JobState::JobCancelled
+        ) {
+            return j;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "job {id} still {s:?} after {limit:?}: {j:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn load_job_caches_each_byte_once_verifies_and_reports_errors() {
+    let env = start(ClusterOptions::default());
+    let total = dataset(&env.s3, "ds", 12).await;
+    let c = client(&env.cluster);
+    let before = ufs_bytes_read(&c).await;
+    let out = ok(env
+        .cluster
+        .cli(&["job", "load", "/s3/ds", "--wait", "--verify"])
+        .unwrap());
+    assert!(out.contains("state:      completed"), "{out}");
+    assert!(out.contains("files:      12/12 done, 0 failed"), "{out}");
+    assert!(out.contains("verified:   12 files"), "{out}");
+    let fetched = ufs_bytes_read(&c).await - before;
+    assert!(
+        fetched >= total && fetched as f64 <= total as f64 * 1.01,
+        "UFS bytes {fetched} for a {total}-byte dataset"
+    );
+
+    // Loading again fetches nothing; the front end reports it.
+    let out = ok(env.cluster.cli(&["fs", "load", "/s3/ds"]).unwrap());
+    assert!(out.contains("loaded 12 files"), "{out}");
+    assert!(out.contains(" 0 pages fetched from the UFS"), "{out}");
+    assert_eq!(ufs_bytes_read(&c).await - before, fetched);
+
+    let ls = ok(env.cluster.cli(&["job", "ls"]).unwrap());
+    assert_eq!(ls.matches("completed").count(), 2, "{ls}");
+
+    // Bad input: a missing path, an unknown job, cancelling a finished job.
+    let err = fails(
+        env.cluster
+            .cli(&["job", "load", "/s3/missing", "--wait"])
+            .unwrap(),
+    );
+    assert!(
+        err.contains("/s3/missing") && err.contains("no such file"),
+        "{err}"
+    );
+    let err = fails(env.cluster.cli(&["job", "status", "9999"]).unwrap());
+    assert!(
+        err.contains("job 9999") && err.contains("no such job"),
+        "{err}"
+    );
+    let err = fails(env.cluster.cli(&["job", "cancel", "1"]).unwrap());
+    assert!(err.contains("completed already"), "{err}");
+
+    // Free drops the pages of persisted files; pinned files stay.
+    ok(env.cluster.cli(&["fs", "pin", "/s3/ds/f003.bin"]).unwrap());
+    let out = ok(env.cluster.cli(&["fs", "free", "/s3/ds"]).unwrap());
+    assert!(out.contains("1 pinned files kept"), "{out}");
+    let stat = ok(env.cluster.cli(&["fs", "stat", "/s3/ds/f003.bin"]).unwrap());
+    assert!(stat.contains("pinned:        yes"), "{stat}");
+    let mid = ufs_bytes_read(&c).await;
+    c.read_file("/s3/ds/f003.bin").await.unwrap();
+    assert_eq!(ufs_bytes_read(&c).await, mid, "pinned file still cached");
+    c.read_file("/s3/ds/f002.bin").await.unwrap();
+    assert!(ufs_bytes_read(&c).await > mid, "freed file fetched again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_throttling_ufs_is_ridden_out_and_a_dead_one_fails_the_job_clearly() {
+    let Env { s3, cluster } = start(ClusterOptions::default());
+    let total = dataset(&s3, "th", 4).await;
+    let c = client(&cluster);
+    c.list("/s3/th").await.unwrap();
+    s3.throttle(3);
+    let j = c
+        .submit_job("/s3/th", strata_client::JobSpec::Load { verify: false })
+        .await
+        .unwrap();
+    let j = wait_job(&c, j.id, Duration::from_secs(120)).await;
+    assert_eq!(j.state, JobState::JobCompleted as i32, "{j:?}");
+    assert_eq!(s3.throttled_left(), 0, "the 503s were answered");
+    assert_eq!(j.bytes_done, total);
+
+    // New, uncached files; then the store goes away mid-life.
+    dataset(&s3, "gone", 2).await;
+    c.sync("/s3").await.unwrap();
+    c.list("/s3/gone").await.unwrap();
+    drop(s3);
+    let j = c
+        .submit_job("/s3/gone", strata_client::JobSpec::Load { verify: false })
+        .await
+        .unwrap();
+    let j = wait_job(&c, j.id, Duration::from_secs(180)).await;
+    assert_eq!(j.state, JobState::JobFailed as i32, "{j:?}");
+    assert!(
+        j.message.contains("/s3/gone/f000.bin") && j.files_failed == 2,
+        "the failure names the files: {j:?}"
+    );
+    let out = fails(
+        cluster
+            .cli(&["job", "status", &j.id.to_string(), "--wait"])
+            .unwrap(),
+    );
+    assert!(out.contains("failed"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_load_stops_fetching() {
+    let s3 = S3Server::start().expect("s3");
+    s3.create_bucket(BUCKET).unwrap();
+    let proxy = LatencyProxy::start(
+        "127.0.0.1:0",
+        &s3.addr.to_string(),
+        ProxyOptions {
+            latency: Duration::from_millis(2),
+            conn_bandwidth: Some(2 << 20),
+        },
+    )
+    .unwrap();
+    let uri = s3
+        .uri(BUCKET)
+        .replace(&s3.endpoint(), &format!("http://{}", proxy.addr));
+    let cluster = strata_testkit::Cluster::start(
+        &strata_bin(),
+        ClusterOptions {
+            mounts: vec![format!("/slow={uri}")],
+            env: vec![
+                ("STRATA_MASTER_JOB_PER_UFS".into(), "2".into()),
+                ("STRATA_WORKER_UFS_READ_CONCURRENCY".into(), "1".into()),
+            ],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ufs = s3_client(&s3);
+    for i in 0..10 {
+        s3_put(&ufs, &format!("big/f{i}.bin"), &pattern(4 << 20, i)).await;
+    }
+    let c = client(&cluster);
+    let j = c
+        .submit_job("/slow/big", strata_client::JobSpec::Load { verify: false })
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let s = c.job(j.id).await.unwrap();
+        if s.bytes_done > 0 {
+            assert!(s.bytes_done < s.bytes_total, "cancel comes too late: {s:?}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no progress: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = ok(cluster.cli(&["job", "cancel", &j.id.to_string()]).unwrap());
+    assert!(out.contains("cancelled"), "{out}");
+    // Loads already on the wire finish; nothing new starts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let a = proxy.bytes_down();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(proxy.bytes_down(), a, "fetching went on after the cancel");
+    assert!(
+        a < 40 << 20,
+        "cancelled job fetched the whole dataset ({a} bytes)"
+    );
+    let s = c.job(j.id).await.unwrap();
+    assert_eq!(s.state, JobState::JobCancelled as i32, "{s:?}");
+    assert!(s.message.contains("cancelled by a user"), "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ttls_free_or_delete_when_they_expire_and_refuse_pinned_paths() {
+    let env = start(ClusterOptions {
+        env: vec![("STRATA_MASTER_TTL_CHECK_INTERVAL_SECS".into(), "1".into())],
+        ..Default::default()
+    });
+    let ufs = s3_client(&env.s3);
+    for n in ["a", "b", "c"] {
+        s3_put(&ufs, &format!("t/{n}"), &pattern(300 << 10, 7)).await;
+    }
+    let c = client(&env.cluster);
+    c.read_file("/s3/t/b").await.unwrap();
+
+    let out = ok(env
+        .cluster
+        .cli(&["fs", "ttl", "/s3/t/a", "2s", "--action", "delete"])
+        .unwrap());
+    assert!(out.contains("/s3/t/a: delete at"), "{out}");
+    let stat = ok(env.cluster.cli(&["fs", "stat", "/s3/t/a"]).unwrap());
+    assert!(stat.contains("ttl:           2 s, then delete"), "{stat}");
+    ok(env.cluster.cli(&["fs", "ttl", "/s3/t/b", "2s"]).unwrap());
+
+    ok(env.cluster.cli(&["fs", "pin", "/s3/t/c"]).unwrap());
+    let err = fails(env.cluster.cli(&["fs", "ttl", "/s3/t/c", "1h"]).unwrap());
+    assert!(
+        err.contains("/s3/t/c") && err.contains("is pinned"),
+        "{err}"
+    );
+    let err = fails(env.cluster.cli(&["fs", "ttl", "/s3/t/c", "soon"]).unwrap());
+    assert!(err.contains("\"soon\""), "{err}");
+
+    let before = ufs_bytes_read(&c).await;
+    let t = Instant::now();
+    loop {
+        let gone =
+            !env.s3.root.join(BUCKET).join("t/a").exists() && c.stat("/s3/t/a").await.is_err();
+        let b = c.stat("/s3/t/b").await.unwrap();
+        let freed = c.jobs().await.unwrap().iter().any(|j| {
+            j.kind == "free" && j.path == "/s3/t/b" && j.state == JobState::JobCompleted as i32
+        });
+        if gone && freed && b.ttl_ms == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "TTLs did not act: gone {gone}, freed {freed}, {b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // b stays, uncached; c stays pinned.
+    c.read_file("/s3/t/b").await.unwrap();
+    assert!(ufs_bytes_read(&c).await > before, "b was freed");
+    assert!(c.stat("/s3/t/c").await.unwrap().pinned);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_survives_the_death_of_the_leader_without_refetching() {
+    let s3 = S3Server::start().expect("s3");
+    s3.create_bucket(BUCKET).unwrap();
+    let proxy = LatencyProxy::start(
+        "127.0.0.1:0",
+        &s3.addr.to_string(),
+        ProxyOptions {
+            latency: Duration::from_millis(2),
+            conn_bandwidth: Some(2 << 20),
+        },
+    )
+    .unwrap();
+    let uri = s3
+        .uri(BUCKET)
+        .replace(&s3.endpoint(), &format!("http://{}", proxy.addr));
+    let ufs = s3_client(&s3);
+    let (files, size) = (24u64, 1u64 << 20);
+    for i in 0..files {
+        s3_put(&ufs, &format!("ds/f{i:02}.bin"), &pattern(size as usize, i)).await;
+    }
+    let mut ha = HaCluster::start(
+        &strata_bin(),
+        3,
+        2,
+        vec![
+            ("STRATA_MASTER_JOB_PER_UFS".into(), "2".into()),
+            ("STRATA_WORKER_UFS_READ_CONCURRENCY".into(), "1".into()),
+        ],
+    )
+    .expect("HA cluster");
+    ok(ha.cli(&["fs", "mount", "/s3", &uri]).unwrap());
+    let c = Client::new(&ha.master_list(), Default::default()).unwrap();
+    assert_eq!(c.list("/s3/ds").await.unwrap().len(), files as usize);
+    let before = proxy.bytes_down();
+    let j = c
+        .submit_job("/s3/ds", strata_client::JobSpec::Load { verify: false })
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let s = c.job(j.id).await.unwrap();
+        if s.files_done >= files / 4 {
+            assert!(
+                s.files_done < files,
+                "the load ended before the kill: {s:?}"
+            );
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no progress: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leader = ha.wait_leader(Duration::from_secs(5)).unwrap();
+    ha.kill_master(leader).unwrap();
+    let s = wait_job(&c, j.id, Duration::from_secs(120)).await;
+    assert_eq!(s.state, JobState::JobCompleted as i32, "{s:?}");
+    assert!(s.runs >= 2, "a second leader resumed it: {s:?}");
+    assert_eq!((s.files_done, s.bytes_done), (files, files * size));
+    let fetched = proxy.bytes_down() - before;
+    let total = files * size;
+    assert!(
+        fetched as f64 <= total as f64 * 1.01 + 64.0 * 1024.0,
+        "{fetched} bytes fetched for {total} (completed blocks fetched again?)"
+    );
+    // Everything is cached: reading it all costs the UFS nothing.
+    let after = proxy.bytes_down();
+    for i in 0..files {
+        c.read_file(&format!("/s3/ds/f{i:02}.bin")).await.unwrap();
+    }
+    assert_eq!(proxy.bytes_down(), after);
+}
