@@ -22,6 +22,9 @@ pub enum WriteTypeArg {
     CacheThrough,
     /// Write the UFS only.
     Through,
+    /// Cache on `client.async_replicas` workers, then write the UFS in the
+    /// background (`strata fs stat` shows when it is persisted).
+    AsyncThrough,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -291,6 +294,7 @@ pub async fn run(cfg: &Config, cmd: FsCmd) -> anyhow::Result<()> {
                 WriteTypeArg::MustCache => WriteType::MustCache,
                 WriteTypeArg::CacheThrough => WriteType::CacheThrough,
                 WriteTypeArg::Through => WriteType::Through,
+                WriteTypeArg::AsyncThrough => WriteType::AsyncThrough,
             };
             put(
                 &c,

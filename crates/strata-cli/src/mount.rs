@@ -42,6 +42,7 @@ pub enum MountWriteType {
     MustCache,
     CacheThrough,
     Through,
+    AsyncThrough,
 }
 
 /// True if `mountpoint` is a mount point right now.
@@ -76,6 +77,7 @@ pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
             MountWriteType::MustCache => strata_client::WriteType::MustCache,
             MountWriteType::CacheThrough => strata_client::WriteType::CacheThrough,
             MountWriteType::Through => strata_client::WriteType::Through,
+            MountWriteType::AsyncThrough => strata_client::WriteType::AsyncThrough,
         },
         allow_other: args.allow_other,
     };

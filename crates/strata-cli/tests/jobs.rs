@@ -333,3 +333,101 @@ async fn a_load_survives_the_death_of_the_leader_without_refetching() {
     }
     assert_eq!(proxy.bytes_down(), after);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn async_through_data_reaches_the_ufs_though_a_replica_holder_dies() {
+    let s3 = S3Server::start().expect("s3");
+    s3.create_bucket(BUCKET).unwrap();
+    // Uploads crawl (2 MiB/s per connection), so the persist is still
+    // running when the worker dies.
+    let proxy = LatencyProxy::start(
+        "127.0.0.1:0",
+        &s3.addr.to_string(),
+        ProxyOptions {
+            latency: Duration::from_millis(1),
+            conn_bandwidth: Some(2 << 20),
+        },
+    )
+    .unwrap();
+    let uri = s3
+        .uri(BUCKET)
+        .replace(&s3.endpoint(), &format!("http://{}", proxy.addr));
+    // The persist starts 3 s after the write, when the worker is dead but
+    // not yet declared dead (master.worker_timeout_ms is 10 s): it must
+    // read the blocks that worker owned from their replicas.
+    let mut ha = HaCluster::start(
+        &strata_bin(),
+        3,
+        3,
+        vec![("STRATA_MASTER_PERSIST_DELAY_MS".into(), "3000".into())],
+    )
+    .expect("HA cluster");
+    ok(ha
+        .cli(&["fs", "mount", "/s3", &uri, "--block-size", "4MiB"])
+        .unwrap());
+    let c = Client::new(&ha.master_list(), Default::default()).unwrap();
+    let data = pattern((12 << 20) + 333, 9);
+    let info = c
+        .write_file(
+            "/s3/async/model.bin",
+            &data,
+            strata_client::WriteOptions {
+                write_type: strata_client::WriteType::AsyncThrough,
+                recursive: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("async write");
+    assert_eq!(
+        info.persist_state,
+        strata_client::PersistState::ToBePersisted as i32
+    );
+    let stat = ok(ha.cli(&["fs", "stat", "/s3/async/model.bin"]).unwrap());
+    assert!(stat.contains("to-be-persisted"), "{stat}");
+    // Every byte is on two workers: the write was acknowledged after both.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let workers = c.workers().await.unwrap();
+    let pinned: Vec<(String, u64)> = workers
+        .iter()
+        .map(|w| {
+            (
+                w.data_addr.clone(),
+                w.stats.as_ref().map_or(0, |s| s.pinned_bytes),
+            )
+        })
+        .collect();
+    let total: u64 = pinned.iter().map(|p| p.1).sum();
+    assert!(total >= 2 * data.len() as u64, "replicas: {pinned:?}");
+    // Kill the worker holding the most of it, before the persist runs.
+    let victim = pinned.iter().max_by_key(|p| p.1).unwrap().0.clone();
+    let i = ha
+        .worker_addrs
+        .iter()
+        .position(|a| *a == victim)
+        .expect("victim is one of ours");
+    ha.kill_worker(i).unwrap();
+
+    let t = Instant::now();
+    loop {
+        let f = c.stat("/s3/async/model.bin").await.unwrap();
+        if f.persist_state == strata_client::PersistState::Persisted as i32 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "not persisted: {f:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let on_s3 = std::fs::read(s3.root.join(BUCKET).join("async/model.bin")).unwrap();
+    assert!(on_s3 == data, "the UFS copy differs from what was written");
+    let jobs = c.jobs().await.unwrap();
+    let j = jobs
+        .iter()
+        .find(|j| j.path == "/s3/async/model.bin")
+        .unwrap();
+    assert_eq!(j.state, JobState::JobCompleted as i32, "{j:?}");
+    // And it still reads back, from the surviving replicas.
+    assert!(c.read_file("/s3/async/model.bin").await.unwrap() == data);
+}

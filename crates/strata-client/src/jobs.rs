@@ -65,6 +65,30 @@ impl Client {
             .await
     }
 
+    /// Tells every live worker that a file's cached pages are in the UFS
+    /// now (no longer the only copy, so evictable); returns the pages.
+    pub async fn mark_persisted(&self, f: &pb::FileInfo) -> u64 {
+        let Some(id) = CacheId::from_hex(&f.cache_id) else {
+            return 0;
+        };
+        let Ok(workers) = self.live_workers(false).await else {
+            return 0;
+        };
+        let mut n = 0;
+        for w in &workers.list {
+            if let Ok(strata_proto::data::Message::End { cached_pages, .. }) = self
+                .request(
+                    &w.data_addr,
+                    &strata_proto::data::Message::Persisted { cache_id: id.0 },
+                )
+                .await
+            {
+                n += cached_pages;
+            }
+        }
+        n
+    }
+
     /// Drops a file's cached pages on every live worker; returns how many.
     pub async fn free_file(&self, f: &pb::FileInfo) -> u64 {
         match CacheId::from_hex(&f.cache_id) {

@@ -383,6 +383,27 @@ impl Client {
         Ok(live)
     }
 
+    /// The data addresses of the first `n` workers in `block`'s rendezvous
+    /// ranking (fewer when fewer are live): the owner, then its replicas.
+    pub(crate) async fn owners(
+        &self,
+        cache_id: CacheId,
+        block: u64,
+        n: usize,
+        refresh: bool,
+    ) -> Result<Vec<String>> {
+        let live = self.live_workers(refresh).await?;
+        let ids = owners(block_placement_key(cache_id, block), &live.cands, n.max(1));
+        if ids.is_empty() {
+            return Err(ClientError::NoWorkers(self.inner.master_addr.clone()));
+        }
+        Ok(ids
+            .iter()
+            .filter_map(|id| live.list.iter().find(|w| w.worker_id == *id))
+            .map(|w| w.data_addr.clone())
+            .collect())
+    }
+
     /// The worker that owns `block` of `cache_id` (rendezvous hashing).
     pub(crate) async fn owner(
         &self,

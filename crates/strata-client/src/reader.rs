@@ -93,12 +93,23 @@ impl Reader {
             Want::LoadOnly => Message::Load(spec),
         };
         let mut last_err = None;
-        // A connection failure may mean the owner left: refresh and retry once.
-        for attempt in 0..2 {
-            let addr = self.client.owner(self.cache_id, block, attempt > 0).await?;
+        // A connection failure may mean the owner died: refresh the worker
+        // list and try the next worker in the block's ranking, which holds
+        // the replica of a replicated write (or fetches persisted data from
+        // the UFS), even before the master declares the owner dead.
+        let mut failed: Vec<String> = Vec::new();
+        for attempt in 0..3 {
+            let ranked = self
+                .client
+                .owners(self.cache_id, block, failed.len() + 1, attempt > 0)
+                .await?;
+            let Some(addr) = ranked.into_iter().find(|a| !failed.contains(a)) else {
+                break;
+            };
             match self.exchange_with(&addr, &msg).await {
                 Err(e @ ClientError::Connection { .. }) => {
                     self.client.inner.pool.drop_addr(&addr);
+                    failed.push(addr);
                     last_err = Some(e);
                 }
                 other => return other,

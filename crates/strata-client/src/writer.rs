@@ -1,4 +1,6 @@
 //! Writing files. MUST_CACHE sends each block to its owner worker, pinned;
+//! ASYNC_THROUGH does the same on the block's first `client.async_replicas`
+//! workers, and the master then persists the file in the background;
 //! CACHE_THROUGH and THROUGH stream the whole file through one worker, which
 //! writes the UFS object and returns its fingerprint before `close` returns.
 
@@ -49,7 +51,9 @@ pub struct Writer {
     cache_id: CacheId,
     buf: BytesMut,
     sent: u64,
-    sink: Option<Sink>,
+    /// The open block streams: one per replica (one for all but ASYNC_THROUGH).
+    sinks: Vec<Sink>,
+    replicas: usize,
     done: Option<(String, i64)>,
     priority: u8,
 }
@@ -80,6 +84,10 @@ impl Writer {
             WriteType::Through => WriteMode::Through,
             _ => WriteMode::MustCache,
         };
+        let replicas = match opts.write_type {
+            WriteType::AsyncThrough => client.inner.cfg.async_replicas.max(1),
+            _ => 1,
+        };
         Ok(Writer {
             client,
             info,
@@ -87,7 +95,8 @@ impl Writer {
             cache_id,
             buf: BytesMut::with_capacity(FRAME),
             sent: 0,
-            sink: None,
+            sinks: Vec::new(),
+            replicas,
             done: None,
             priority: opts.priority,
         })
@@ -126,21 +135,26 @@ impl Writer {
         Ok(())
     }
 
-    async fn open_sink(&mut self, block: u64) -> Result<()> {
-        let addr = self.client.owner(self.cache_id, block, false).await?;
-        let mut conn = self.client.inner.pool.get(&addr).await?;
-        conn.send(&Message::WriteBegin(WriteSpec {
-            mode: self.mode,
-            cache_id: self.cache_id.0,
-            mount_id: self.info.mount_id,
-            ufs_path: self.info.ufs_path.clone(),
-            block_size: self.info.block_size,
-            page_size: self.info.page_size,
-            offset: block * self.info.block_size,
-            priority: self.priority,
-        }))
-        .await?;
-        self.sink = Some(Sink { conn, block });
+    async fn open_sinks(&mut self, block: u64) -> Result<()> {
+        let addrs = self
+            .client
+            .owners(self.cache_id, block, self.replicas, false)
+            .await?;
+        for addr in addrs {
+            let mut conn = self.client.inner.pool.get(&addr).await?;
+            conn.send(&Message::WriteBegin(WriteSpec {
+                mode: self.mode,
+                cache_id: self.cache_id.0,
+                mount_id: self.info.mount_id,
+                ufs_path: self.info.ufs_path.clone(),
+                block_size: self.info.block_size,
+                page_size: self.info.page_size,
+                offset: block * self.info.block_size,
+                priority: self.priority,
+            }))
+            .await?;
+            self.sinks.push(Sink { conn, block });
+        }
         Ok(())
     }
 
@@ -149,21 +163,25 @@ impl Writer {
             WriteMode::MustCache => self.sent / self.info.block_size.max(1),
             _ => 0,
         };
-        if self.sink.as_ref().map(|s| s.block) != Some(block) {
-            self.finish_sink().await?;
-            self.open_sink(block).await?;
+        if self.sinks.first().map(|s| s.block) != Some(block) {
+            self.finish_sinks().await?;
+            self.open_sinks(block).await?;
         }
         self.sent += piece.len() as u64;
-        if let Some(s) = self.sink.as_mut() {
-            s.conn.send(&Message::Data(piece)).await?;
+        for s in &mut self.sinks {
+            s.conn.send(&Message::Data(piece.clone())).await?;
         }
         Ok(())
     }
 
-    async fn finish_sink(&mut self) -> Result<()> {
-        let Some(mut s) = self.sink.take() else {
-            return Ok(());
-        };
+    async fn finish_sinks(&mut self) -> Result<()> {
+        for s in std::mem::take(&mut self.sinks) {
+            self.finish_sink(s).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish_sink(&mut self, mut s: Sink) -> Result<()> {
         s.conn.send(&Message::WriteEnd).await?;
         s.conn.flush().await?;
         let addr = s.conn.addr.clone();
@@ -203,11 +221,11 @@ impl Writer {
 
     async fn close_inner(&mut self) -> Result<FileInfo> {
         self.flush_buf().await?;
-        if self.sink.is_none() && self.mode != WriteMode::MustCache {
+        if self.sinks.is_empty() && self.mode != WriteMode::MustCache {
             // An empty file still needs its UFS object.
-            self.open_sink(0).await?;
+            self.open_sinks(0).await?;
         }
-        self.finish_sink().await?;
+        self.finish_sinks().await?;
         let (fingerprint, mtime_ms) = match self.mode {
             WriteMode::MustCache => (String::new(), 0),
             _ => self.done.clone().ok_or_else(|| ClientError::Worker {
@@ -232,7 +250,7 @@ impl Writer {
     }
 
     async fn abort_ref(&mut self) {
-        self.sink = None;
+        self.sinks.clear();
         let _ = self.client.delete(&self.info.path, false).await;
         let _ = self.client.free_everywhere(self.cache_id).await;
     }

@@ -182,6 +182,9 @@ pub struct MasterConfig {
     pub job_max_running: usize,
     /// Seconds between checks of TTLs.
     pub ttl_check_interval_secs: u64,
+    /// Milliseconds an ASYNC_THROUGH file waits after it is closed before
+    /// it is written to the UFS (a file deleted meanwhile is never written).
+    pub persist_delay_ms: u64,
 }
 
 impl MasterConfig {
@@ -223,6 +226,7 @@ impl Default for MasterConfig {
             job_per_ufs: 32,
             job_max_running: 4,
             ttl_check_interval_secs: 60,
+            persist_delay_ms: 0,
         }
     }
 }
@@ -470,6 +474,9 @@ pub struct ClientConfig {
     /// leader that it is current, so reads stay linearizable), `leader`, or
     /// `any-stale` (any master from its own state, possibly behind).
     pub read_from: String,
+    /// Workers an ASYNC_THROUGH write is cached on before `close` returns
+    /// (every live worker when fewer).
+    pub async_replicas: usize,
 }
 
 impl Default for ClientConfig {
@@ -483,6 +490,7 @@ impl Default for ClientConfig {
             pool_idle_per_worker: 64,
             failover_timeout_secs: 30,
             read_from: "any".into(),
+            async_replicas: 2,
         }
     }
 }

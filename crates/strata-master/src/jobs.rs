@@ -25,6 +25,8 @@ use crate::namespace::Namespace;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Attempts per block before a file counts as failed.
 const BLOCK_ATTEMPTS: u32 = 4;
+/// Attempts to persist one ASYNC_THROUGH file before its job fails.
+const PERSIST_ATTEMPTS: u32 = 8;
 /// File errors quoted in a job's message.
 const ERRORS_KEPT: usize = 5;
 
@@ -357,6 +359,7 @@ impl JobRunner {
             JobKind::Free => run.free().await,
             JobKind::Persist => run.persist().await,
             JobKind::Copy { dst } => run.copy(dst).await,
+            JobKind::PersistFile { inode } => run.persist_inode(*inode).await,
         };
         run.p.run_ms = run.base_ms + run.started.elapsed().as_millis() as u64;
         let (state, message) = match res {
@@ -689,6 +692,58 @@ impl Run<'_> {
         Ok(format!("{written} files written to the UFS"))
     }
 
+    /// Persists one ASYNC_THROUGH file, retrying with backoff: a worker
+    /// that died holding one replica is only declared dead after
+    /// `master.worker_timeout_ms`, and reads move to the next replica.
+    async fn persist_inode(&mut self, inode: u64) -> Result<String, Stop> {
+        let ns = &self.runner.ns;
+        let due = self.job.created_ms + self.runner.config.master.persist_delay_ms as i64;
+        let wait = due - now_ms();
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        }
+        let path = match ns.path_of(inode) {
+            Ok(p) => p,
+            Err(_) => return Ok("the file was deleted before it was persisted".into()),
+        };
+        let mut delay = Duration::from_millis(500);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let f = self.client().stat(&path.to_string()).await?;
+            self.p.files_total = 1;
+            self.p.bytes_total = f.size;
+            if f.id != inode || f.persist_state == pb::PersistState::Persisted as i32 {
+                self.p.files_done = 1;
+                return Ok("persisted already".into());
+            }
+            match ns.persist_file(self.client(), &f).await {
+                Ok(()) => {
+                    self.p.files_done = 1;
+                    self.p.bytes_done = f.size;
+                    return Ok(format!(
+                        "written to the UFS{}",
+                        if attempt > 1 {
+                            format!(" after {attempt} attempts")
+                        } else {
+                            String::new()
+                        }
+                    ));
+                }
+                Err(e) if attempt >= PERSIST_ATTEMPTS => {
+                    self.file_failed(&f, &e);
+                    return Ok(String::new());
+                }
+                Err(e) => {
+                    tracing::warn!(path = %f.path, attempt, error = %e, "persist failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(8));
+                    self.checkpoint().await?;
+                }
+            }
+        }
+    }
+
     async fn copy(&mut self, dst: &str) -> Result<String, Stop> {
         let files = self.files().await?;
         let src_root = self.job.path.trim_end_matches('/').to_string();
@@ -838,6 +893,8 @@ impl Namespace {
             fingerprint: st.fingerprint,
         })
         .await?;
+        // The cached pages keep their identity; they may be evicted now.
+        client.mark_persisted(f).await;
         Ok(())
     }
 }

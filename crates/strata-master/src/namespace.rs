@@ -339,7 +339,10 @@ impl Namespace {
         };
         let cache_id = if i.is_dir {
             String::new()
-        } else if i.persist == PersistState::Persisted && !i.fingerprint.is_empty() {
+        } else if i.persist == PersistState::Persisted
+            && !i.fingerprint.is_empty()
+            && !self.store.attrs(i.id).is_ok_and(|a| a.inode_cache_id)
+        {
             match r.mount.as_ref().map(|m| self.ufs_for(m)) {
                 Some(Ok(u)) => {
                     CacheId::for_ufs_object(&u.object_identity(&r.rel), &i.fingerprint).to_hex()
@@ -532,7 +535,7 @@ impl Namespace {
         self.check_writable(&pr)?;
         let persist = match write_type {
             pb::WriteType::MustCache | pb::WriteType::Unspecified => PersistState::NotPersisted,
-            pb::WriteType::CacheThrough | pb::WriteType::Through => {
+            pb::WriteType::CacheThrough | pb::WriteType::Through | pb::WriteType::AsyncThrough => {
                 if pr.mount.is_none() {
                     return Err(MasterError::Invalid {
                         path: path.to_string(),
@@ -585,18 +588,22 @@ impl Namespace {
         &self,
         req: pb::CompleteFileRequest,
     ) -> Result<pb::FileInfo, MasterError> {
-        self.apply_final(Command::CompleteFile {
-            id: req.id,
-            generation: req.generation,
-            size: req.size,
-            fingerprint: req.fingerprint,
-            mtime_ms: if req.mtime_ms > 0 {
-                req.mtime_ms
-            } else {
-                now_ms()
-            },
-        })
-        .await?;
+        let out = self
+            .apply_final(Command::CompleteFile {
+                id: req.id,
+                generation: req.generation,
+                size: req.size,
+                fingerprint: req.fingerprint,
+                mtime_ms: if req.mtime_ms > 0 {
+                    req.mtime_ms
+                } else {
+                    now_ms()
+                },
+            })
+            .await?;
+        if out.job.is_some() {
+            self.jobs_changed.notify_one();
+        }
         let path = self.path_of(req.id)?;
         self.stat(&path).await
     }

@@ -26,6 +26,9 @@ pub enum JobKind {
     Persist,
     /// Copy the files below the path to `dst` (through the cache).
     Copy { dst: String },
+    /// Write one ASYNC_THROUGH file to the UFS (queued when it is closed;
+    /// follows the inode through renames).
+    PersistFile { inode: InodeId },
 }
 
 impl JobKind {
@@ -35,6 +38,7 @@ impl JobKind {
             JobKind::Free => "free",
             JobKind::Persist => "persist",
             JobKind::Copy { .. } => "cp",
+            JobKind::PersistFile { .. } => "persist",
         }
     }
 }
@@ -133,6 +137,9 @@ pub struct Attrs {
     pub ttl: Option<Ttl>,
     /// Set by `strata fs pin`: a free (job or TTL) leaves the path alone.
     pub pinned: bool,
+    /// The file was written to the UFS from the cache: its cached pages
+    /// stay keyed (and placed) by inode and generation, not by UFS object.
+    pub inode_cache_id: bool,
 }
 
 impl Attrs {
@@ -227,6 +234,18 @@ impl Tables<'_> {
         self.put_job(&j)
     }
 
+    /// The namespace path of an inode (for job listings).
+    pub(crate) fn path_of(&self, mut id: InodeId) -> Result<String, MetaError> {
+        let mut parts = Vec::new();
+        while id != crate::ROOT_ID {
+            let i = self.get_inode(id)?;
+            parts.push(i.name);
+            id = i.parent;
+        }
+        parts.reverse();
+        Ok(format!("/{}", parts.join("/")))
+    }
+
     pub(crate) fn set_attrs(&mut self, id: InodeId, a: &Attrs) -> Result<(), MetaError> {
         self.get_inode(id)?;
         if a.is_empty() {
@@ -237,6 +256,15 @@ impl Tables<'_> {
                 .map_err(|e| self.store.err(e))?;
         }
         Ok(())
+    }
+
+    pub(crate) fn attrs_of(&self, id: InodeId) -> Result<Attrs, MetaError> {
+        let v = self.attrs.get(id).map_err(|e| self.store.err(e))?;
+        Ok(
+            v.map(|g| postcard::from_bytes(g.value()).map_err(|e| self.store.err(e)))
+                .transpose()?
+                .unwrap_or_default(),
+        )
     }
 
     pub(crate) fn drop_attrs(&mut self, id: InodeId) -> Result<(), MetaError> {

@@ -446,6 +446,16 @@ impl<'t> Tables<'t> {
                 }
                 self.put(&f)?;
                 out.inode = Some(f.id);
+                if f.persist == PersistState::ToBePersisted {
+                    // ASYNC_THROUGH: the background write is queued with
+                    // the file, so no leader change can forget it.
+                    let path = self.path_of(f.id)?;
+                    out.job = Some(self.submit_job(
+                        &crate::JobKind::PersistFile { inode: f.id },
+                        &path,
+                        *mtime_ms,
+                    )?);
+                }
             }
             Command::Delete { id } => {
                 if *id == ROOT_ID {
@@ -617,6 +627,9 @@ impl<'t> Tables<'t> {
                 f.fingerprint = fingerprint.clone();
                 self.put(&f)?;
                 out.inode = Some(f.id);
+                let mut a = self.attrs_of(f.id)?;
+                a.inode_cache_id = true;
+                self.set_attrs(f.id, &a)?;
             }
             Command::SetAttrs { id, attrs } => {
                 self.set_attrs(*id, attrs)?;

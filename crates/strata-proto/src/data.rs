@@ -153,6 +153,12 @@ pub enum Message {
         cache_id: u128,
         pinned: bool,
     },
+    /// client → worker: the cache id's bytes are in the UFS now, so its
+    /// pages are no longer the only copy and may be evicted (user pins
+    /// stay); answers `End` with the pages changed.
+    Persisted {
+        cache_id: u128,
+    },
     /// client → worker: a write stream follows as `Data` frames, then `WriteEnd`.
     WriteBegin(WriteSpec),
     WriteEnd,
@@ -186,6 +192,7 @@ mod kind {
     pub const PIN: u8 = 6;
     pub const LOCATE: u8 = 7;
     pub const LOCATED: u8 = 14;
+    pub const PERSISTED: u8 = 15;
     pub const DATA: u8 = 10;
     pub const END: u8 = 11;
     pub const WRITE_DONE: u8 = 12;
@@ -353,6 +360,10 @@ impl Message {
                 meta.put_u128_le(*cache_id);
                 (kind::FREE, None)
             }
+            Message::Persisted { cache_id } => {
+                meta.put_u128_le(*cache_id);
+                (kind::PERSISTED, None)
+            }
             Message::Locate(s) => {
                 put_read_spec(&mut meta, s);
                 (kind::LOCATE, None)
@@ -438,6 +449,9 @@ impl Message {
             kind::READ => Message::Read(get_read_spec(&mut m)?),
             kind::LOAD => Message::Load(get_read_spec(&mut m)?),
             kind::FREE => Message::Free {
+                cache_id: m.u128()?,
+            },
+            kind::PERSISTED => Message::Persisted {
                 cache_id: m.u128()?,
             },
             kind::LOCATE => Message::Locate(get_read_spec(&mut m)?),
@@ -645,6 +659,7 @@ mod tests {
             Message::Read(spec.clone()),
             Message::Load(spec),
             Message::Free { cache_id: 42 },
+            Message::Persisted { cache_id: 43 },
             Message::WriteBegin(WriteSpec {
                 mode: WriteMode::CacheThrough,
                 cache_id: 1,

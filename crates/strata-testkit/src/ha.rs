@@ -228,6 +228,14 @@ impl HaCluster {
         Ok(())
     }
 
+    /// Kills worker `i` (SIGKILL) and reaps it.
+    pub fn kill_worker(&mut self, i: usize) -> anyhow::Result<()> {
+        let w = self.workers.get_mut(i).context("no such worker")?;
+        w.kill()?;
+        let _ = w.wait();
+        Ok(())
+    }
+
     /// Starts a killed master again on its address and data directory.
     pub fn restart_master(&mut self, id: u64) -> anyhow::Result<()> {
         let i = self.index(id)?;

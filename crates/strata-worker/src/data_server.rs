@@ -177,6 +177,18 @@ where
                 )
                 .await?;
             }
+            Message::Persisted { cache_id } => {
+                let n = shared.store.release_sole(CacheId(cache_id)).await;
+                write_message(
+                    wr,
+                    &Message::End {
+                        bytes: 0,
+                        cached_pages: n,
+                        ufs_pages: 0,
+                    },
+                )
+                .await?;
+            }
             Message::Locate(spec) => {
                 let reply = match locate(shared, &spec) {
                     Ok(m) => m,
@@ -220,6 +232,7 @@ fn kind_name(m: &Message) -> &'static str {
         Message::Read(_) => "Read",
         Message::Load(_) => "Load",
         Message::Free { .. } => "Free",
+        Message::Persisted { .. } => "Persisted",
         Message::Pin { .. } => "Pin",
         Message::Locate(_) => "Locate",
         Message::Located { .. } => "Located",

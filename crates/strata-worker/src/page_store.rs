@@ -1371,16 +1371,36 @@ impl PageStore {
                 }
             })?;
         }
+        Ok(self.retag(&mut idx, id, |f| {
+            if pinned {
+                f | FLAG_USER_PIN
+            } else {
+                f & !FLAG_USER_PIN
+            }
+        }))
+    }
+
+    /// The bytes of `id` reached the UFS: its pages are no longer the only
+    /// copy and may be evicted (user pins stay); returns the pages changed.
+    pub async fn release_sole(&self, id: CacheId) -> u64 {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut idx = me.lock();
+            me.retag(&mut idx, id, |f| f & !FLAG_SOLE)
+        })
+        .await
+        .unwrap_or(0)
+    }
+
+    /// Changes the flags of every page of `id` (kept in the page file
+    /// names); returns the pages changed.
+    fn retag(&self, idx: &mut Index, id: CacheId, change: impl Fn(u8) -> u8) -> u64 {
         let mut n = 0;
-        for k in Self::keys_of(&idx, id) {
+        for k in Self::keys_of(idx, id) {
             let Some(m) = idx.pages.get(&k).copied() else {
                 continue;
             };
-            let flags = if pinned {
-                m.flags | FLAG_USER_PIN
-            } else {
-                m.flags & !FLAG_USER_PIN
-            };
+            let flags = change(m.flags);
             if flags == m.flags {
                 continue;
             }
@@ -1397,11 +1417,11 @@ impl PageStore {
             if std::fs::rename(&from, self.path_of(&k, &new)).is_err() {
                 continue;
             }
-            self.detach(&mut idx, &k, &m);
-            self.attach(&mut idx, k, new);
+            self.detach(idx, &k, &m);
+            self.attach(idx, k, new);
             n += 1;
         }
-        Ok(n)
+        n
     }
 
     /// Moves every page of `from` to `to`, dropping the MUST_CACHE flag (a
