@@ -399,6 +399,7 @@ mod tests {
                 action: TtlAction::Free,
             }),
             pinned: true,
+            inode_cache_id: false,
         };
         s.apply(&Command::SetAttrs { id: f, attrs: a }).unwrap();
         assert_eq!(s.attrs(f).unwrap(), a);
