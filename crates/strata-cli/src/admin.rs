@@ -89,7 +89,7 @@ pub async fn run(cfg: &Config, cmd: AdminCmd) -> anyhow::Result<()> {
                 format!("{:.1}%", 100.0 * hits as f64 / (hits + misses) as f64)
             };
             println!("cache hit ratio: {ratio} ({hits} page hits, {misses} misses)");
-            println!("read from UFS:   {}", format_size(ufs));
+            println!("read from UFS:   {} ({ufs} bytes)", format_size(ufs));
             println!();
             println!(
                 "{:<20} {:<22} {:>5} {:>12} {:>12} {:>9} {:>10}",

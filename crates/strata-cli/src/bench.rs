@@ -50,6 +50,9 @@ pub enum BenchCmd {
     /// Metadata operations per second (create, stat, open, list, rename,
     /// delete) with N client tasks against a running cluster.
     Meta(crate::bench_meta::MetaArgs),
+    /// A model release: N concurrent cold readers of one file; completion
+    /// p50/p99, UFS bytes fetched, next to one warm read.
+    Fanout(crate::bench_fanout::FanoutArgs),
 }
 
 /// A small deterministic generator (xorshift64*), one per reader.
@@ -274,6 +277,7 @@ pub async fn run(cfg: &Config, cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Streams(a) => return crate::bench_streams::run(cfg, a).await,
         BenchCmd::Gateway(g) => return gateway(cfg, g).await,
         BenchCmd::Meta(a) => return crate::bench_meta::run(cfg, a).await,
+        BenchCmd::Fanout(a) => return crate::bench_fanout::run(cfg, a).await,
     };
     // Workers report usage with their heartbeat; wait one out before reading counters.
     let settle = std::time::Duration::from_millis(cfg.worker.heartbeat_interval_ms * 3 / 2 + 100);

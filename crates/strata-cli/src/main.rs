@@ -4,6 +4,7 @@
 mod admin;
 mod bench;
 mod bench_cache;
+mod bench_fanout;
 mod bench_local;
 mod bench_meta;
 mod bench_streams;

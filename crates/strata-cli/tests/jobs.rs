@@ -431,3 +431,77 @@ async fn async_through_data_reaches_the_ufs_though_a_replica_holder_dies() {
     // And it still reads back, from the surviving replicas.
     assert!(c.read_file("/s3/async/model.bin").await.unwrap() == data);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_that_join_fetch_from_their_peers_not_the_ufs() {
+    let s3 = S3Server::start().expect("s3");
+    s3.create_bucket(BUCKET).unwrap();
+    let proxy =
+        LatencyProxy::start("127.0.0.1:0", &s3.addr.to_string(), ProxyOptions::default()).unwrap();
+    let uri = s3
+        .uri(BUCKET)
+        .replace(&s3.endpoint(), &format!("http://{}", proxy.addr));
+    let ufs = s3_client(&s3);
+    let (files, size) = (16u64, 1u64 << 20);
+    for i in 0..files {
+        s3_put(&ufs, &format!("ds/f{i:02}.bin"), &pattern(size as usize, i)).await;
+    }
+    let mut ha = HaCluster::start(&strata_bin(), 1, 1, vec![]).expect("cluster");
+    ok(ha
+        .cli(&[
+            "fs",
+            "mount",
+            "/s3",
+            &uri,
+            "--block-size",
+            "256KiB",
+            "--page-size",
+            "64KiB",
+        ])
+        .unwrap());
+    let c = Client::new(&ha.master_list(), Default::default()).unwrap();
+    // A cache-only file, and the dataset loaded, all on the one worker.
+    let only = pattern(3 << 20, 77);
+    c.write_file(
+        "/cache-only/f.bin",
+        &only,
+        strata_client::WriteOptions {
+            write_type: strata_client::WriteType::MustCache,
+            recursive: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    ok(ha.cli(&["job", "load", "/s3/ds", "--wait"]).unwrap());
+    let loaded = proxy.bytes_down();
+    assert!(loaded >= files * size, "{loaded}");
+
+    // Two workers join: they now own most blocks, and have none of them.
+    ha.add_worker().unwrap();
+    ha.add_worker().unwrap();
+    // Their peer lists refresh every 3 s.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let out = ok(ha.cli(&["job", "load", "/s3/ds", "--wait"]).unwrap());
+    assert!(out.contains("state:      completed"), "{out}");
+    for i in 0..files {
+        let got = c.read_file(&format!("/s3/ds/f{i:02}.bin")).await.unwrap();
+        assert!(got == pattern(size as usize, i), "f{i:02} differs");
+    }
+    assert!(c.read_file("/cache-only/f.bin").await.unwrap() == only);
+    assert_eq!(
+        proxy.bytes_down(),
+        loaded,
+        "blocks that moved to new workers were fetched from the UFS again"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let peer: u64 = c
+        .workers()
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|w| w.stats.as_ref())
+        .map(|s| s.peer_bytes_read)
+        .sum();
+    assert!(peer >= (files * size) / 3, "peer bytes {peer}");
+}

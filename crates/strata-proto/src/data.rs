@@ -69,6 +69,9 @@ pub enum Source {
     CacheOnly = 0,
     /// The UFS object at `ufs_path` of mount `mount_id`.
     Ufs = 1,
+    /// Only the pages this worker holds now: no peer, no UFS (what one
+    /// worker asks another for before it goes to the UFS).
+    Local = 2,
 }
 
 /// What to read (or load): one version of one file and a byte range of it.
@@ -326,6 +329,7 @@ fn get_read_spec(m: &mut Meta) -> Result<ReadSpec, FrameError> {
     let source = match m.u8()? {
         0 => Source::CacheOnly,
         1 => Source::Ufs,
+        2 => Source::Local,
         _ => return Err(FrameError::Malformed("unknown read source")),
     };
     Ok(ReadSpec {

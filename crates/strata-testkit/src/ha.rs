@@ -228,6 +228,12 @@ impl HaCluster {
         Ok(())
     }
 
+    /// Starts one more worker and waits until the masters see it live.
+    pub fn add_worker(&mut self) -> anyhow::Result<()> {
+        self.spawn_worker()?;
+        self.wait_workers_live(self.workers.len(), Duration::from_secs(30))
+    }
+
     /// Kills worker `i` (SIGKILL) and reaps it.
     pub fn kill_worker(&mut self, i: usize) -> anyhow::Result<()> {
         let w = self.workers.get_mut(i).context("no such worker")?;

@@ -313,7 +313,7 @@ async fn read_range<W: AsyncWrite + Unpin + AsSocket>(
     }
     let ufs = match spec.source {
         Source::Ufs => Some(shared.mounts.get(spec.mount_id).await?),
-        Source::CacheOnly => None,
+        Source::CacheOnly | Source::Local => None,
     };
     let spans = g.spans(spec.file_len, spec.offset, spec.len);
     let concurrency = shared.config.worker.ufs_read_concurrency.max(HIT_PIPELINE);
@@ -384,18 +384,23 @@ async fn fetch_page(
         // A page of the wrong length is a torn write: drop and refetch.
         shared.store.free_page(&key).await;
     }
-    let Some(ufs) = ufs else {
-        return Err(Failure::new(
-            ErrorCode::DataLost,
-            format!(
-                "page {}/{} of cache-only file {} is not on this worker; \
-                 data written with MUST_CACHE exists only in the cache",
-                span.block, span.page, spec.ufs_path
-            ),
-        ));
-    };
+    if spec.source == Source::Local {
+        return Err(page_lost(spec, &span));
+    }
     let data = fetch_coalesced(shared, spec, ufs, key, &span).await?;
     Ok((span, PageData::Mem(data), false))
+}
+
+fn page_lost(spec: &ReadSpec, span: &PageSpan) -> Failure {
+    Failure::new(
+        ErrorCode::DataLost,
+        format!(
+            "page {}/{} of cache-only file {} is not on this worker nor on \
+             the workers ranked next for it; data written with MUST_CACHE \
+             exists only in the cache",
+            span.block, span.page, spec.ufs_path
+        ),
+    )
 }
 
 /// Fetches a page from the UFS and caches it, once however many readers
@@ -405,7 +410,7 @@ async fn fetch_page(
 async fn fetch_coalesced(
     shared: &Shared,
     spec: &ReadSpec,
-    ufs: &Ufs,
+    ufs: Option<&Ufs>,
     key: PageKey,
     span: &PageSpan,
 ) -> Result<Bytes, Failure> {
@@ -425,20 +430,36 @@ async fn fetch_coalesced(
                 .acquire()
                 .await
                 .map_err(|_| Failure::new(ErrorCode::Internal, "worker is shutting down"))?;
-            let range = span.page_start..span.page_start + span.page_len;
-            let data = ufs
-                .read(&spec.ufs_path, range, Some(&spec.fingerprint))
-                .await
-                .map_err(Failure::from)?;
-            shared
-                .counters
-                .ufs_bytes_read
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-            if let Err(e) = shared
-                .store
-                .put(key, data.clone(), PutOpts::default())
-                .await
-            {
+            // A peer may hold it (the previous owner, or a replica).
+            let (data, opts) = if let Some(b) = shared.peers.fetch(spec, span).await {
+                shared
+                    .counters
+                    .peer_bytes_read
+                    .fetch_add(b.len() as u64, Ordering::Relaxed);
+                // Cache-only bytes stay pinned here too: no UFS has them.
+                let sole = ufs.is_none();
+                (
+                    b,
+                    PutOpts {
+                        sole,
+                        ..PutOpts::default()
+                    },
+                )
+            } else if let Some(ufs) = ufs {
+                let range = span.page_start..span.page_start + span.page_len;
+                let data = ufs
+                    .read(&spec.ufs_path, range, Some(&spec.fingerprint))
+                    .await
+                    .map_err(Failure::from)?;
+                shared
+                    .counters
+                    .ufs_bytes_read
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                (data, PutOpts::default())
+            } else {
+                return Err(page_lost(spec, span));
+            };
+            if let Err(e) = shared.store.put(key, data.clone(), opts).await {
                 // The read still succeeds; the page is just not cached.
                 tracing::warn!(error = %e, "page not cached");
             }

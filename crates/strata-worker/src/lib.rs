@@ -9,6 +9,7 @@ mod heartbeat;
 pub mod memory;
 mod mounts;
 pub mod page_store;
+mod peers;
 pub mod policy;
 
 use std::net::SocketAddr;
@@ -36,6 +37,7 @@ pub enum WorkerError {
 #[derive(Default)]
 pub struct Counters {
     pub ufs_bytes_read: AtomicU64,
+    pub peer_bytes_read: AtomicU64,
     pub bytes_served: AtomicU64,
 }
 
@@ -47,6 +49,8 @@ pub(crate) struct Shared {
     pub fetches: data_server::Fetches,
     /// Bounds the UFS page fetches in flight (and the memory they hold).
     pub fetch_permits: tokio::sync::Semaphore,
+    /// The other workers, for peer-to-peer fetch.
+    pub peers: peers::Peers,
 }
 
 impl Shared {
@@ -73,6 +77,7 @@ impl Shared {
             pinned_files: self.store.pinned_files(),
             rss_bytes: rss,
             peak_rss_bytes: peak_rss,
+            peer_bytes_read: self.counters.peer_bytes_read.load(Ordering::Relaxed),
         }
     }
 }
@@ -95,6 +100,29 @@ impl WorkerHandle {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+    }
+}
+
+/// Keeps the list of other workers (for peer fetch) fresh: every 3 s.
+async fn refresh_peers(
+    id: u64,
+    masters: Arc<strata_proto::masters::MasterSet>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let res = masters
+            .call(false, |mut c| async move {
+                c.list_workers(tonic::Request::new(pb::Empty {})).await
+            })
+            .await;
+        if let Ok(list) = res {
+            shared.peers.set(id, &list.workers);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(3)) => {}
+            _ = stopped(&mut stop) => return,
         }
     }
 }
@@ -133,6 +161,7 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
         config: config.clone(),
         fetches: data_server::Fetches::default(),
         fetch_permits: tokio::sync::Semaphore::new(wc.max_ufs_fetches.max(1)),
+        peers: Default::default(),
     });
     let (tx, rx) = watch::channel(false);
     let advertise = wc
@@ -141,6 +170,12 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
         .unwrap_or_else(|| data_addr.to_string());
     let mut tasks = vec![
         tokio::spawn(data_server::serve(listener, shared.clone(), rx.clone())),
+        tokio::spawn(refresh_peers(
+            id,
+            masters.clone(),
+            shared.clone(),
+            rx.clone(),
+        )),
         tokio::spawn(heartbeat::run(
             id,
             advertise,
