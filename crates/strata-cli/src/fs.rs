@@ -151,6 +151,17 @@ pub enum FsCmd {
         #[arg(long, conflicts_with = "duration")]
         clear: bool,
     },
+    /// Replication bounds for a path and everything below it: reads are
+    /// spread over at least MIN workers of each block's ranking (and loads
+    /// cache it on MIN workers); hot blocks spread over at most MAX. 0
+    /// clears a bound.
+    SetReplication {
+        path: String,
+        #[arg(long)]
+        min: Option<u32>,
+        #[arg(long)]
+        max: Option<u32>,
+    },
     /// Cache every file below a path and keep it cached: pinned pages are
     /// never evicted (they still move between tiers).
     Pin { path: String },
@@ -233,6 +244,12 @@ fn print_stat(i: &FileInfo) {
     }
     if i.pinned {
         println!("pinned:        yes");
+    }
+    if i.replication_min > 0 || i.replication_max > 0 {
+        println!(
+            "replication:   min {}, max {}",
+            i.replication_min, i.replication_max
+        );
     }
     if i.ttl_ms > 0 {
         println!(
@@ -444,6 +461,29 @@ pub async fn run(cfg: &Config, cmd: FsCmd) -> anyhow::Result<()> {
                     format_time_ms(i.ttl_expires_ms)
                 );
             }
+        }
+        FsCmd::SetReplication { path, min, max } => {
+            if min.is_none() && max.is_none() {
+                bail!("usage: strata fs set-replication PATH [--min N] [--max M]");
+            }
+            let i = c
+                .set_attributes(strata_proto::pb::SetAttributesRequest {
+                    path,
+                    replication_min: min,
+                    replication_max: max,
+                    ..Default::default()
+                })
+                .await?;
+            println!(
+                "{}: replication min {}, max {}",
+                i.path,
+                i.replication_min,
+                if i.replication_max == 0 {
+                    "unbounded (worker.hot_block_max_replicas)".to_string()
+                } else {
+                    i.replication_max.to_string()
+                }
+            );
         }
         FsCmd::Pin { path } => {
             // Pin first, so pages loaded next are pinned as they land.

@@ -505,3 +505,125 @@ async fn workers_that_join_fetch_from_their_peers_not_the_ufs() {
         .sum();
     assert!(peer >= (files * size) / 3, "peer bytes {peer}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replication_bounds_and_hot_blocks_spread_reads_over_workers() {
+    let s3 = S3Server::start().expect("s3");
+    s3.create_bucket(BUCKET).unwrap();
+    let proxy =
+        LatencyProxy::start("127.0.0.1:0", &s3.addr.to_string(), ProxyOptions::default()).unwrap();
+    let uri = s3
+        .uri(BUCKET)
+        .replace(&s3.endpoint(), &format!("http://{}", proxy.addr));
+    let ufs = s3_client(&s3);
+    let rep = pattern(4 << 20, 5);
+    let hot = pattern(1 << 20, 6);
+    s3_put(&ufs, "rep/a.bin", &rep).await;
+    s3_put(&ufs, "hot/h.bin", &hot).await;
+    let mut ha = HaCluster::start(
+        &strata_bin(),
+        1,
+        3,
+        vec![("STRATA_WORKER_HOT_BLOCK_READS_PER_SEC".into(), "5".into())],
+    )
+    .expect("cluster");
+    ok(ha
+        .cli(&[
+            "fs",
+            "mount",
+            "/s3",
+            &uri,
+            "--block-size",
+            "1MiB",
+            "--page-size",
+            "256KiB",
+        ])
+        .unwrap());
+    let c = Client::new(
+        &ha.master_list(),
+        strata_common::config::ClientConfig {
+            short_circuit: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let served = |c: Client| async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        c.workers()
+            .await
+            .unwrap()
+            .iter()
+            .map(|w| {
+                let s = w.stats.clone().unwrap_or_default();
+                (s.used_bytes, s.bytes_served)
+            })
+            .collect::<Vec<_>>()
+    };
+
+    // Workers learn about each other every 3 s.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // A minimum of 2: the load caches every block on two workers, the
+    // second copy coming from the first, not from the UFS.
+    let out = ok(ha
+        .cli(&["fs", "set-replication", "/s3/rep", "--min", "2"])
+        .unwrap());
+    assert!(out.contains("replication min 2"), "{out}");
+    let stat = ok(ha.cli(&["fs", "stat", "/s3/rep/a.bin"]).unwrap());
+    assert!(stat.contains("replication:   min 2, max 0"), "{stat}");
+    let err = fails(
+        ha.cli(&[
+            "fs",
+            "set-replication",
+            "/s3/rep",
+            "--min",
+            "3",
+            "--max",
+            "2",
+        ])
+        .unwrap(),
+    );
+    assert!(
+        err.contains("/s3/rep") && err.contains("above the maximum"),
+        "{err}"
+    );
+    let before = proxy.bytes_down();
+    ok(ha.cli(&["job", "load", "/s3/rep", "--wait"]).unwrap());
+    let fetched = proxy.bytes_down() - before;
+    assert!(
+        fetched < (rep.len() as u64) * 11 / 10,
+        "UFS bytes {fetched}"
+    );
+    let used: u64 = served(c.clone()).await.iter().map(|s| s.0).sum();
+    assert!(used >= 2 * rep.len() as u64, "cached bytes {used}");
+    let before = proxy.bytes_down();
+    for _ in 0..4 {
+        assert!(c.read_file("/s3/rep/a.bin").await.unwrap() == rep);
+    }
+    assert_eq!(
+        proxy.bytes_down(),
+        before,
+        "reads of the replicas were cached"
+    );
+
+    // A hot block: read 60 times, its owner asks readers to spread.
+    let before_served = served(c.clone()).await;
+    let before = proxy.bytes_down();
+    for _ in 0..60 {
+        assert!(c.read_file("/s3/hot/h.bin").await.unwrap() == hot);
+    }
+    let after = served(c.clone()).await;
+    let busy = after
+        .iter()
+        .zip(&before_served)
+        .filter(|(a, b)| a.1 - b.1 >= hot.len() as u64)
+        .count();
+    assert!(
+        busy >= 2,
+        "reads of a hot block stayed on one worker: {before_served:?} -> {after:?}"
+    );
+    let fetched = proxy.bytes_down() - before;
+    assert!(
+        fetched < (hot.len() as u64) * 11 / 10,
+        "the extra replicas came from the UFS: {fetched} bytes"
+    );
+}

@@ -11,7 +11,7 @@ mod reader;
 mod short_circuit;
 mod writer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,7 +51,15 @@ pub(crate) struct Inner {
     workers: Mutex<Option<(Instant, Arc<LiveWorkers>)>>,
     pool: conn::Pool,
     pub(crate) short_circuit: short_circuit::ShortCircuit,
+    /// Blocks their owners reported hot: (cache id, block) → (workers to
+    /// spread reads over, when reported).
+    hot: Mutex<HashMap<(u128, u64), (u8, Instant)>>,
+    /// Round-robin counter for spreading reads over replicas.
+    picks: std::sync::atomic::AtomicU64,
 }
+
+/// How long a hot-block report steers reads after it was last received.
+const HEAT_TTL: Duration = Duration::from_secs(10);
 
 /// A handle to a Strata cluster; cheap to clone and share across tasks.
 #[derive(Clone)]
@@ -117,6 +125,8 @@ impl Client {
                 cfg,
                 workers: Mutex::new(None),
                 short_circuit: short_circuit::ShortCircuit::default(),
+                hot: Mutex::new(HashMap::new()),
+                picks: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -402,6 +412,47 @@ impl Client {
             .filter_map(|id| live.list.iter().find(|w| w.worker_id == *id))
             .map(|w| w.data_addr.clone())
             .collect())
+    }
+
+    /// Over how many workers of a block's ranking reads are spread: the
+    /// owner's latest heat report (kept `HEAT_TTL`), at least the path's
+    /// minimum replication, at most its maximum.
+    pub(crate) fn spread(&self, cache_id: CacheId, block: u64, info: &FileInfo) -> usize {
+        let heat = self
+            .inner
+            .hot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(cache_id.0, block))
+            .filter(|(_, t)| t.elapsed() < HEAT_TTL)
+            .map_or(1, |(n, _)| *n as usize);
+        let mut n = heat.max(info.replication_min as usize).max(1);
+        if info.replication_max > 0 {
+            n = n.min(info.replication_max as usize);
+        }
+        n
+    }
+
+    pub(crate) fn note_heat(&self, cache_id: CacheId, block: u64, replicas: u8) {
+        if replicas <= 1 {
+            return;
+        }
+        let mut m = self.inner.hot.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() > 10_000 {
+            m.retain(|_, (_, t)| t.elapsed() < HEAT_TTL);
+        }
+        let e = m
+            .entry((cache_id.0, block))
+            .or_insert((replicas, Instant::now()));
+        if e.1.elapsed() >= HEAT_TTL || replicas >= e.0 {
+            *e = (replicas, Instant::now());
+        }
+    }
+
+    pub(crate) fn next_pick(&self) -> usize {
+        self.inner
+            .picks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed) as usize
     }
 
     /// The worker that owns `block` of `cache_id` (rendezvous hashing).

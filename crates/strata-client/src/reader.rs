@@ -97,13 +97,36 @@ impl Reader {
         // list and try the next worker in the block's ranking, which holds
         // the replica of a replicated write (or fetches persisted data from
         // the UFS), even before the master declares the owner dead.
+        // Reads of a hot block (or of a path with a minimum replication)
+        // are spread over the first `spread` workers of its ranking.
+        let data = matches!(want, Want::Data);
+        let spread = if data {
+            self.client.spread(self.cache_id, block, &self.info)
+        } else {
+            1
+        };
         let mut failed: Vec<String> = Vec::new();
         for attempt in 0..3 {
             let ranked = self
                 .client
-                .owners(self.cache_id, block, failed.len() + 1, attempt > 0)
+                .owners(
+                    self.cache_id,
+                    block,
+                    (failed.len() + 1).max(spread),
+                    attempt > 0,
+                )
                 .await?;
-            let Some(addr) = ranked.into_iter().find(|a| !failed.contains(a)) else {
+            let pick = if attempt == 0 && spread > 1 {
+                self.client.next_pick() % ranked.len()
+            } else {
+                0
+            };
+            let Some(addr) = ranked[pick..]
+                .iter()
+                .chain(ranked.iter())
+                .find(|a| !failed.contains(a))
+                .cloned()
+            else {
                 break;
             };
             match self.exchange_with(&addr, &msg).await {
@@ -112,13 +135,19 @@ impl Reader {
                     failed.push(addr);
                     last_err = Some(e);
                 }
-                other => return other,
+                Ok((frames, c, u, replicas)) => {
+                    if data {
+                        self.client.note_heat(self.cache_id, block, replicas);
+                    }
+                    return Ok((frames, c, u));
+                }
+                Err(e) => return Err(e),
             }
         }
         Err(last_err.unwrap_or_else(|| ClientError::Other("read failed".into())))
     }
 
-    async fn exchange_with(&self, addr: &str, msg: &Message) -> Result<(Vec<Bytes>, u64, u64)> {
+    async fn exchange_with(&self, addr: &str, msg: &Message) -> Result<(Vec<Bytes>, u64, u64, u8)> {
         let pool = &self.client.inner.pool;
         let mut c = pool.get(addr).await?;
         c.send(msg).await?;
@@ -130,10 +159,11 @@ impl Reader {
                 Message::End {
                     cached_pages,
                     ufs_pages,
+                    replicas,
                     ..
                 } => {
                     pool.put(c);
-                    return Ok((frames, cached_pages, ufs_pages));
+                    return Ok((frames, cached_pages, ufs_pages, replicas));
                 }
                 Message::Error { code, message } => {
                     pool.put(c);
@@ -415,6 +445,30 @@ impl Reader {
 
     /// Caches a range on its owner without transferring it; returns
     /// (pages already cached, pages fetched from the UFS).
+    /// Has the workers ranked 2..=`n` for the block holding `off` cache
+    /// `[off, off+len)` too (they copy it from the owner, which must hold
+    /// it already); returns the pages they fetched from the UFS.
+    pub async fn load_replicas(&self, off: u64, len: u64, n: usize) -> Result<u64> {
+        if n <= 1 {
+            return Ok(0);
+        }
+        let (_, block) = self.block_bounds(off);
+        let spec = Client::read_spec(&self.info, off, len)?;
+        let msg = Message::Load(spec);
+        let mut ufs = 0;
+        for addr in self
+            .client
+            .owners(self.cache_id, block, n, false)
+            .await?
+            .iter()
+            .skip(1)
+        {
+            let (_, _, u, _) = self.exchange_with(addr, &msg).await?;
+            ufs += u;
+        }
+        Ok(ufs)
+    }
+
     /// The data address of the worker that owns the block holding `off`.
     pub async fn owner_of(&self, off: u64) -> Result<String> {
         let (_, block) = self.block_bounds(off);

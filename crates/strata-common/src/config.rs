@@ -250,6 +250,12 @@ pub struct WorkerConfig {
     /// Page fetches from the UFS in flight on this worker at once, over all
     /// clients: bounds the memory cold reads use (about this many pages).
     pub max_ufs_fetches: usize,
+    /// Reads per second of one block that one worker serves before it asks
+    /// readers to spread over one more worker of the block's ranking
+    /// (adaptive replication); 0 turns it off.
+    pub hot_block_reads_per_sec: u32,
+    /// Most workers a hot block is spread over.
+    pub hot_block_max_replicas: u8,
     /// Cache tiers, fastest first. Empty: one SSD tier at `cache_dir` holding
     /// `cache_capacity`. In the file, an array of tables or the compact form
     /// `"MEM:/dev/shm/strata:4GiB:lru; SSD:/ssd1|/ssd2:100GiB:arc"`
@@ -439,6 +445,8 @@ impl Default for WorkerConfig {
             heartbeat_interval_ms: 1000,
             ufs_read_concurrency: 8,
             max_ufs_fetches: 32,
+            hot_block_reads_per_sec: 64,
+            hot_block_max_replicas: 3,
             tiers: Vec::new(),
             memory_floor: ByteSize(256 << 20),
             memory_check_interval_ms: 250,

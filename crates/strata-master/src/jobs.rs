@@ -25,6 +25,8 @@ use crate::namespace::Namespace;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Attempts per block before a file counts as failed.
 const BLOCK_ATTEMPTS: u32 = 4;
+/// Highest replication bound `strata fs set-replication` accepts.
+const MAX_REPLICATION: u8 = 16;
 /// Attempts to persist one ASYNC_THROUGH file before its job fails.
 const PERSIST_ATTEMPTS: u32 = 8;
 /// File errors quoted in a job's message.
@@ -191,6 +193,30 @@ impl Namespace {
         }
         if let Some(p) = req.pinned {
             a.pinned = p;
+        }
+        let bound = |v: u32, what: &str| -> Result<u8, MasterError> {
+            u8::try_from(v)
+                .ok()
+                .filter(|n| *n <= MAX_REPLICATION)
+                .ok_or_else(|| MasterError::Invalid {
+                    path: path.to_string(),
+                    msg: format!("{what} replication {v} is above {MAX_REPLICATION}"),
+                })
+        };
+        if let Some(v) = req.replication_min {
+            a.replication_min = bound(v, "minimum")?;
+        }
+        if let Some(v) = req.replication_max {
+            a.replication_max = bound(v, "maximum")?;
+        }
+        if a.replication_max > 0 && a.replication_min > a.replication_max {
+            return Err(MasterError::Invalid {
+                path: path.to_string(),
+                msg: format!(
+                    "minimum replication {} is above the maximum {}",
+                    a.replication_min, a.replication_max
+                ),
+            });
         }
         if a.pinned && a.ttl.is_some_and(|t| t.action == TtlAction::Free) {
             return Err(MasterError::Invalid {
@@ -521,7 +547,16 @@ impl Run<'_> {
                         }
                     };
                     let _w = sem(worker_sems, owner, per_worker).acquire_owned().await;
-                    match r.load_range(off, len).await {
+                    let min = r.info().replication_min as usize;
+                    let res = match r.load_range(off, len).await {
+                        // A path with a minimum replication is cached on
+                        // that many workers of each block's ranking.
+                        Ok((c, u)) if min > 1 => {
+                            r.load_replicas(off, len, min).await.map(|x| (c, u + x))
+                        }
+                        other => other,
+                    };
+                    match res {
                         Ok((c, u)) => return (i, len, Ok((c, u))),
                         Err(e) => last = Some(e),
                     }

@@ -156,6 +156,31 @@ impl Namespace {
         Ok(u)
     }
 
+    /// Replication bounds of an inode: its own, else the nearest directory
+    /// above it that has them.
+    fn replication_of(&self, i: &Inode, own: &strata_meta::Attrs) -> (u8, u8) {
+        if own.replication_min > 0 || own.replication_max > 0 {
+            return (own.replication_min, own.replication_max);
+        }
+        if !self.store.has_replication_attrs() {
+            return (0, 0);
+        }
+        let mut id = i.parent;
+        let mut cur = i.id;
+        while cur != strata_meta::ROOT_ID {
+            let a = self.store.attrs(id).unwrap_or_default();
+            if a.replication_min > 0 || a.replication_max > 0 {
+                return (a.replication_min, a.replication_max);
+            }
+            cur = id;
+            id = match self.store.inode(id) {
+                Ok(Some(p)) => p.parent,
+                _ => break,
+            };
+        }
+        (0, 0)
+    }
+
     /// The UFS of a mount, by mount id.
     pub(crate) fn ufs_by_mount_id(&self, id: u64) -> Result<Ufs, MasterError> {
         let m = self.store.mount(id)?.ok_or_else(|| MasterError::Invalid {
@@ -354,6 +379,7 @@ impl Namespace {
         };
         let attrs = self.store.attrs(i.id).unwrap_or_default();
         let ttl = attrs.ttl;
+        let (replication_min, replication_max) = self.replication_of(i, &attrs);
         pb::FileInfo {
             ttl_ms: ttl.map(|t| t.ttl_ms).unwrap_or(0),
             ttl_action: match ttl.map(|t| t.action) {
@@ -363,6 +389,8 @@ impl Namespace {
             } as i32,
             ttl_expires_ms: ttl.map(|t| t.expires_ms()).unwrap_or(0),
             pinned: attrs.pinned,
+            replication_min: replication_min.into(),
+            replication_max: replication_max.into(),
             id: i.id,
             path: r.path.to_string(),
             name: i.name.clone(),

@@ -11,6 +11,8 @@ use crate::store::{MetaStore, Tables, enc};
 pub(crate) const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 pub(crate) const ATTRS: TableDefinition<u64, &[u8]> = TableDefinition::new("attrs");
 pub(crate) const NEXT_JOB: &str = "next_job";
+/// Inodes with replication bounds.
+const REPLICATED_PATHS: &str = "replicated_paths";
 
 /// Finished jobs kept for `strata job ls` / `status`; older ones are dropped
 /// when new jobs are submitted.
@@ -140,6 +142,10 @@ pub struct Attrs {
     /// The file was written to the UFS from the cache: its cached pages
     /// stay keyed (and placed) by inode and generation, not by UFS object.
     pub inode_cache_id: bool,
+    /// `strata fs set-replication`: bounds for the path and what is below
+    /// it (0: not set).
+    pub replication_min: u8,
+    pub replication_max: u8,
 }
 
 impl Attrs {
@@ -248,6 +254,8 @@ impl Tables<'_> {
 
     pub(crate) fn set_attrs(&mut self, id: InodeId, a: &Attrs) -> Result<(), MetaError> {
         self.get_inode(id)?;
+        let old = self.attrs_of(id)?;
+        self.count_replicated(&old, a)?;
         if a.is_empty() {
             self.attrs.remove(id).map_err(|e| self.store.err(e))?;
         } else {
@@ -267,7 +275,19 @@ impl Tables<'_> {
         )
     }
 
+    fn count_replicated(&mut self, old: &Attrs, new: &Attrs) -> Result<(), MetaError> {
+        let has = |a: &Attrs| a.replication_min > 0 || a.replication_max > 0;
+        if has(old) != has(new) {
+            let n = self.counter(REPLICATED_PATHS)?;
+            let n = if has(new) { n + 1 } else { n.saturating_sub(1) };
+            self.set_counter(REPLICATED_PATHS, n)?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn drop_attrs(&mut self, id: InodeId) -> Result<(), MetaError> {
+        let old = self.attrs_of(id)?;
+        self.count_replicated(&old, &Attrs::default())?;
         self.attrs.remove(id).map_err(|e| self.store.err(e))?;
         Ok(())
     }
@@ -303,6 +323,22 @@ impl MetaStore {
                 .transpose()?
                 .unwrap_or_default(),
         )
+    }
+
+    /// True when some inode has replication bounds (a cheap check before
+    /// looking for them up a path).
+    pub fn has_replication_attrs(&self) -> bool {
+        let count = || -> Result<u64, MetaError> {
+            let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+            let t = tx
+                .open_table(crate::store::COUNTERS)
+                .map_err(|e| self.err(e))?;
+            Ok(t.get(REPLICATED_PATHS)
+                .map_err(|e| self.err(e))?
+                .map(|g| g.value())
+                .unwrap_or(0))
+        };
+        count().map(|n| n > 0).unwrap_or(true)
     }
 
     /// Every inode with attributes.
@@ -400,6 +436,8 @@ mod tests {
             }),
             pinned: true,
             inode_cache_id: false,
+            replication_min: 0,
+            replication_max: 0,
         };
         s.apply(&Command::SetAttrs { id: f, attrs: a }).unwrap();
         assert_eq!(s.attrs(f).unwrap(), a);

@@ -172,6 +172,10 @@ pub enum Message {
         bytes: u64,
         cached_pages: u64,
         ufs_pages: u64,
+        /// For reads: how many workers of the block's ranking should serve
+        /// it (the owner sees it read hot and asks for extra replicas);
+        /// 1 (or 0) for the owner alone.
+        replicas: u8,
     },
     /// worker → client: a write finished; the UFS fingerprint when persisted.
     WriteDone {
@@ -404,10 +408,12 @@ impl Message {
                 bytes,
                 cached_pages,
                 ufs_pages,
+                replicas,
             } => {
                 meta.put_u64_le(*bytes);
                 meta.put_u64_le(*cached_pages);
                 meta.put_u64_le(*ufs_pages);
+                meta.put_u8(*replicas);
                 (kind::END, None)
             }
             Message::WriteDone {
@@ -509,6 +515,7 @@ impl Message {
                 bytes: m.u64()?,
                 cached_pages: m.u64()?,
                 ufs_pages: m.u64()?,
+                replicas: m.u8()?,
             },
             kind::WRITE_DONE => Message::WriteDone {
                 bytes: m.u64()?,
@@ -691,6 +698,7 @@ mod tests {
                 bytes: 5,
                 cached_pages: 1,
                 ufs_pages: 0,
+                replicas: 3,
             },
             Message::WriteDone {
                 bytes: 5,

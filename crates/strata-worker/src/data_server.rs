@@ -173,6 +173,7 @@ where
                         bytes: 0,
                         cached_pages: n,
                         ufs_pages: 0,
+                        replicas: 1,
                     },
                 )
                 .await?;
@@ -185,6 +186,7 @@ where
                         bytes: 0,
                         cached_pages: n,
                         ufs_pages: 0,
+                        replicas: 1,
                     },
                 )
                 .await?;
@@ -202,6 +204,7 @@ where
                         bytes: 0,
                         cached_pages: n,
                         ufs_pages: 0,
+                        replicas: 1,
                     },
                     Err(e) => Failure::from(e).to_msg(),
                 };
@@ -355,10 +358,18 @@ async fn read_range<W: AsyncWrite + Unpin + AsSocket>(
         }
         bytes += span.take;
     }
+    let replicas = if want_bytes {
+        shared
+            .hot
+            .read(spec.cache_id, spec.offset / g.block_size.max(1))
+    } else {
+        1
+    };
     Ok(Message::End {
         bytes,
         cached_pages: cached,
         ufs_pages: fetched,
+        replicas,
     })
 }
 

@@ -6,6 +6,7 @@
 
 mod data_server;
 mod heartbeat;
+mod hot;
 pub mod memory;
 mod mounts;
 pub mod page_store;
@@ -51,6 +52,8 @@ pub(crate) struct Shared {
     pub fetch_permits: tokio::sync::Semaphore,
     /// The other workers, for peer-to-peer fetch.
     pub peers: peers::Peers,
+    /// Read heat per block (adaptive replication).
+    pub hot: hot::HotBlocks,
 }
 
 impl Shared {
@@ -162,6 +165,7 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
         fetches: data_server::Fetches::default(),
         fetch_permits: tokio::sync::Semaphore::new(wc.max_ufs_fetches.max(1)),
         peers: Default::default(),
+        hot: hot::HotBlocks::new(wc.hot_block_reads_per_sec, wc.hot_block_max_replicas),
     });
     let (tx, rx) = watch::channel(false);
     let advertise = wc
