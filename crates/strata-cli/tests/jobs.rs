@@ -520,7 +520,7 @@ async fn replication_bounds_and_hot_blocks_spread_reads_over_workers() {
     let hot = pattern(1 << 20, 6);
     s3_put(&ufs, "rep/a.bin", &rep).await;
     s3_put(&ufs, "hot/h.bin", &hot).await;
-    let mut ha = HaCluster::start(
+    let ha = HaCluster::start(
         &strata_bin(),
         1,
         3,
