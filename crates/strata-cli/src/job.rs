@@ -133,11 +133,9 @@ pub async fn wait(c: &Client, id: u64) -> anyhow::Result<JobInfo> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let mut misses = 0;
     let j = loop {
         match c.job(id).await {
             Ok(j) => {
-                misses = 0;
                 pb.set_length(j.bytes_total);
                 pb.set_position(j.bytes_done);
                 pb.set_message(format!(
@@ -148,14 +146,13 @@ pub async fn wait(c: &Client, id: u64) -> anyhow::Result<JobInfo> {
                     break j;
                 }
             }
-            // A failover is ridden out by the client; anything else that
-            // persists is reported.
+            // The client has ridden out a failover already
+            // (client.failover_timeout_secs); an error here persists.
             Err(e) => {
-                misses += 1;
-                if misses > 5 {
-                    pb.finish_and_clear();
-                    return Err(e.into());
-                }
+                pb.finish_and_clear();
+                return Err(anyhow::Error::from(e).context(format!(
+                    "job {id} may still run; see `strata job status {id}`"
+                )));
             }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -106,7 +106,7 @@ async fn load_job_caches_each_byte_once_verifies_and_reports_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_throttling_ufs_is_ridden_out_and_a_dead_one_fails_the_job_clearly() {
+async fn a_throttling_ufs_is_ridden_out() {
     let Env { s3, cluster } = start(ClusterOptions::default());
     let total = dataset(&s3, "th", 4).await;
     let c = client(&cluster);
@@ -120,46 +120,125 @@ async fn a_throttling_ufs_is_ridden_out_and_a_dead_one_fails_the_job_clearly() {
     assert_eq!(j.state, JobState::JobCompleted as i32, "{j:?}");
     assert_eq!(s3.throttled_left(), 0, "the 503s were answered");
     assert_eq!(j.bytes_done, total);
-
-    // New, uncached files; then the store goes away mid-life.
-    dataset(&s3, "gone", 2).await;
-    c.sync("/s3").await.unwrap();
-    c.list("/s3/gone").await.unwrap();
-    drop(s3);
-    let j = c
-        .submit_job("/s3/gone", strata_client::JobSpec::Load { verify: false })
-        .await
-        .unwrap();
-    let j = wait_job(&c, j.id, Duration::from_secs(180)).await;
-    assert_eq!(j.state, JobState::JobFailed as i32, "{j:?}");
-    assert!(
-        j.message.contains("/s3/gone/f000.bin") && j.files_failed == 2,
-        "the failure names the files: {j:?}"
-    );
-    let out = fails(
-        cluster
-            .cli(&["job", "status", &j.id.to_string(), "--wait"])
-            .unwrap(),
-    );
-    assert!(out.contains("failed"), "{out}");
+    let out = ok(cluster.cli(&["job", "status", &j.id.to_string()]).unwrap());
+    assert!(out.contains("completed"), "{out}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_cancelled_load_stops_fetching() {
+/// An S3 server behind a proxy that carries `conn_bandwidth` bytes per
+/// second per connection; returns it, the proxy and the mount URI.
+fn slow_store(conn_bandwidth: u64) -> (S3Server, LatencyProxy, String) {
     let s3 = S3Server::start().expect("s3");
     s3.create_bucket(BUCKET).unwrap();
     let proxy = LatencyProxy::start(
         "127.0.0.1:0",
         &s3.addr.to_string(),
         ProxyOptions {
-            latency: Duration::from_millis(2),
-            conn_bandwidth: Some(2 << 20),
+            latency: Duration::from_millis(1),
+            conn_bandwidth: Some(conn_bandwidth),
         },
     )
     .unwrap();
     let uri = s3
         .uri(BUCKET)
         .replace(&s3.endpoint(), &format!("http://{}", proxy.addr));
+    (s3, proxy, uri)
+}
+
+/// Polls a job until `done(status)`; panics after a minute.
+async fn until(c: &Client, id: u64, done: impl Fn(&strata_client::JobInfo) -> bool) {
+    let t = Instant::now();
+    loop {
+        let s = c.job(id).await.unwrap();
+        if done(&s) {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no progress: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ufs_that_dies_mid_job_fails_it_clearly_and_keeps_what_was_loaded() {
+    let (s3, _proxy, uri) = slow_store(1 << 20);
+    let ufs = s3_client(&s3);
+    for i in 0..8u64 {
+        s3_put(&ufs, &format!("ds/f{i}.bin"), &pattern(1 << 20, i)).await;
+    }
+    let ha = HaCluster::start(
+        &strata_bin(),
+        1,
+        1,
+        vec![("STRATA_MASTER_JOB_PER_UFS".into(), "1".into())],
+    )
+    .expect("cluster");
+    ok(ha.cli(&["fs", "mount", "/s3", &uri]).unwrap());
+    let c = Client::new(&ha.master_list(), Default::default()).unwrap();
+    let j = c
+        .submit_job("/s3/ds", strata_client::JobSpec::Load { verify: false })
+        .await
+        .unwrap();
+    until(&c, j.id, |s| s.files_done >= 2).await;
+    drop(s3);
+    let s = wait_job(&c, j.id, Duration::from_secs(180)).await;
+    assert_eq!(s.state, JobState::JobFailed as i32, "{s:?}");
+    assert!(
+        s.files_done >= 2 && s.files_failed >= 1 && s.message.contains("/s3/ds/f"),
+        "the failure names the files: {s:?}"
+    );
+    // What was loaded before the store died is still served.
+    for i in 0..2u64 {
+        let got = c.read_file(&format!("/s3/ds/f{i}.bin")).await.unwrap();
+        assert!(got == pattern(1 << 20, i));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_rides_out_a_worker_restart_without_refetching() {
+    let (s3, proxy, uri) = slow_store(2 << 20);
+    let ufs = s3_client(&s3);
+    let (files, size) = (16u64, 1u64 << 20);
+    for i in 0..files {
+        s3_put(&ufs, &format!("ds/f{i:02}.bin"), &pattern(size as usize, i)).await;
+    }
+    let mut ha = HaCluster::start(
+        &strata_bin(),
+        1,
+        1,
+        vec![("STRATA_MASTER_JOB_PER_UFS".into(), "2".into())],
+    )
+    .expect("cluster");
+    ok(ha.cli(&["fs", "mount", "/s3", &uri]).unwrap());
+    let c = Client::new(&ha.master_list(), Default::default()).unwrap();
+    c.list("/s3/ds").await.unwrap();
+    let before = proxy.bytes_down();
+    let j = c
+        .submit_job("/s3/ds", strata_client::JobSpec::Load { verify: false })
+        .await
+        .unwrap();
+    until(&c, j.id, |s| s.files_done >= files / 4).await;
+    ha.kill_worker(0).unwrap();
+    ha.restart_worker(0).unwrap();
+    let s = wait_job(&c, j.id, Duration::from_secs(120)).await;
+    assert_eq!(s.state, JobState::JobCompleted as i32, "{s:?}");
+    // Loads in flight at the kill (at most 2 blocks) are fetched again;
+    // completed blocks are not: the restarted worker serves its cache.
+    let fetched = proxy.bytes_down() - before;
+    let total = files * size;
+    assert!(
+        fetched <= total + 2 * size + 64 * 1024,
+        "{fetched} bytes fetched for {total}"
+    );
+    let after = proxy.bytes_down();
+    for i in 0..files {
+        let got = c.read_file(&format!("/s3/ds/f{i:02}.bin")).await.unwrap();
+        assert!(got == pattern(size as usize, i));
+    }
+    assert_eq!(proxy.bytes_down(), after, "everything was cached");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_load_stops_fetching() {
+    let (s3, proxy, uri) = slow_store(2 << 20);
     let cluster = strata_testkit::Cluster::start(
         &strata_bin(),
         ClusterOptions {
@@ -181,16 +260,9 @@ async fn a_cancelled_load_stops_fetching() {
         .submit_job("/slow/big", strata_client::JobSpec::Load { verify: false })
         .await
         .unwrap();
-    let t = Instant::now();
-    loop {
-        let s = c.job(j.id).await.unwrap();
-        if s.bytes_done > 0 {
-            assert!(s.bytes_done < s.bytes_total, "cancel comes too late: {s:?}");
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "no progress: {s:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(&c, j.id, |s| s.bytes_done > 0).await;
+    let s = c.job(j.id).await.unwrap();
+    assert!(s.bytes_done < s.bytes_total, "cancel comes too late: {s:?}");
     let out = ok(cluster.cli(&["job", "cancel", &j.id.to_string()]).unwrap());
     assert!(out.contains("cancelled"), "{out}");
     // Loads already on the wire finish; nothing new starts.
@@ -264,20 +336,7 @@ async fn ttls_free_or_delete_when_they_expire_and_refuse_pinned_paths() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_load_survives_the_death_of_the_leader_without_refetching() {
-    let s3 = S3Server::start().expect("s3");
-    s3.create_bucket(BUCKET).unwrap();
-    let proxy = LatencyProxy::start(
-        "127.0.0.1:0",
-        &s3.addr.to_string(),
-        ProxyOptions {
-            latency: Duration::from_millis(2),
-            conn_bandwidth: Some(2 << 20),
-        },
-    )
-    .unwrap();
-    let uri = s3
-        .uri(BUCKET)
-        .replace(&s3.endpoint(), &format!("http://{}", proxy.addr));
+    let (s3, proxy, uri) = slow_store(2 << 20);
     let ufs = s3_client(&s3);
     let (files, size) = (24u64, 1u64 << 20);
     for i in 0..files {
@@ -301,19 +360,12 @@ async fn a_load_survives_the_death_of_the_leader_without_refetching() {
         .submit_job("/s3/ds", strata_client::JobSpec::Load { verify: false })
         .await
         .unwrap();
-    let t = Instant::now();
-    loop {
-        let s = c.job(j.id).await.unwrap();
-        if s.files_done >= files / 4 {
-            assert!(
-                s.files_done < files,
-                "the load ended before the kill: {s:?}"
-            );
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "no progress: {s:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(&c, j.id, |s| s.files_done >= files / 4).await;
+    let s = c.job(j.id).await.unwrap();
+    assert!(
+        s.files_done < files,
+        "the load ended before the kill: {s:?}"
+    );
     let leader = ha.wait_leader(Duration::from_secs(5)).unwrap();
     ha.kill_master(leader).unwrap();
     let s = wait_job(&c, j.id, Duration::from_secs(120)).await;
@@ -336,22 +388,7 @@ async fn a_load_survives_the_death_of_the_leader_without_refetching() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn async_through_data_reaches_the_ufs_though_a_replica_holder_dies() {
-    let s3 = S3Server::start().expect("s3");
-    s3.create_bucket(BUCKET).unwrap();
-    // Uploads crawl (2 MiB/s per connection), so the persist is still
-    // running when the worker dies.
-    let proxy = LatencyProxy::start(
-        "127.0.0.1:0",
-        &s3.addr.to_string(),
-        ProxyOptions {
-            latency: Duration::from_millis(1),
-            conn_bandwidth: Some(2 << 20),
-        },
-    )
-    .unwrap();
-    let uri = s3
-        .uri(BUCKET)
-        .replace(&s3.endpoint(), &format!("http://{}", proxy.addr));
+    let (s3, _proxy, uri) = slow_store(2 << 20);
     // The persist starts 3 s after the write, when the worker is dead but
     // not yet declared dead (master.worker_timeout_ms is 10 s): it must
     // read the blocks that worker owned from their replicas.

@@ -417,6 +417,9 @@ async fn memory_pressure_spills_to_disk_instead_of_oom() {
                 ("STRATA_WORKER_TIERS".into(), dirs.spec("1GiB", "1GiB")),
                 ("STRATA_WORKER_MEMORY_FLOOR".into(), floor.into()),
                 ("STRATA_WORKER_MEMORY_CHECK_INTERVAL_MS".into(), "50".into()),
+                // The control run's process is killed: do not wait 30 s
+                // for a master that will not come back.
+                ("STRATA_CLIENT_FAILOVER_TIMEOUT_SECS".into(), "5".into()),
             ],
             cgroup: Some(cg.dir.clone()),
             ..Default::default()

@@ -23,8 +23,9 @@ use crate::namespace::Namespace;
 
 /// How often a running job writes its progress into the replicated state.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-/// Attempts per block before a file counts as failed.
-const BLOCK_ATTEMPTS: u32 = 4;
+/// Attempts per block before a file counts as failed (about 10 s of
+/// backoff: a worker restart or a failover is ridden out).
+const BLOCK_ATTEMPTS: u32 = 7;
 /// Highest replication bound `strata fs set-replication` accepts.
 const MAX_REPLICATION: u8 = 16;
 /// Attempts to persist one ASYNC_THROUGH file before its job fails.
@@ -534,10 +535,14 @@ impl Run<'_> {
         let mut results = futures::stream::iter(tasks)
             .map(|(i, r, off, len, mount)| async move {
                 let _u = sem(ufs_sems, mount, per_ufs).acquire_owned().await;
-                let mut last = None;
+                let mut last: Option<ClientError> = None;
                 for attempt in 0..BLOCK_ATTEMPTS {
+                    if last.as_ref().is_some_and(|e| attempt >= attempts_for(e)) {
+                        break;
+                    }
                     if attempt > 0 {
-                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                        let ms = (200u64 << attempt).min(2000);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
                     }
                     let owner = match r.owner_of(off).await {
                         Ok(o) => o,
@@ -858,6 +863,27 @@ impl Run<'_> {
             }
         }
         w.close().await.map(drop)
+    }
+}
+
+/// How many attempts a block load gets after failing with `e`: errors of
+/// the data itself are final, a UFS that did not answer was retried by the
+/// worker already (once more here), anything else (a worker restarting, a
+/// connection lost, a failover) is retried with backoff.
+fn attempts_for(e: &ClientError) -> u32 {
+    use strata_proto::data::ErrorCode;
+    match e {
+        ClientError::Changed { .. } | ClientError::NotFound(_) => 1,
+        ClientError::Worker { code, .. } => match code {
+            ErrorCode::UfsUnavailable => 2,
+            ErrorCode::BadRequest
+            | ErrorCode::NotFound
+            | ErrorCode::Stale
+            | ErrorCode::DataLost
+            | ErrorCode::PermissionDenied => 1,
+            _ => BLOCK_ATTEMPTS,
+        },
+        _ => BLOCK_ATTEMPTS,
     }
 }
 

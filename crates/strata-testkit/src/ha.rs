@@ -119,12 +119,18 @@ impl HaCluster {
         Ok(())
     }
 
-    fn spawn_worker(&mut self) -> anyhow::Result<()> {
-        let n = self.workers.len();
+    /// Starts a new worker, or (with `again`) worker `i` again on its
+    /// address and cache directory.
+    fn spawn_worker_at(&mut self, again: Option<usize>) -> anyhow::Result<()> {
+        let n = again.unwrap_or(self.workers.len());
+        let addr = match again {
+            Some(i) => self.worker_addrs[i].clone(),
+            None => "127.0.0.1:0".to_string(),
+        };
         let mut cmd = self.base_cmd();
         cmd.arg("worker")
             .env("STRATA_MASTER", self.master_list())
-            .env("STRATA_WORKER_DATA_ADDR", "127.0.0.1:0")
+            .env("STRATA_WORKER_DATA_ADDR", addr)
             .env(
                 "STRATA_WORKER_CACHE_DIR",
                 self.dir.path().join(format!("worker-{n}")),
@@ -134,9 +140,27 @@ impl HaCluster {
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().context("spawning strata worker")?;
         let lines = wait_line(&mut child, &["serving data on"], Duration::from_secs(30))?;
-        self.worker_addrs.push(field(&lines, "serving data on")?);
-        self.workers.push(child);
+        let addr = field(&lines, "serving data on")?;
+        match again {
+            Some(i) => {
+                self.worker_addrs[i] = addr;
+                self.workers[i] = child;
+            }
+            None => {
+                self.worker_addrs.push(addr);
+                self.workers.push(child);
+            }
+        }
         Ok(())
+    }
+
+    fn spawn_worker(&mut self) -> anyhow::Result<()> {
+        self.spawn_worker_at(None)
+    }
+
+    /// Starts killed worker `i` again (same address, same cache directory).
+    pub fn restart_worker(&mut self, i: usize) -> anyhow::Result<()> {
+        self.spawn_worker_at(Some(i))
     }
 
     /// Comma-separated addresses of every master ever started here that is
