@@ -561,7 +561,10 @@ async fn replication_bounds_and_hot_blocks_spread_reads_over_workers() {
         &strata_bin(),
         1,
         3,
-        vec![("STRATA_WORKER_HOT_BLOCK_READS_PER_SEC".into(), "5".into())],
+        vec![
+            ("STRATA_WORKER_HOT_BLOCK_READS_PER_SEC".into(), "5".into()),
+            ("STRATA_WORKER_IDLE_REPLICA_SECS".into(), "2".into()),
+        ],
     )
     .expect("cluster");
     ok(ha
@@ -663,4 +666,17 @@ async fn replication_bounds_and_hot_blocks_spread_reads_over_workers() {
         fetched < (hot.len() as u64) * 11 / 10,
         "the extra replicas came from the UFS: {fetched} bytes"
     );
+    // Once nobody reads the hot block, its extra replicas are dropped; the
+    // copies the minimum replication asked for stay.
+    let t = Instant::now();
+    loop {
+        let used: u64 = served(c.clone()).await.iter().map(|s| s.0).sum();
+        if used == 2 * rep.len() as u64 + hot.len() as u64 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "extra replicas stayed: {used} bytes cached"
+        );
+    }
 }

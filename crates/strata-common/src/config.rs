@@ -256,6 +256,9 @@ pub struct WorkerConfig {
     pub hot_block_reads_per_sec: u32,
     /// Most workers a hot block is spread over.
     pub hot_block_max_replicas: u8,
+    /// Seconds an extra replica of a hot block (pages copied from a peer to
+    /// serve reads) may go unread before it is dropped; 0: left to eviction.
+    pub idle_replica_secs: u64,
     /// Cache tiers, fastest first. Empty: one SSD tier at `cache_dir` holding
     /// `cache_capacity`. In the file, an array of tables or the compact form
     /// `"MEM:/dev/shm/strata:4GiB:lru; SSD:/ssd1|/ssd2:100GiB:arc"`
@@ -447,6 +450,7 @@ impl Default for WorkerConfig {
             max_ufs_fetches: 32,
             hot_block_reads_per_sec: 64,
             hot_block_max_replicas: 3,
+            idle_replica_secs: 300,
             tiers: Vec::new(),
             memory_floor: ByteSize(256 << 20),
             memory_check_interval_ms: 250,

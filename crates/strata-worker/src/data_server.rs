@@ -390,6 +390,7 @@ async fn fetch_page(
     }
     if want_bytes && let Some((f, len)) = shared.store.open_page(&key).await {
         if len == span.page_len {
+            shared.extra.touch(&key);
             return Ok((span, PageData::File(f), true));
         }
         // A page of the wrong length is a torn write: drop and refetch.
@@ -398,7 +399,12 @@ async fn fetch_page(
     if spec.source == Source::Local {
         return Err(page_lost(spec, &span));
     }
-    let data = fetch_coalesced(shared, spec, ufs, key, &span).await?;
+    let (data, from_peer) = fetch_coalesced(shared, spec, ufs, key, &span).await?;
+    // A copy made to serve reads of a persisted block this worker does not
+    // own: an extra replica, dropped when it goes idle.
+    if from_peer && want_bytes && ufs.is_some() && !shared.peers.owns(spec.cache_id, span.block) {
+        shared.extra.note(key);
+    }
     Ok((span, PageData::Mem(data), false))
 }
 
@@ -424,7 +430,7 @@ async fn fetch_coalesced(
     ufs: Option<&Ufs>,
     key: PageKey,
     span: &PageSpan,
-) -> Result<Bytes, Failure> {
+) -> Result<(Bytes, bool), Failure> {
     let cell = shared.fetches.join(key);
     let res = cell
         .get_or_init(|| async {
@@ -432,7 +438,7 @@ async fn fetch_coalesced(
                 && let Some(b) = shared.store.get(&key).await
                 && b.len() as u64 == span.page_len
             {
-                return Ok(b);
+                return Ok((b, false));
             }
             // However many clients miss at once, only so many pages are
             // being fetched (and held in memory) on this worker.
@@ -442,7 +448,7 @@ async fn fetch_coalesced(
                 .await
                 .map_err(|_| Failure::new(ErrorCode::Internal, "worker is shutting down"))?;
             // A peer may hold it (the previous owner, or a replica).
-            let (data, opts) = if let Some(b) = shared.peers.fetch(spec, span).await {
+            let (data, opts, from_peer) = if let Some(b) = shared.peers.fetch(spec, span).await {
                 shared
                     .counters
                     .peer_bytes_read
@@ -455,6 +461,7 @@ async fn fetch_coalesced(
                         sole,
                         ..PutOpts::default()
                     },
+                    true,
                 )
             } else if let Some(ufs) = ufs {
                 let range = span.page_start..span.page_start + span.page_len;
@@ -466,7 +473,7 @@ async fn fetch_coalesced(
                     .counters
                     .ufs_bytes_read
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                (data, PutOpts::default())
+                (data, PutOpts::default(), false)
             } else {
                 return Err(page_lost(spec, span));
             };
@@ -474,7 +481,7 @@ async fn fetch_coalesced(
                 // The read still succeeds; the page is just not cached.
                 tracing::warn!(error = %e, "page not cached");
             }
-            Ok(data)
+            Ok((data, from_peer))
         })
         .await
         .clone();
@@ -488,7 +495,8 @@ pub(crate) struct Fetches {
     map: std::sync::Mutex<std::collections::HashMap<PageKey, FetchCell>>,
 }
 
-type FetchCell = Arc<tokio::sync::OnceCell<Result<Bytes, Failure>>>;
+/// The page, and whether it came from a peer.
+type FetchCell = Arc<tokio::sync::OnceCell<Result<(Bytes, bool), Failure>>>;
 
 impl Fetches {
     fn join(&self, key: PageKey) -> FetchCell {

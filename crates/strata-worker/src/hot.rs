@@ -19,6 +19,44 @@ struct Window {
     last: u32,
 }
 
+/// Pages this worker copied from a peer to serve a hot block: extra
+/// replicas, dropped once nobody has read them for a while.
+#[derive(Default)]
+pub struct ExtraReplicas {
+    last_read: Mutex<HashMap<strata_common::ids::PageKey, Instant>>,
+}
+
+impl ExtraReplicas {
+    pub fn note(&self, k: strata_common::ids::PageKey) {
+        self.last_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(k, Instant::now());
+    }
+
+    /// A read of `k` (cheap when there are no extra replicas).
+    pub fn touch(&self, k: &strata_common::ids::PageKey) {
+        let mut m = self.last_read.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = m.get_mut(k) {
+            *t = Instant::now();
+        }
+    }
+
+    /// Forgets and returns the extra replicas idle for `idle`.
+    pub fn take_idle(&self, idle: Duration) -> Vec<strata_common::ids::PageKey> {
+        let mut m = self.last_read.lock().unwrap_or_else(|p| p.into_inner());
+        let old: Vec<_> = m
+            .iter()
+            .filter(|(_, t)| t.elapsed() >= idle)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &old {
+            m.remove(k);
+        }
+        old
+    }
+}
+
 pub struct HotBlocks {
     map: Mutex<HashMap<(u128, u64), Window>>,
     per_replica: u32,

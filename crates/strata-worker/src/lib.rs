@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     pub peers: peers::Peers,
     /// Read heat per block (adaptive replication).
     pub hot: hot::HotBlocks,
+    /// Pages copied from peers to serve hot blocks.
+    pub extra: hot::ExtraReplicas,
 }
 
 impl Shared {
@@ -103,6 +105,33 @@ impl WorkerHandle {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+    }
+}
+
+/// Drops extra replicas of hot blocks nobody has read for `idle_secs`.
+async fn drop_idle_replicas(shared: Arc<Shared>, idle_secs: u64, mut stop: watch::Receiver<bool>) {
+    if idle_secs == 0 {
+        return;
+    }
+    let idle = std::time::Duration::from_secs(idle_secs);
+    let every = (idle / 4).clamp(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(30),
+    );
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopped(&mut stop) => return,
+        }
+        let mut n = 0;
+        for k in shared.extra.take_idle(idle) {
+            if shared.store.drop_unpinned(&k).await {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::debug!(pages = n, "dropped idle extra replicas");
         }
     }
 }
@@ -166,6 +195,7 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
         fetch_permits: tokio::sync::Semaphore::new(wc.max_ufs_fetches.max(1)),
         peers: Default::default(),
         hot: hot::HotBlocks::new(wc.hot_block_reads_per_sec, wc.hot_block_max_replicas),
+        extra: Default::default(),
     });
     let (tx, rx) = watch::channel(false);
     let advertise = wc
@@ -192,6 +222,11 @@ pub async fn start(config: &Config) -> Result<WorkerHandle, WorkerError> {
             shared.store.clone(),
             wc.memory_floor.0,
             wc.memory_check_interval_ms,
+            rx.clone(),
+        )),
+        tokio::spawn(drop_idle_replicas(
+            shared.clone(),
+            wc.idle_replica_secs,
             rx.clone(),
         )),
         tokio::spawn(expire_pages(

@@ -1303,6 +1303,27 @@ impl PageStore {
         idx.pages.range(lo..=hi).map(|(k, _)| *k).collect()
     }
 
+    /// Drops one page unless it is pinned (by a user or as the only copy);
+    /// returns whether it was dropped.
+    pub async fn drop_unpinned(&self, k: &PageKey) -> bool {
+        let p = {
+            let mut idx = self.lock();
+            match idx.pages.get(k) {
+                Some(m) if !m.pinned() && !idx.pinned_ids.contains(&k.cache_id) => {
+                    self.remove(&mut idx, k)
+                }
+                _ => None,
+            }
+        };
+        match p {
+            Some(p) => {
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(p)).await;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Drops one page.
     pub async fn free_page(&self, k: &PageKey) {
         let p = {

@@ -77,6 +77,17 @@ impl Peers {
             .collect()
     }
 
+    /// True when this worker is first in the block's ranking (or knows of
+    /// no other worker).
+    pub fn owns(&self, cache_id: u128, block: u64) -> bool {
+        let v = self.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if v.cands.len() < 2 {
+            return true;
+        }
+        let key = block_placement_key(CacheId(cache_id), block);
+        owners(key, &v.cands, 1).first() == Some(&v.me)
+    }
+
     /// The page from a peer that has it, if any does.
     pub async fn fetch(&self, spec: &ReadSpec, span: &PageSpan) -> Option<Bytes> {
         for addr in self.candidates(spec.cache_id, span.block) {
