@@ -46,6 +46,10 @@ impl Mount {
 
     /// Mounts with `--master masters` (one address or a list).
     fn start_at(masters: &str, extra: &[&str]) -> Mount {
+        Self::start_with_env(masters, extra, &[])
+    }
+
+    fn start_with_env(masters: &str, extra: &[&str], env: &[(&str, &str)]) -> Mount {
         let dir = tempfile::tempdir().unwrap();
         let mp = dir.path().join("mnt");
         std::fs::create_dir(&mp).unwrap();
@@ -55,6 +59,7 @@ impl Mount {
             .arg("--foreground")
             .args(extra)
             .env("STRATA_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()
             .expect("strata mount");
@@ -430,4 +435,65 @@ async fn reads_through_the_mount_ride_out_a_master_failover() {
     assert!(ok > 100, "only {ok} reads");
     let now = client.list_masters().await.unwrap().leader_id;
     assert_ne!(now, leader);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_through_the_mount_ride_out_a_worker_restart() {
+    if !fuse_available() {
+        return;
+    }
+    let mut c = strata_testkit::HaCluster::start(&strata_bin(), 1, 1, Vec::new()).expect("cluster");
+    let client = strata_client::Client::new(&c.master_list(), Default::default()).unwrap();
+    let opts = strata_client::WriteOptions {
+        write_type: strata_client::WriteType::MustCache,
+        recursive: true,
+        ..Default::default()
+    };
+    let mut files = Vec::new();
+    for i in 0..20 {
+        let data = format!("block {i} ").repeat(3000 + i).into_bytes();
+        client
+            .write_file(&format!("/ds/f{i}"), &data, opts)
+            .await
+            .unwrap();
+        files.push(data);
+    }
+    // Every read goes to the worker over TCP: no short-circuit, no kernel
+    // attribute cache, and the page cache dropped before each pass.
+    let m = Mount::start_with_env(
+        &c.master_list(),
+        &["--attr-timeout", "0"],
+        &[("STRATA_CLIENT_SHORT_CIRCUIT", "false")],
+    );
+    let root = m.path().join("ds");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (root, stop, files) = (root.clone(), stop.clone(), files.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut errors) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok < 1_000_000 {
+                let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+                for (i, want) in files.iter().enumerate() {
+                    match std::fs::read(root.join(format!("f{i}"))) {
+                        Ok(b) if b == *want => ok += 1,
+                        Ok(_) => errors.push(format!("f{i}: wrong bytes")),
+                        Err(e) => errors.push(format!("f{i}: {e}")),
+                    }
+                }
+            }
+            (ok, errors)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::task::block_in_place(|| c.kill_worker(0)).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::block_in_place(|| c.restart_worker(0)).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, errors) = reader.join().unwrap();
+    assert!(
+        errors.is_empty(),
+        "reads failed across the worker restart: {errors:?}"
+    );
+    assert!(ok > 40, "only {ok} reads");
 }

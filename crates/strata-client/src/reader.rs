@@ -105,18 +105,35 @@ impl Reader {
         } else {
             1
         };
+        // When every candidate is unreachable (a worker restarting, the only
+        // holder of a block down), the read waits and tries again, for up
+        // to `client.failover_timeout_secs`, instead of failing at once.
+        let deadline = std::time::Instant::now()
+            + std::time::Duration::from_secs(self.client.inner.cfg.failover_timeout_secs);
+        let mut pause = std::time::Duration::from_millis(100);
         let mut failed: Vec<String> = Vec::new();
-        for attempt in 0..3 {
+        let mut attempt = 0;
+        loop {
+            if attempt >= 3 {
+                if std::time::Instant::now() + pause > deadline {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                failed.clear();
+                attempt = 1;
+            }
+            attempt += 1;
             let ranked = self
                 .client
                 .owners(
                     self.cache_id,
                     block,
                     (failed.len() + 1).max(spread),
-                    attempt > 0,
+                    attempt > 1,
                 )
                 .await?;
-            let pick = if attempt == 0 && spread > 1 {
+            let pick = if attempt == 1 && spread > 1 {
                 self.client.next_pick() % ranked.len()
             } else {
                 0
@@ -127,7 +144,9 @@ impl Reader {
                 .find(|a| !failed.contains(a))
                 .cloned()
             else {
-                break;
+                // Every candidate failed: wait (above) and start over.
+                attempt = 3;
+                continue;
             };
             match self.exchange_with(&addr, &msg).await {
                 Err(e @ ClientError::Connection { .. }) => {
