@@ -750,7 +750,13 @@ impl Run<'_> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let f = self.client().stat(&path.to_string()).await?;
+            let f = match self.client().stat(&path.to_string()).await {
+                Ok(f) => f,
+                Err(ClientError::NotFound(_)) => {
+                    return Ok("the file was deleted before it was persisted".into());
+                }
+                Err(e) => return Err(e.into()),
+            };
             self.p.files_total = 1;
             self.p.bytes_total = f.size;
             if f.id != inode || f.persist_state == pb::PersistState::Persisted as i32 {
