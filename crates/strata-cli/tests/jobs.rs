@@ -106,6 +106,79 @@ async fn load_job_caches_each_byte_once_verifies_and_reports_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn cp_and_persist_jobs_move_data_through_the_cache() {
+    let env = start(ClusterOptions::default());
+    dataset(&env.s3, "src", 3).await;
+    let c = client(&env.cluster);
+    // A directory copied within the mount lands in the bucket too.
+    let out = ok(env
+        .cluster
+        .cli(&["job", "cp", "/s3/src", "/s3/dst", "--wait"])
+        .unwrap());
+    assert!(out.contains("state:      completed"), "{out}");
+    for i in 0..3u64 {
+        let len = match i % 4 {
+            0 => 1 << 10,
+            1 => 100 << 10,
+            _ => (1 << 20) + 7,
+        };
+        let want = pattern(len, i);
+        let name = format!("f{i:03}.bin");
+        assert!(c.read_file(&format!("/s3/dst/{name}")).await.unwrap() == want);
+        let on_s3 = std::fs::read(env.s3.root.join(BUCKET).join("dst").join(&name)).unwrap();
+        assert!(on_s3 == want, "{name} in the bucket");
+    }
+    // A file copied out of the mount is cache-only; persisting a cache-only
+    // file under the mount writes it to the bucket.
+    ok(env
+        .cluster
+        .cli(&[
+            "job",
+            "cp",
+            "/s3/src/f001.bin",
+            "/scratch/one.bin",
+            "--wait",
+        ])
+        .unwrap());
+    assert!(c.read_file("/scratch/one.bin").await.unwrap() == pattern(100 << 10, 1));
+    let data = pattern(300 << 10, 42);
+    c.write_file(
+        "/s3/cached/only.bin",
+        &data,
+        strata_client::WriteOptions {
+            write_type: strata_client::WriteType::MustCache,
+            recursive: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!env.s3.root.join(BUCKET).join("cached/only.bin").exists());
+    let out = ok(env
+        .cluster
+        .cli(&["job", "persist", "/s3/cached", "--wait"])
+        .unwrap());
+    assert!(out.contains("1 files written to the UFS"), "{out}");
+    assert!(std::fs::read(env.s3.root.join(BUCKET).join("cached/only.bin")).unwrap() == data);
+    let f = c.stat("/s3/cached/only.bin").await.unwrap();
+    assert_eq!(
+        f.persist_state,
+        strata_client::PersistState::Persisted as i32
+    );
+    // Its cached pages stayed valid: reading it costs the UFS nothing.
+    let before = ufs_bytes_read(&c).await;
+    assert!(c.read_file("/s3/cached/only.bin").await.unwrap() == data);
+    assert_eq!(ufs_bytes_read(&c).await, before);
+    // Copying a directory into itself is refused.
+    let err = fails(
+        env.cluster
+            .cli(&["job", "cp", "/s3/src", "/s3/src/sub"])
+            .unwrap(),
+    );
+    assert!(err.contains("into itself"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_throttling_ufs_is_ridden_out() {
     let Env { s3, cluster } = start(ClusterOptions::default());
     let total = dataset(&s3, "th", 4).await;
