@@ -339,7 +339,7 @@ async fn a_cancelled_load_stops_fetching() {
     let out = ok(cluster.cli(&["job", "cancel", &j.id.to_string()]).unwrap());
     assert!(out.contains("cancelled"), "{out}");
     // Loads already on the wire finish; nothing new starts.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let a = proxy.bytes_down();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(proxy.bytes_down(), a, "fetching went on after the cancel");

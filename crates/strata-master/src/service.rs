@@ -20,11 +20,17 @@ fn request_id<T>(r: &Request<T>) -> Option<u128> {
 
 pub struct MasterService {
     ns: Arc<Namespace>,
+    /// Request ids of membership changes this master completed lately: a
+    /// retry of one (its answer was lost) is answered as a success.
+    membership_done: std::sync::Mutex<std::collections::VecDeque<u128>>,
 }
 
 impl MasterService {
     pub fn new(ns: Arc<Namespace>) -> Self {
-        MasterService { ns }
+        MasterService {
+            ns,
+            membership_done: Default::default(),
+        }
     }
 }
 
@@ -100,6 +106,28 @@ impl MasterService {
             term: m.current_term,
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             inodes: self.ns.store.inode_count().unwrap_or(0),
+        }
+    }
+
+    fn membership_retry(&self, rid: Option<u128>) -> bool {
+        rid.is_some_and(|id| {
+            self.membership_done
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&id)
+        })
+    }
+
+    fn membership_changed(&self, rid: Option<u128>) {
+        if let Some(id) = rid {
+            let mut d = self
+                .membership_done
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if d.len() >= 64 {
+                d.pop_front();
+            }
+            d.push_back(id);
         }
     }
 
@@ -276,36 +304,65 @@ impl Master for MasterService {
 
     async fn add_master(&self, req: Request<pb::AddMasterRequest>) -> R<pb::MasterList> {
         self.ns.reads.ensure_leader(&self.ns.raft).await?;
+        let rid = request_id(&req);
+        if self.membership_retry(rid) {
+            return Ok(Response::new(self.masters()));
+        }
         let r = req.into_inner();
         if r.id == 0 || r.addr.is_empty() {
             return Err(Status::invalid_argument(
                 "a master needs an id (1 or more) and an address HOST:PORT",
             ));
         }
-        if let Some(a) = raft::members(&self.ns.raft).get(&r.id) {
-            return Err(Status::already_exists(format!(
-                "master id {} is already a member (at {a}); ids are never reused",
-                r.id
-            )));
+        let is_voter = |id: u64| {
+            self.ns
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == id)
+        };
+        match raft::members(&self.ns.raft).get(&r.id) {
+            // A retried call (its first attempt's answer was lost): the
+            // same master at the same address is not an error.
+            Some(a) if *a == r.addr && is_voter(r.id) => {
+                return Ok(Response::new(self.masters()));
+            }
+            Some(a) if *a == r.addr => {}
+            Some(a) => {
+                return Err(Status::already_exists(format!(
+                    "master id {} is already a member (at {a}); ids are never reused",
+                    r.id
+                )));
+            }
+            None => {
+                // As a learner first: it receives the log (or a snapshot)
+                // and only counts towards the quorum once it has caught up.
+                self.ns
+                    .raft
+                    .add_learner(r.id, openraft::BasicNode::new(&r.addr), true)
+                    .await
+                    .map_err(|e| self.raft_err(e))?;
+            }
         }
-        // As a learner first: it receives the log (or a snapshot) and only
-        // counts towards the quorum once it has caught up.
-        self.ns
-            .raft
-            .add_learner(r.id, openraft::BasicNode::new(&r.addr), true)
-            .await
-            .map_err(|e| self.raft_err(e))?;
         self.ns
             .raft
             .change_membership(openraft::ChangeMembers::AddVoterIds([r.id].into()), false)
             .await
             .map_err(|e| self.raft_err(e))?;
         tracing::info!(id = r.id, addr = %r.addr, "master added");
+        self.membership_changed(rid);
         Ok(Response::new(self.masters()))
     }
 
     async fn remove_master(&self, req: Request<pb::RemoveMasterRequest>) -> R<pb::MasterList> {
         self.ns.reads.ensure_leader(&self.ns.raft).await?;
+        let rid = request_id(&req);
+        if self.membership_retry(rid) {
+            return Ok(Response::new(self.masters()));
+        }
         let id = req.get_ref().id;
         let members = raft::members(&self.ns.raft);
         if !members.contains_key(&id) {
@@ -324,6 +381,7 @@ impl Master for MasterService {
             .await
             .map_err(|e| self.raft_err(e))?;
         tracing::info!(id, "master removed");
+        self.membership_changed(rid);
         Ok(Response::new(self.masters()))
     }
 
