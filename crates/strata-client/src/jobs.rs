@@ -68,25 +68,13 @@ impl Client {
     /// Tells every live worker that a file's cached pages are in the UFS
     /// now (no longer the only copy, so evictable); returns the pages.
     pub async fn mark_persisted(&self, f: &pb::FileInfo) -> u64 {
-        let Some(id) = CacheId::from_hex(&f.cache_id) else {
-            return 0;
-        };
-        let Ok(workers) = self.live_workers(false).await else {
-            return 0;
-        };
-        let mut n = 0;
-        for w in &workers.list {
-            if let Ok(strata_proto::data::Message::End { cached_pages, .. }) = self
-                .request(
-                    &w.data_addr,
-                    &strata_proto::data::Message::Persisted { cache_id: id.0 },
-                )
-                .await
-            {
-                n += cached_pages;
+        match CacheId::from_hex(&f.cache_id) {
+            Some(id) => {
+                self.tell_every_worker(&strata_proto::data::Message::Persisted { cache_id: id.0 })
+                    .await
             }
+            None => 0,
         }
-        n
     }
 
     /// Drops a file's cached pages on every live worker; returns how many.

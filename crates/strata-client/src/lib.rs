@@ -629,15 +629,19 @@ impl Client {
     }
 
     async fn free_everywhere(&self, id: CacheId) -> u64 {
+        self.tell_every_worker(&Message::Free { cache_id: id.0 })
+            .await
+    }
+
+    /// Sends a per-cache-id request (free, persisted) to every live worker;
+    /// returns the pages they report changed. Unreachable workers count 0.
+    pub(crate) async fn tell_every_worker(&self, m: &Message) -> u64 {
         let Ok(workers) = self.live_workers(false).await else {
             return 0;
         };
         let mut n = 0;
         for w in &workers.list {
-            if let Ok(Message::End { cached_pages, .. }) = self
-                .request(&w.data_addr, &Message::Free { cache_id: id.0 })
-                .await
-            {
+            if let Ok(Message::End { cached_pages, .. }) = self.request(&w.data_addr, m).await {
                 n += cached_pages;
             }
         }

@@ -167,29 +167,11 @@ where
             }
             Message::Free { cache_id } => {
                 let n = shared.store.free(CacheId(cache_id)).await;
-                write_message(
-                    wr,
-                    &Message::End {
-                        bytes: 0,
-                        cached_pages: n,
-                        ufs_pages: 0,
-                        replicas: 1,
-                    },
-                )
-                .await?;
+                write_message(wr, &pages_changed(n)).await?;
             }
             Message::Persisted { cache_id } => {
                 let n = shared.store.release_sole(CacheId(cache_id)).await;
-                write_message(
-                    wr,
-                    &Message::End {
-                        bytes: 0,
-                        cached_pages: n,
-                        ufs_pages: 0,
-                        replicas: 1,
-                    },
-                )
-                .await?;
+                write_message(wr, &pages_changed(n)).await?;
             }
             Message::Locate(spec) => {
                 let reply = match locate(shared, &spec) {
@@ -200,12 +182,7 @@ where
             }
             Message::Pin { cache_id, pinned } => {
                 let reply = match shared.store.pin(CacheId(cache_id), pinned).await {
-                    Ok(n) => Message::End {
-                        bytes: 0,
-                        cached_pages: n,
-                        ufs_pages: 0,
-                        replicas: 1,
-                    },
+                    Ok(n) => pages_changed(n),
                     Err(e) => Failure::from(e).to_msg(),
                 };
                 write_message(wr, &reply).await?;
@@ -406,6 +383,17 @@ async fn fetch_page(
         shared.extra.note(key);
     }
     Ok((span, PageData::Mem(data), false))
+}
+
+/// The answer to a request that changes a cache id's pages (free, pin,
+/// persisted): how many it changed.
+fn pages_changed(n: u64) -> Message {
+    Message::End {
+        bytes: 0,
+        cached_pages: n,
+        ufs_pages: 0,
+        replicas: 1,
+    }
 }
 
 fn page_lost(spec: &ReadSpec, span: &PageSpan) -> Failure {
