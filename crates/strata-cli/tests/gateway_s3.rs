@@ -202,6 +202,123 @@ print("badrange", code(lambda: s3.get_object(Bucket="gwbucket", Key="top.txt", R
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn object_metadata_and_tags_are_kept_copied_and_replaced() {
+    if !python_has_boto3() {
+        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    mount_gw_bucket(&env);
+    let gw = GatewayProc::start(&env.cluster.master_addr);
+    let out = boto3(
+        &gw.endpoint,
+        r#"
+B = "gwbucket"
+s3.put_object(Bucket=B, Key="m/a.txt", Body=b"alpha", Metadata={"Color": "blue", "n": "1"},
+              ContentType="text/plain", CacheControl="max-age=60", Tagging="team=ml&stage=raw%20data")
+h = s3.head_object(Bucket=B, Key="m/a.txt")
+print("head", sorted(h["Metadata"].items()), h["ContentType"], h["CacheControl"])
+g = s3.get_object(Bucket=B, Key="m/a.txt")
+print("get", sorted(g["Metadata"].items()), g["ContentType"], g.get("TagCount"), g["Body"].read().decode())
+t = s3.get_object_tagging(Bucket=B, Key="m/a.txt")["TagSet"]
+print("tags", sorted((x["Key"], x["Value"]) for x in t))
+s3.put_object_tagging(Bucket=B, Key="m/a.txt", Tagging={"TagSet": [{"Key": "k", "Value": "v&w"}]})
+print("retagged", [(x["Key"], x["Value"]) for x in s3.get_object_tagging(Bucket=B, Key="m/a.txt")["TagSet"]])
+print("meta kept", sorted(s3.head_object(Bucket=B, Key="m/a.txt")["Metadata"].items()))
+s3.copy_object(Bucket=B, Key="m/copy.txt", CopySource={"Bucket": B, "Key": "m/a.txt"})
+c = s3.head_object(Bucket=B, Key="m/copy.txt")
+print("copy", sorted(c["Metadata"].items()), c["ContentType"],
+      [(x["Key"], x["Value"]) for x in s3.get_object_tagging(Bucket=B, Key="m/copy.txt")["TagSet"]])
+s3.copy_object(Bucket=B, Key="m/repl.txt", CopySource={"Bucket": B, "Key": "m/a.txt"},
+               MetadataDirective="REPLACE", Metadata={"other": "x"}, ContentType="application/json",
+               TaggingDirective="REPLACE", Tagging="")
+r = s3.head_object(Bucket=B, Key="m/repl.txt")
+print("replaced", sorted(r["Metadata"].items()), r["ContentType"],
+      s3.get_object_tagging(Bucket=B, Key="m/repl.txt")["TagSet"])
+print("self-copy plain", code(lambda: s3.copy_object(Bucket=B, Key="m/a.txt", CopySource={"Bucket": B, "Key": "m/a.txt"})))
+s3.copy_object(Bucket=B, Key="m/a.txt", CopySource={"Bucket": B, "Key": "m/a.txt"},
+               MetadataDirective="REPLACE", Metadata={"color": "red"})
+s = s3.head_object(Bucket=B, Key="m/a.txt")
+print("selfcopied", sorted(s["Metadata"].items()), s.get("ContentType"),
+      [(x["Key"], x["Value"]) for x in s3.get_object_tagging(Bucket=B, Key="m/a.txt")["TagSet"]],
+      s3.get_object(Bucket=B, Key="m/a.txt")["Body"].read().decode())
+s3.delete_object_tagging(Bucket=B, Key="m/a.txt")
+print("untagged", s3.get_object_tagging(Bucket=B, Key="m/a.txt")["TagSet"])
+u = s3.create_multipart_upload(Bucket=B, Key="m/mp.bin", Metadata={"part": "yes"}, ContentType="application/x-test", Tagging="mp=1")
+p = s3.upload_part(Bucket=B, Key="m/mp.bin", UploadId=u["UploadId"], PartNumber=1, Body=b"z" * 1000)
+s3.complete_multipart_upload(Bucket=B, Key="m/mp.bin", UploadId=u["UploadId"],
+                             MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": p["ETag"]}]})
+m = s3.head_object(Bucket=B, Key="m/mp.bin")
+print("multipart", sorted(m["Metadata"].items()), m["ContentType"],
+      [(x["Key"], x["Value"]) for x in s3.get_object_tagging(Bucket=B, Key="m/mp.bin")["TagSet"]])
+s3.put_object(Bucket=B, Key="m/mp.bin", Body=b"new")
+print("overwritten", s3.head_object(Bucket=B, Key="m/mp.bin")["Metadata"],
+      s3.get_object_tagging(Bucket=B, Key="m/mp.bin")["TagSet"])
+print("too large", code(lambda: s3.put_object(Bucket=B, Key="m/big.txt", Body=b"x", Metadata={"k": "v" * 2100})))
+many = "&".join("k%d=v" % i for i in range(11))
+print("too many tags", code(lambda: s3.put_object(Bucket=B, Key="m/tags.txt", Body=b"x", Tagging=many)))
+print("dup tags", code(lambda: s3.put_object_tagging(Bucket=B, Key="m/copy.txt",
+      Tagging={"TagSet": [{"Key": "a", "Value": "1"}, {"Key": "a", "Value": "2"}]})))
+print("no such key", code(lambda: s3.get_object_tagging(Bucket=B, Key="m/none")))
+print("after bad", [o["Key"] for o in s3.list_objects_v2(Bucket=B, Prefix="m/")["Contents"]],
+      [(x["Key"], x["Value"]) for x in s3.get_object_tagging(Bucket=B, Key="m/copy.txt")["TagSet"]])
+"#,
+    );
+    let line = |p: &str| {
+        out.lines()
+            .find(|l| l.starts_with(p))
+            .unwrap_or_else(|| panic!("no {p:?} in {out}"))
+            .to_string()
+    };
+    assert_eq!(
+        line("head"),
+        "head [('color', 'blue'), ('n', '1')] text/plain max-age=60"
+    );
+    assert_eq!(
+        line("get"),
+        "get [('color', 'blue'), ('n', '1')] text/plain 2 alpha"
+    );
+    assert_eq!(
+        line("tags"),
+        "tags [('stage', 'raw data'), ('team', 'ml')]"
+    );
+    assert_eq!(line("retagged"), "retagged [('k', 'v&w')]");
+    assert_eq!(line("meta kept"), "meta kept [('color', 'blue'), ('n', '1')]");
+    assert_eq!(
+        line("copy"),
+        "copy [('color', 'blue'), ('n', '1')] text/plain [('k', 'v&w')]"
+    );
+    assert_eq!(
+        line("replaced"),
+        "replaced [('other', 'x')] application/json []"
+    );
+    assert_eq!(line("self-copy plain"), "self-copy plain InvalidRequest");
+    assert_eq!(
+        line("selfcopied"),
+        "selfcopied [('color', 'red')] binary/octet-stream [('k', 'v&w')] alpha"
+    );
+    assert_eq!(line("untagged"), "untagged []");
+    assert_eq!(
+        line("multipart"),
+        "multipart [('part', 'yes')] application/x-test [('mp', '1')]"
+    );
+    assert_eq!(line("overwritten"), "overwritten {} []");
+    assert_eq!(line("too large"), "too large MetadataTooLarge");
+    assert_eq!(line("too many tags"), "too many tags InvalidTag");
+    assert_eq!(line("dup tags"), "dup tags InvalidTag");
+    assert_eq!(line("no such key"), "no such key NoSuchKey");
+    assert_eq!(
+        line("after bad"),
+        "after bad ['m/a.txt', 'm/copy.txt', 'm/mp.bin', 'm/repl.txt'] [('k', 'v&w')]"
+    );
+    // The metadata is the file's extended attributes in the namespace.
+    let c = client(&env.cluster);
+    let f = c.stat("/gwbucket/m/copy.txt").await.unwrap();
+    assert_eq!(f.xattrs.get("user.s3.meta.color").unwrap(), b"blue");
+    assert_eq!(f.xattrs.get("user.s3.tagging").unwrap(), b"k=v%26w");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_large_object_streams_both_ways() {
     if !python_has_boto3() {
         eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");

@@ -65,6 +65,26 @@ impl Client {
             .await
     }
 
+    /// Removes, then sets, extended attributes of a path (all or nothing);
+    /// `flag` as `setxattr(2)`: a missing name with `XattrReplace` is
+    /// `NotFound`, an existing one with `XattrCreate` `AlreadyExists`.
+    pub async fn set_xattrs(
+        &self,
+        path: &str,
+        set: impl IntoIterator<Item = (String, Vec<u8>)>,
+        remove: Vec<String>,
+        flag: pb::XattrFlag,
+    ) -> Result<pb::FileInfo> {
+        self.set_attributes(pb::SetAttributesRequest {
+            path: path.to_string(),
+            xattr_set: set.into_iter().collect(),
+            xattr_remove: remove,
+            xattr_flag: flag as i32,
+            ..Default::default()
+        })
+        .await
+    }
+
     /// Tells every live worker that a file's cached pages are in the UFS
     /// now (no longer the only copy, so evictable); returns the pages.
     pub async fn mark_persisted(&self, f: &pb::FileInfo) -> u64 {

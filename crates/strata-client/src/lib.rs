@@ -28,7 +28,7 @@ use tonic::transport::Channel;
 pub use error::ClientError;
 pub use jobs::JobSpec;
 pub use pb::{FileInfo, MasterList, MountInfo, PersistState, WorkerInfo, WriteType};
-pub use pb::{JobInfo, JobState};
+pub use pb::{JobInfo, JobState, XattrFlag};
 pub use reader::Reader;
 pub use writer::{WriteOptions, Writer};
 

@@ -56,6 +56,8 @@ pub struct Writer {
     replicas: usize,
     done: Option<(String, i64)>,
     priority: u8,
+    /// Extended attributes the file gets when it is completed.
+    xattrs: Option<std::collections::HashMap<String, Vec<u8>>>,
 }
 
 impl Writer {
@@ -99,6 +101,7 @@ impl Writer {
             replicas,
             done: None,
             priority: opts.priority,
+            xattrs: None,
         })
     }
 
@@ -210,6 +213,12 @@ impl Writer {
         }
     }
 
+    /// Gives the file exactly these extended attributes when it is
+    /// completed (an object's metadata; without this call they are kept).
+    pub fn set_xattrs(&mut self, xattrs: impl IntoIterator<Item = (String, Vec<u8>)>) {
+        self.xattrs = Some(xattrs.into_iter().collect());
+    }
+
     /// Completes the file; it is visible to readers once this returns.
     pub async fn close(mut self) -> Result<FileInfo> {
         let res = self.close_inner().await;
@@ -243,6 +252,8 @@ impl Writer {
             size: self.sent,
             fingerprint,
             mtime_ms,
+            set_xattrs: self.xattrs.is_some(),
+            xattrs: self.xattrs.take().unwrap_or_default(),
         };
         self.client
             .master_write(req, |mut c, r| async move { c.complete_file(r).await })

@@ -8,6 +8,7 @@ mod access;
 mod listing;
 mod meta_cache;
 mod multipart;
+mod objmeta;
 mod throttle;
 
 use std::net::SocketAddr;
@@ -594,11 +595,18 @@ impl S3 for Gateway {
             if_unmodified_since: input.if_unmodified_since.as_ref(),
         }
         .check(&info, false)?;
+        let m = objmeta::stored(&info.xattrs);
         Ok(S3Response::new(HeadObjectOutput {
             content_length: Some(info.size as i64),
             e_tag: Some(etag(&info)),
             last_modified: Some(modified(&info)),
             accept_ranges: Some("bytes".into()),
+            metadata: m.metadata,
+            content_type: m.content_type,
+            content_encoding: m.content_encoding,
+            content_disposition: m.content_disposition,
+            content_language: m.content_language,
+            cache_control: m.cache_control,
             ..Default::default()
         }))
     }
@@ -627,6 +635,7 @@ impl S3 for Gateway {
         };
         let e_tag = etag(&info);
         let last_modified = modified(&info);
+        let m = objmeta::stored(&info.xattrs);
         let reader = self.client.open_info(info).map_err(|e| s3_err(e, false))?;
         self.prewarm_after(&reader, range.start, range.end);
         // Streamed from the SDK reader through a small channel (the body must
@@ -651,6 +660,13 @@ impl S3 for Gateway {
             e_tag: Some(e_tag),
             last_modified: Some(last_modified),
             accept_ranges: Some("bytes".into()),
+            metadata: m.metadata,
+            content_type: m.content_type,
+            content_encoding: m.content_encoding,
+            content_disposition: m.content_disposition,
+            content_language: m.content_language,
+            cache_control: m.cache_control,
+            tag_count: m.tag_count,
             ..Default::default()
         }))
     }
@@ -660,7 +676,18 @@ impl S3 for Gateway {
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let input = req.input;
+        let xattrs = objmeta::ObjectMeta {
+            metadata: input.metadata,
+            content_type: input.content_type,
+            content_encoding: input.content_encoding,
+            content_disposition: input.content_disposition,
+            content_language: input.content_language,
+            cache_control: input.cache_control,
+            tagging: input.tagging,
+        }
+        .to_xattrs()?;
         let (path, mut w) = self.create(&input.bucket, &input.key).await?;
+        w.set_xattrs(xattrs);
         let mut h = <md5::Md5 as md5::Digest>::new();
         if let Some(mut body) = input.body {
             while let Some(chunk) = body.next().await {
@@ -715,12 +742,67 @@ impl S3 for Gateway {
             )
             .await?;
         let dst = ns_path(&input.bucket, Some(&input.key))?;
-        let info = if r.info().path == dst {
-            // Copying an object onto itself (to change metadata in S3):
-            // the gateway keeps no metadata, so there is nothing to change.
-            r.info().clone()
+        let replace_meta = input
+            .metadata_directive
+            .as_ref()
+            .is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
+        let replace_tags = input
+            .tagging_directive
+            .as_ref()
+            .is_some_and(|d| d.as_str() == TaggingDirective::REPLACE);
+        let src = &r.info().xattrs;
+        let mut xattrs: Vec<(String, Vec<u8>)> = if replace_meta {
+            objmeta::ObjectMeta {
+                metadata: input.metadata,
+                content_type: input.content_type,
+                content_encoding: input.content_encoding,
+                content_disposition: input.content_disposition,
+                content_language: input.content_language,
+                cache_control: input.cache_control,
+                tagging: None,
+            }
+            .to_xattrs()?
         } else {
-            let (_, w) = self.create(&input.bucket, &input.key).await?;
+            src.iter()
+                .filter(|(k, _)| k.as_str() != objmeta::TAGGING)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        if replace_tags {
+            let t = objmeta::parse_tagging(input.tagging.as_deref().unwrap_or(""))?;
+            if !t.is_empty() {
+                xattrs.push((
+                    objmeta::TAGGING.into(),
+                    objmeta::encode_tags(&t).into_bytes(),
+                ));
+            }
+        } else if let Some(t) = src.get(objmeta::TAGGING) {
+            xattrs.push((objmeta::TAGGING.into(), t.clone()));
+        }
+        let info = if r.info().path == dst {
+            // Copying an object onto itself changes only its metadata (S3
+            // refuses it unless something is replaced).
+            if !replace_meta && !replace_tags {
+                return Err(S3Error::with_message(
+                    S3ErrorCode::InvalidRequest,
+                    "copying an object onto itself must change its metadata \
+                     (x-amz-metadata-directive: REPLACE)",
+                ));
+            }
+            let remove: Vec<String> = src
+                .keys()
+                .filter(|k| !xattrs.iter().any(|(n, _)| n == *k))
+                .cloned()
+                .collect();
+            let info = self
+                .client
+                .set_xattrs(&dst, xattrs, remove, strata_client::XattrFlag::XattrAny)
+                .await;
+            self.changed(&input.bucket, Some(&input.key));
+            info.map_err(|e| s3_err(e, false))?
+        } else {
+            let (_, mut w) = self.create(&input.bucket, &input.key).await?;
+            w.set_xattrs(xattrs);
             let info = copy_into(&r, 0..r.len(), w).await;
             self.changed(&input.bucket, Some(&input.key));
             info?
@@ -787,7 +869,20 @@ impl S3 for Gateway {
         let input = req.input;
         self.check_bucket(&input.bucket).await?;
         ns_path(&input.bucket, Some(&input.key))?;
-        let id = self.uploads.create(&input.bucket, &input.key).await?;
+        let xattrs = objmeta::ObjectMeta {
+            metadata: input.metadata,
+            content_type: input.content_type,
+            content_encoding: input.content_encoding,
+            content_disposition: input.content_disposition,
+            content_language: input.content_language,
+            cache_control: input.cache_control,
+            tagging: input.tagging,
+        }
+        .to_xattrs()?;
+        let id = self
+            .uploads
+            .create(&input.bucket, &input.key, &objmeta::encode_lines(&xattrs))
+            .await?;
         Ok(S3Response::new(CreateMultipartUploadOutput {
             bucket: Some(input.bucket),
             key: Some(input.key),
@@ -877,7 +972,9 @@ impl S3 for Gateway {
             .collect();
         let stored = self.uploads.parts(&dir).await?;
         let parts = multipart::select_parts(&stored, &wanted)?;
+        let xattrs = objmeta::decode_lines(&self.uploads.meta(&dir).await?);
         let (path, mut w) = self.create(&input.bucket, &input.key).await?;
+        w.set_xattrs(xattrs);
         for p in &parts {
             let res = async {
                 let mut f = tokio::fs::File::open(&p.path).await?;
@@ -1012,6 +1109,65 @@ impl S3 for Gateway {
             uploads: Some(uploads),
             ..Default::default()
         }))
+    }
+
+    async fn get_object_tagging(
+        &self,
+        req: S3Request<GetObjectTaggingInput>,
+    ) -> S3Result<S3Response<GetObjectTaggingOutput>> {
+        let input = &req.input;
+        let info = self.file(&input.bucket, &input.key).await?;
+        Ok(S3Response::new(GetObjectTaggingOutput {
+            tag_set: objmeta::tag_set(&info.xattrs),
+            ..Default::default()
+        }))
+    }
+
+    async fn put_object_tagging(
+        &self,
+        req: S3Request<PutObjectTaggingInput>,
+    ) -> S3Result<S3Response<PutObjectTaggingOutput>> {
+        let input = req.input;
+        let tags = objmeta::tags_of(&input.tagging.tag_set)?;
+        let info = self.file(&input.bucket, &input.key).await?;
+        let (set, remove) = if tags.is_empty() {
+            (vec![], vec![objmeta::TAGGING.to_string()])
+        } else {
+            (
+                vec![(
+                    objmeta::TAGGING.to_string(),
+                    objmeta::encode_tags(&tags).into_bytes(),
+                )],
+                vec![],
+            )
+        };
+        let res = self
+            .client
+            .set_xattrs(&info.path, set, remove, strata_client::XattrFlag::XattrAny)
+            .await;
+        self.changed(&input.bucket, Some(&input.key));
+        res.map_err(|e| s3_err(e, false))?;
+        Ok(S3Response::new(PutObjectTaggingOutput::default()))
+    }
+
+    async fn delete_object_tagging(
+        &self,
+        req: S3Request<DeleteObjectTaggingInput>,
+    ) -> S3Result<S3Response<DeleteObjectTaggingOutput>> {
+        let input = req.input;
+        let info = self.file(&input.bucket, &input.key).await?;
+        let res = self
+            .client
+            .set_xattrs(
+                &info.path,
+                vec![],
+                vec![objmeta::TAGGING.to_string()],
+                strata_client::XattrFlag::XattrAny,
+            )
+            .await;
+        self.changed(&input.bucket, Some(&input.key));
+        res.map_err(|e| s3_err(e, false))?;
+        Ok(S3Response::new(DeleteObjectTaggingOutput::default()))
     }
 
     async fn delete_object(

@@ -110,12 +110,17 @@ impl Uploads {
         Ok(self.dir.join(bucket).join(id))
     }
 
-    pub async fn create(&self, bucket: &str, key: &str) -> S3Result<String> {
+    /// Starts an upload; `meta` (the object's attributes, encoded) is kept
+    /// beside the parts until Complete.
+    pub async fn create(&self, bucket: &str, key: &str, meta: &str) -> S3Result<String> {
         let id = new_id();
         let d = self.upload_dir(bucket, &id)?;
         tokio::fs::create_dir_all(&d)
             .await
             .map_err(|e| io_err(&format!("creating {}", d.display()), e))?;
+        tokio::fs::write(d.join("meta"), meta.as_bytes())
+            .await
+            .map_err(|e| io_err("recording the upload's metadata", e))?;
         tokio::fs::write(d.join("key"), key.as_bytes())
             .await
             .map_err(|e| io_err("recording the upload's key", e))?;
@@ -128,6 +133,16 @@ impl Uploads {
         match tokio::fs::read(d.join("key")).await {
             Ok(k) if k == key.as_bytes() => Ok(d),
             _ => Err(no_upload(id)),
+        }
+    }
+
+    /// The attributes recorded when the upload was created (none for
+    /// uploads created before they were recorded).
+    pub async fn meta(&self, dir: &Path) -> S3Result<String> {
+        match tokio::fs::read_to_string(dir.join("meta")).await {
+            Ok(s) => Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(io_err("reading the upload's metadata", e)),
         }
     }
 

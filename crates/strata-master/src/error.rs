@@ -16,6 +16,8 @@ pub enum MasterError {
     NotEmpty { path: String },
     #[error("{path}: {msg}")]
     Invalid { path: String, msg: String },
+    #[error("{path}: no extended attribute {name:?}")]
+    NoXattr { path: String, name: String },
     #[error("{0}")]
     Path(#[from] strata_common::CommonError),
     #[error("{path}: under storage error: {err}")]
@@ -41,7 +43,7 @@ pub use strata_proto::masters::LEADER_HEADER;
 impl From<MasterError> for Status {
     fn from(e: MasterError) -> Status {
         let code = match &e {
-            MasterError::NotFound { .. } => Code::NotFound,
+            MasterError::NotFound { .. } | MasterError::NoXattr { .. } => Code::NotFound,
             MasterError::Exists { .. } => Code::AlreadyExists,
             MasterError::NotDir { .. }
             | MasterError::IsDir { .. }

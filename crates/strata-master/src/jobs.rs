@@ -14,7 +14,9 @@ use futures::{StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 use strata_client::{Client, ClientError, FileInfo, WriteOptions};
 use strata_common::{Config, NsPath, now_ms};
-use strata_meta::{Attrs, Command, Job, JobKind, JobProgress, JobState, MetaError, Ttl, TtlAction};
+use strata_meta::{
+    Attrs, Command, Job, JobKind, JobProgress, JobState, MetaError, Ttl, TtlAction, XattrFlag,
+};
 use strata_proto::pb;
 use tokio::sync::{Notify, Semaphore};
 
@@ -166,6 +168,42 @@ impl Namespace {
     ) -> Result<pb::FileInfo, MasterError> {
         let path = NsPath::parse(&req.path)?;
         let r = self.resolve(&path).await?;
+        if !req.xattr_set.is_empty() || !req.xattr_remove.is_empty() {
+            let flag = match pb::XattrFlag::try_from(req.xattr_flag) {
+                Ok(pb::XattrFlag::XattrCreate) => XattrFlag::Create,
+                Ok(pb::XattrFlag::XattrReplace) => XattrFlag::Replace,
+                _ => XattrFlag::Any,
+            };
+            self.apply_final(Command::SetXattrs {
+                id: r.inode.id,
+                set: req.xattr_set.clone().into_iter().collect(),
+                remove: req.xattr_remove.clone(),
+                flag,
+            })
+            .await
+            .map_err(|e| match e {
+                MasterError::Meta(MetaError::NoXattr(name)) => MasterError::NoXattr {
+                    path: path.to_string(),
+                    name,
+                },
+                MasterError::Meta(MetaError::Exists(name)) => MasterError::Exists {
+                    path: format!("{path}: extended attribute {name:?}"),
+                },
+                MasterError::Meta(MetaError::Invalid(msg)) => MasterError::Invalid {
+                    path: path.to_string(),
+                    msg,
+                },
+                e => e,
+            })?;
+            let only_xattrs = !req.clear_ttl
+                && req.ttl_ms == 0
+                && req.pinned.is_none()
+                && req.replication_min.is_none()
+                && req.replication_max.is_none();
+            if only_xattrs {
+                return self.stat(&path).await;
+            }
+        }
         let mut a = self.store.attrs(r.inode.id)?;
         if req.clear_ttl {
             a.ttl = None;

@@ -362,11 +362,12 @@ impl Namespace {
                 self.config.master.page_size.0,
             ),
         };
+        let attrs = self.store.attrs(i.id).unwrap_or_default();
         let cache_id = if i.is_dir {
             String::new()
         } else if i.persist == PersistState::Persisted
             && !i.fingerprint.is_empty()
-            && !self.store.attrs(i.id).is_ok_and(|a| a.inode_cache_id)
+            && !attrs.inode_cache_id
         {
             match r.mount.as_ref().map(|m| self.ufs_for(m)) {
                 Some(Ok(u)) => {
@@ -377,7 +378,6 @@ impl Namespace {
         } else {
             CacheId::for_inode(i.id, i.generation).to_hex()
         };
-        let attrs = self.store.attrs(i.id).unwrap_or_default();
         let ttl = attrs.ttl;
         let (replication_min, replication_max) = self.replication_of(i, &attrs);
         pb::FileInfo {
@@ -391,6 +391,7 @@ impl Namespace {
             pinned: attrs.pinned,
             replication_min: replication_min.into(),
             replication_max: replication_max.into(),
+            xattrs: attrs.xattrs.into_iter().collect(),
             id: i.id,
             path: r.path.to_string(),
             name: i.name.clone(),
@@ -627,6 +628,7 @@ impl Namespace {
                 } else {
                     now_ms()
                 },
+                xattrs: req.set_xattrs.then(|| req.xattrs.into_iter().collect()),
             })
             .await?;
         if out.job.is_some() {

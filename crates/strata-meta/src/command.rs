@@ -39,6 +39,9 @@ pub enum Command {
         size: u64,
         fingerprint: String,
         mtime_ms: i64,
+        /// Replaces the file's extended attributes (an object's metadata);
+        /// `None` keeps them.
+        xattrs: Option<Vec<(String, Vec<u8>)>>,
     },
     /// Removes an inode and everything below it.
     Delete {
@@ -93,10 +96,18 @@ pub enum Command {
         generation: u64,
         fingerprint: String,
     },
-    /// Replaces an inode's attributes (TTL, pin).
+    /// Replaces an inode's attributes (TTL, pin, replication; its
+    /// extended attributes are kept).
     SetAttrs {
         id: InodeId,
         attrs: Attrs,
+    },
+    /// Removes, then sets, extended attributes of one inode (all or nothing).
+    SetXattrs {
+        id: InodeId,
+        set: Vec<(String, Vec<u8>)>,
+        remove: Vec<String>,
+        flag: crate::XattrFlag,
     },
 }
 

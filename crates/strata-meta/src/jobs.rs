@@ -1,6 +1,8 @@
 //! Data-management jobs and per-path attributes (TTL, pin), kept in the
 //! replicated state so a new leader resumes what the old one was doing.
 
+use std::collections::BTreeMap;
+
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use strata_common::InodeId;
@@ -134,7 +136,7 @@ impl Ttl {
 }
 
 /// Per-inode attributes beyond the namespace entry itself.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attrs {
     pub ttl: Option<Ttl>,
     /// Set by `strata fs pin`: a free (job or TTL) leaves the path alone.
@@ -146,6 +148,35 @@ pub struct Attrs {
     /// it (0: not set).
     pub replication_min: u8,
     pub replication_max: u8,
+    /// Extended attributes (`user.*` names from FUSE; S3 user metadata,
+    /// content type and tags from the gateway). Changed only by
+    /// [`crate::Command::SetXattrs`] and `CompleteFile`.
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+/// The attribute record as stored before extended attributes existed.
+#[derive(Deserialize)]
+struct AttrsV1 {
+    ttl: Option<Ttl>,
+    pinned: bool,
+    inode_cache_id: bool,
+    replication_min: u8,
+    replication_max: u8,
+}
+
+/// Decodes a stored attribute record (either layout).
+pub(crate) fn decode_attrs(b: &[u8]) -> Result<Attrs, postcard::Error> {
+    postcard::from_bytes::<Attrs>(b).or_else(|e| match postcard::from_bytes::<AttrsV1>(b) {
+        Ok(v) => Ok(Attrs {
+            ttl: v.ttl,
+            pinned: v.pinned,
+            inode_cache_id: v.inode_cache_id,
+            replication_min: v.replication_min,
+            replication_max: v.replication_max,
+            xattrs: BTreeMap::new(),
+        }),
+        Err(_) => Err(e),
+    })
 }
 
 impl Attrs {
@@ -252,8 +283,19 @@ impl Tables<'_> {
         Ok(format!("/{}", parts.join("/")))
     }
 
+    /// Replaces an inode's TTL, pin and replication attributes; its
+    /// extended attributes are kept (they change only by their own command).
     pub(crate) fn set_attrs(&mut self, id: InodeId, a: &Attrs) -> Result<(), MetaError> {
         self.get_inode(id)?;
+        let old = self.attrs_of(id)?;
+        let a = Attrs {
+            xattrs: old.xattrs,
+            ..a.clone()
+        };
+        self.set_attrs_raw(id, &a)
+    }
+
+    pub(crate) fn set_attrs_raw(&mut self, id: InodeId, a: &Attrs) -> Result<(), MetaError> {
         let old = self.attrs_of(id)?;
         self.count_replicated(&old, a)?;
         if a.is_empty() {
@@ -269,7 +311,7 @@ impl Tables<'_> {
     pub(crate) fn attrs_of(&self, id: InodeId) -> Result<Attrs, MetaError> {
         let v = self.attrs.get(id).map_err(|e| self.store.err(e))?;
         Ok(
-            v.map(|g| postcard::from_bytes(g.value()).map_err(|e| self.store.err(e)))
+            v.map(|g| decode_attrs(g.value()).map_err(|e| self.store.err(e)))
                 .transpose()?
                 .unwrap_or_default(),
         )
@@ -318,11 +360,9 @@ impl MetaStore {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(ATTRS).map_err(|e| self.err(e))?;
         let v = t.get(id).map_err(|e| self.err(e))?;
-        Ok(
-            v.map(|g| postcard::from_bytes(g.value()).map_err(|e| self.err(e)))
-                .transpose()?
-                .unwrap_or_default(),
-        )
+        Ok(v.map(|g| decode_attrs(g.value()).map_err(|e| self.err(e)))
+            .transpose()?
+            .unwrap_or_default())
     }
 
     /// True when some inode has replication bounds (a cheap check before
@@ -348,10 +388,7 @@ impl MetaStore {
         let mut out = Vec::new();
         for kv in t.iter().map_err(|e| self.err(e))? {
             let (k, v) = kv.map_err(|e| self.err(e))?;
-            out.push((
-                k.value(),
-                postcard::from_bytes(v.value()).map_err(|e| self.err(e))?,
-            ));
+            out.push((k.value(), decode_attrs(v.value()).map_err(|e| self.err(e))?));
         }
         Ok(out)
     }
@@ -438,14 +475,19 @@ mod tests {
             inode_cache_id: false,
             replication_min: 0,
             replication_max: 0,
+            xattrs: BTreeMap::new(),
         };
-        s.apply(&Command::SetAttrs { id: f, attrs: a }).unwrap();
+        s.apply(&Command::SetAttrs {
+            id: f,
+            attrs: a.clone(),
+        })
+        .unwrap();
         assert_eq!(s.attrs(f).unwrap(), a);
         assert_eq!(a.ttl.unwrap().expires_ms(), 15);
         assert!(
             s.apply(&Command::SetAttrs {
                 id: 12345,
-                attrs: a
+                attrs: a.clone()
             })
             .is_err()
         );

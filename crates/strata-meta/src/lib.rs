@@ -9,11 +9,15 @@ mod command;
 mod jobs;
 mod replicated;
 mod store;
+mod xattr;
 
 pub use command::{Command, Output, UfsEntry};
 pub use jobs::{Attrs, Job, JobKind, JobProgress, JobState, KEEP_FINISHED_JOBS, Ttl, TtlAction};
 pub use replicated::LoggedCommand;
 pub use store::{MetaStore, MetaView};
+pub use xattr::{
+    XATTR_NAME_MAX, XATTR_TOTAL_MAX, XATTR_VALUE_MAX, XattrFlag, check_xattr, check_xattr_set,
+};
 
 use serde::{Deserialize, Serialize};
 use strata_common::InodeId;
@@ -83,6 +87,8 @@ pub enum MetaError {
     NotDir(InodeId),
     #[error("directory inode {0} is not empty")]
     NotEmpty(InodeId),
+    #[error("no extended attribute {0:?}")]
+    NoXattr(String),
     #[error("invalid command: {0}")]
     Invalid(String),
     #[error("metadata store at {path}: {msg} (check the disk and permissions of master.data_dir)")]

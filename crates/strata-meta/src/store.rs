@@ -430,12 +430,16 @@ impl<'t> Tables<'t> {
                 size,
                 fingerprint,
                 mtime_ms,
+                xattrs,
             } => {
                 let mut f = self.get(*id)?;
                 if f.is_dir || f.generation != *generation {
                     return Err(MetaError::Invalid(format!(
                         "inode {id} generation {generation} is not an open file"
                     )));
+                }
+                if let Some(x) = xattrs {
+                    crate::xattr::check_xattr_set(x)?;
                 }
                 f.size = *size;
                 f.fingerprint = fingerprint.clone();
@@ -446,6 +450,9 @@ impl<'t> Tables<'t> {
                 }
                 self.put(&f)?;
                 out.inode = Some(f.id);
+                if let Some(x) = xattrs {
+                    self.replace_xattrs(f.id, x)?;
+                }
                 if f.persist == PersistState::ToBePersisted {
                     // ASYNC_THROUGH: the background write is queued with
                     // the file, so no leader change can forget it.
@@ -635,6 +642,15 @@ impl<'t> Tables<'t> {
                 self.set_attrs(*id, attrs)?;
                 out.inode = Some(*id);
             }
+            Command::SetXattrs {
+                id,
+                set,
+                remove,
+                flag,
+            } => {
+                self.set_xattrs(*id, set, remove, *flag)?;
+                out.inode = Some(*id);
+            }
             Command::RemoveMount { mount_id } => {
                 let g = self
                     .mounts
@@ -818,6 +834,7 @@ mod tests {
                 size: 9,
                 fingerprint: "".into(),
                 mtime_ms: 2,
+                xattrs: None,
             },
             Command::Rename {
                 id: 3,
