@@ -209,6 +209,129 @@ async fn files_and_directories_through_the_mount() {
     assert_eq!(std::fs::metadata(root.join("s3/t.txt")).unwrap().len(), 0);
 }
 
+fn cpath(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
+}
+
+fn setx(p: &Path, name: &str, v: &[u8], flags: i32) -> Result<(), i32> {
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid NUL-terminated strings and a buffer of v.len() bytes.
+    let r = unsafe {
+        libc::setxattr(
+            cpath(p).as_ptr(),
+            n.as_ptr(),
+            v.as_ptr().cast(),
+            v.len(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+fn getx(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 1 << 17];
+    // SAFETY: valid strings; the buffer is as long as we say.
+    let r = unsafe {
+        libc::getxattr(
+            cpath(p).as_ptr(),
+            n.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+fn listx(p: &Path) -> Vec<String> {
+    let mut buf = vec![0u8; 1 << 16];
+    // SAFETY: as above.
+    let r = unsafe { libc::listxattr(cpath(p).as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0, "listxattr: {}", std::io::Error::last_os_error());
+    buf.truncate(r as usize);
+    buf.split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+fn removex(p: &Path, name: &str) -> Result<(), i32> {
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: as above.
+    let r = unsafe { libc::removexattr(cpath(p).as_ptr(), n.as_ptr()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn extended_attributes_through_the_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    let m = Mount::start(&env.cluster, &[]);
+    let f = m.path().join("s3/x.txt");
+    std::fs::write(&f, b"data").unwrap();
+    setx(&f, "user.color", b"blue", 0).unwrap();
+    assert_eq!(getx(&f, "user.color").unwrap(), b"blue");
+    assert_eq!(
+        setx(&f, "user.color", b"red", libc::XATTR_CREATE),
+        Err(libc::EEXIST)
+    );
+    assert_eq!(
+        setx(&f, "user.none", b"x", libc::XATTR_REPLACE),
+        Err(libc::ENODATA)
+    );
+    setx(&f, "user.color", b"red", libc::XATTR_REPLACE).unwrap();
+    setx(&f, "user.empty", b"", 0).unwrap();
+    assert_eq!(listx(&f), ["user.color", "user.empty"]);
+    assert_eq!(getx(&f, "user.color").unwrap(), b"red");
+    assert_eq!(getx(&f, "user.empty").unwrap(), b"");
+    assert_eq!(getx(&f, "user.missing"), Err(libc::ENODATA));
+    assert_eq!(getx(&f, "security.capability"), Err(libc::ENODATA));
+    assert_eq!(setx(&f, "trusted.x", b"1", 0), Err(libc::EOPNOTSUPP));
+    assert_eq!(
+        setx(&f, "user.big", &vec![7u8; 70_000], 0).unwrap_err(),
+        libc::E2BIG
+    );
+    // A directory takes them too.
+    setx(&m.path().join("s3"), "user.dir", b"d", 0).unwrap();
+    assert_eq!(getx(&m.path().join("s3"), "user.dir").unwrap(), b"d");
+    removex(&f, "user.empty").unwrap();
+    assert_eq!(removex(&f, "user.empty"), Err(libc::ENODATA));
+    // They are the namespace's: the SDK sees them, and a change made by
+    // another client shows in the mount once the attribute TTL passes.
+    let c = client(&env.cluster);
+    let info = c.stat("/s3/x.txt").await.unwrap();
+    assert_eq!(info.xattrs.get("user.color").unwrap(), b"red");
+    assert_eq!(info.xattrs.len(), 1);
+    c.set_xattrs(
+        "/s3/x.txt",
+        [("user.other".to_string(), b"sdk".to_vec())],
+        vec![],
+        strata_client::XattrFlag::XattrAny,
+    )
+    .await
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(getx(&f, "user.other").unwrap(), b"sdk");
+    // Writing the file again keeps them; the data is unchanged by all this.
+    std::fs::write(&f, b"data2").unwrap();
+    assert_eq!(getx(&f, "user.color").unwrap(), b"red");
+    assert_eq!(std::fs::read(&f).unwrap(), b"data2");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deleted_in_the_ufs_while_open_and_unmount_with_open_files() {
     if !fuse_available() {

@@ -278,12 +278,12 @@ print("after bad", [o["Key"] for o in s3.list_objects_v2(Bucket=B, Prefix="m/")[
         line("get"),
         "get [('color', 'blue'), ('n', '1')] text/plain 2 alpha"
     );
-    assert_eq!(
-        line("tags"),
-        "tags [('stage', 'raw data'), ('team', 'ml')]"
-    );
+    assert_eq!(line("tags"), "tags [('stage', 'raw data'), ('team', 'ml')]");
     assert_eq!(line("retagged"), "retagged [('k', 'v&w')]");
-    assert_eq!(line("meta kept"), "meta kept [('color', 'blue'), ('n', '1')]");
+    assert_eq!(
+        line("meta kept"),
+        "meta kept [('color', 'blue'), ('n', '1')]"
+    );
     assert_eq!(
         line("copy"),
         "copy [('color', 'blue'), ('n', '1')] text/plain [('k', 'v&w')]"

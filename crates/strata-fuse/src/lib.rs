@@ -20,8 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 use strata_client::{Client, FileInfo, WriteOptions, WriteType};
 use tokio::runtime::Handle;
@@ -246,6 +246,59 @@ impl StrataFs {
     }
 }
 
+/// The only extended-attribute namespace the mount keeps.
+const XATTR_USER: &str = "user.";
+
+/// Limits of extended attributes (as the master enforces them).
+mod xattr_limits {
+    pub const NAME_MAX: usize = 255;
+    pub const VALUE_MAX: usize = 64 * 1024;
+}
+
+/// Answers a getxattr/listxattr: the size when asked for it (`size` 0),
+/// the bytes when they fit, ERANGE when they do not.
+fn xattr_reply(reply: ReplyXattr, v: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(v.len() as u32);
+    } else if v.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(v);
+    }
+}
+
+impl StrataFs {
+    fn change_xattrs(
+        &self,
+        ino: INodeNo,
+        set: Vec<(String, Vec<u8>)>,
+        remove: Vec<String>,
+        flag: strata_client::XattrFlag,
+        reply: ReplyEmpty,
+    ) {
+        let ctx = self.ctx();
+        let path = match self.path_of(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(async move {
+            let res = ctx.client.set_xattrs(&path, set, remove, flag).await;
+            ctx.meta.forget(&path);
+            match res {
+                Ok(info) => {
+                    ctx.meta.put(&info);
+                    reply.ok()
+                }
+                // The inode exists (the kernel holds it): a missing name.
+                Err(strata_client::ClientError::NotFound(_)) => reply.error(Errno::ENODATA),
+                // Within the per-name limits, only the per-file total is left.
+                Err(strata_client::ClientError::InvalidArgument(_)) => reply.error(Errno::ENOSPC),
+                Err(e) => reply.error(to_errno(&e)),
+            }
+        });
+    }
+}
+
 fn normalize_root(r: &str) -> String {
     let t = r.trim_end_matches('/');
     if t.is_empty() {
@@ -357,6 +410,10 @@ impl Filesystem for StrataFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(MAX_IO);
         let _ = config.set_max_write(MAX_IO);
+        // The mount keeps no security.* attributes, so the kernel need not
+        // ask for `security.capability` before every write (one round trip
+        // per write(2) otherwise); set-ID bits are cleared in `write`.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         Ok(())
     }
 
@@ -650,11 +707,11 @@ impl Filesystem for StrataFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
@@ -662,6 +719,14 @@ impl Filesystem for StrataFs {
         let Some(open) = self.handles.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            // With FUSE_HANDLE_KILLPRIV_V2 a write by a non-owner clears
+            // set-user-ID and set-group-ID here (no capabilities are kept).
+            let mut inodes = lock(&self.inodes);
+            if let Some(m) = inodes.mode(ino.0).filter(|m| m & 0o6000 != 0) {
+                inodes.set_mode(ino.0, m & !0o6000);
+            }
+        }
         let data = data.to_vec();
         self.spawn(async move {
             match open.write(offset, &data).await {
@@ -831,6 +896,100 @@ impl Filesystem for StrataFs {
     ) {
         self.handles.remove(fh.0);
         reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // Only `user.*` names are kept; the kernel's own questions (such as
+        // `security.capability` before a write) are answered here at once.
+        let Some(name) = name.to_str().filter(|n| n.starts_with(XATTR_USER)) else {
+            return reply.error(Errno::ENODATA);
+        };
+        let name = name.to_string();
+        let ctx = self.ctx();
+        let path = match self.path_of(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(async move {
+            match ctx.stat_cached(&path).await {
+                Ok(info) => match info.xattrs.get(&name) {
+                    None => reply.error(Errno::ENODATA),
+                    Some(v) => xattr_reply(reply, v, size),
+                },
+                Err(e) => reply.error(to_errno(&e)),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let ctx = self.ctx();
+        let path = match self.path_of(ino) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        self.spawn(async move {
+            match ctx.stat_cached(&path).await {
+                Ok(info) => {
+                    let mut names: Vec<&String> = info.xattrs.keys().collect();
+                    names.sort();
+                    let mut buf = Vec::new();
+                    for n in names {
+                        buf.extend_from_slice(n.as_bytes());
+                        buf.push(0);
+                    }
+                    xattr_reply(reply, &buf, size)
+                }
+                Err(e) => reply.error(to_errno(&e)),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::EINVAL);
+        };
+        if !name.starts_with(XATTR_USER) {
+            // security.*, trusted.*, system.* (ACLs) are not kept.
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        if name.len() > xattr_limits::NAME_MAX {
+            return reply.error(Errno::ERANGE);
+        }
+        if value.len() > xattr_limits::VALUE_MAX {
+            return reply.error(Errno::E2BIG);
+        }
+        let flag = if flags & libc::XATTR_CREATE != 0 {
+            strata_client::XattrFlag::XattrCreate
+        } else if flags & libc::XATTR_REPLACE != 0 {
+            strata_client::XattrFlag::XattrReplace
+        } else {
+            strata_client::XattrFlag::XattrAny
+        };
+        let (name, value) = (name.to_string(), value.to_vec());
+        self.change_xattrs(ino, vec![(name, value)], vec![], flag, reply);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Some(name) = name.to_str().filter(|n| n.starts_with(XATTR_USER)) else {
+            return reply.error(Errno::ENODATA);
+        };
+        let name = name.to_string();
+        self.change_xattrs(
+            ino,
+            vec![],
+            vec![name],
+            strata_client::XattrFlag::XattrReplace,
+            reply,
+        );
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -411,18 +411,29 @@ impl<'t> Tables<'t> {
             } => {
                 let p = self.dir(*parent)?;
                 let mut generation = 1;
+                let mut xattrs = Default::default();
                 if let Some(old) = self.child(p.id, name)? {
                     let o = self.get(old)?;
                     if !*overwrite || o.is_dir {
                         return Err(MetaError::Exists(name.clone()));
                     }
                     generation = o.generation + 1;
+                    // Rewriting a file (O_TRUNC) keeps its extended
+                    // attributes; an S3 PUT replaces them at completion.
+                    xattrs = self.attrs_of(old)?.xattrs;
                     self.remove_tree(old, &mut out.removed)?;
                 }
                 let mut f = self.create(&p, name, false, *mtime_ms, *persist, false, None)?;
                 f.generation = generation;
                 self.put(&f)?;
                 out.inode = Some(f.id);
+                if !xattrs.is_empty() {
+                    let a = crate::Attrs {
+                        xattrs,
+                        ..Default::default()
+                    };
+                    self.set_attrs_raw(f.id, &a)?;
+                }
             }
             Command::CompleteFile {
                 id,
