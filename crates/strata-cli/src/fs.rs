@@ -259,6 +259,18 @@ fn print_stat(i: &FileInfo) {
             format_time_ms(i.ttl_expires_ms)
         );
     }
+    let mut names: Vec<&String> = i.xattrs.keys().collect();
+    names.sort();
+    for n in names {
+        let v = &i.xattrs[n];
+        match std::str::from_utf8(v) {
+            Ok(t) if !t.chars().any(char::is_control) => println!("xattr:         {n}={t:?}"),
+            _ => println!(
+                "xattr:         {n}=0x{}",
+                v.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ),
+        }
+    }
 }
 
 fn ttl_action_name(i: &FileInfo) -> &'static str {
