@@ -127,7 +127,7 @@ pub async fn run(mut cfg: Config, args: LocalArgs) -> anyhow::Result<()> {
         "Try: strata --master {} fs ls /   (Ctrl-C to stop)",
         master.addr
     );
-    crate::wait_for_signal().await;
+    crate::wait_for_signal_reloading(gateway.as_ref()).await;
     println!("stopping");
     if let Some(g) = gateway {
         g.stop();

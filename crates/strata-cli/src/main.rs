@@ -98,7 +98,45 @@ fn init_logs(default: &str) {
         .try_init();
 }
 
+/// The configuration file given on the command line (re-read on SIGHUP).
+static CONFIG_PATH: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// Waits for SIGINT or SIGTERM. With a gateway, SIGHUP meanwhile re-reads
+/// the configuration and applies its bandwidth and request-rate limits
+/// (environment overrides still win, as at start).
+async fn wait_for_signal_reloading(gateway: Option<&strata_gateway::GatewayHandle>) {
+    #[cfg(unix)]
+    if let Some(g) = gateway
+        && let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    {
+        let stop = wait_for_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = hup.recv() => {
+                    let path = CONFIG_PATH.get().cloned().flatten();
+                    match Config::load(path.as_deref()) {
+                        Ok(c) => {
+                            // Not println!: stdout may be closed by now.
+                            let msg = g.reload_limits(&c.gateway);
+                            tracing::warn!("SIGHUP: reloaded {msg}");
+                        }
+                        Err(e) => tracing::error!(
+                            "SIGHUP: the configuration could not be read again, limits unchanged: {e}"
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = gateway;
+    wait_for_signal().await
+}
+
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let _ = CONFIG_PATH.set(cli.config.clone());
     let mut cfg = Config::load(cli.config.as_deref())?;
     if let Some(m) = &cli.master {
         cfg.cluster.master = m.clone();
@@ -239,7 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "strata gateway serving S3 on http://{} (master {})",
                 g.addr, cfg.cluster.master
             );
-            wait_for_signal().await;
+            wait_for_signal_reloading(Some(&g)).await;
             g.stop();
             Ok(())
         }

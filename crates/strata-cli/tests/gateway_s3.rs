@@ -643,6 +643,73 @@ print("recovered", code(lambda: s3.head_object(Bucket=B, Key="blob")))
 /// Bad requests get the error AWS S3 gives (or the closest the namespace
 /// allows, see docs/s3-compatibility.md) and change nothing.
 #[tokio::test(flavor = "multi_thread")]
+async fn limits_change_while_the_gateway_runs() {
+    if !python_has_boto3() {
+        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    mount_gw_bucket(&env);
+    let gw = GatewayProc::start_with(
+        &env.cluster.master_addr,
+        "[gateway]\nconn_bandwidth = \"4MiB\"\n",
+    );
+    let cfg = gw._dir.path().join("strata.toml");
+    let script = r#"
+import os, time, signal, threading
+B = "gwbucket"
+def reload(text):
+    open(CFG, "w").write(text)
+    os.kill(PID, signal.SIGHUP)
+    time.sleep(0.5)
+def rate():
+    t = time.time(); n = len(s3.get_object(Bucket=B, Key="blob")["Body"].read())
+    return round(n / (time.time() - t) / (1 << 20), 2)
+def burst():
+    codes = []
+    for _ in range(40):
+        codes.append(code(lambda: s3.get_bucket_location(Bucket=B)))
+    return codes.count("SlowDown")
+s3.put_object(Bucket=B, Key="blob", Body=os.urandom(8 << 20))
+print("first", rate(), burst())
+# The same client (its pooled connection stays open) after a reload.
+reload('[gateway]\nconn_bandwidth = "12MiB"\nrequests_per_sec = 10\n')
+print("reloaded", rate(), burst())
+time.sleep(1.2)
+reload("[gateway]\n")
+print("unlimited", burst())
+reload("[gateway]\nconn_bandwidth = 'not a size'\n")
+print("bad config", code(lambda: s3.head_object(Bucket=B, Key="blob")))
+"#
+    .replace("CFG", &format!("{:?}", cfg.display().to_string()))
+    .replace("PID", &gw.child.id().to_string());
+    let out = boto3(&gw.endpoint, &script);
+    let line = |p: &str| -> Vec<f64> {
+        out.lines()
+            .find(|l| l.starts_with(p))
+            .unwrap_or_else(|| panic!("no {p:?} in {out}"))
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect()
+    };
+    eprintln!("{out}");
+    let first = line("first");
+    let reloaded = line("reloaded");
+    // Limits are upper bounds (not beaten by more than 10 %); the reload
+    // must show: the same connection runs faster, and requests are counted.
+    assert!(first[0] <= 4.0 * 1.1, "{out}");
+    assert_eq!(first[1], 0.0, "no request limit at start: {out}");
+    assert!(reloaded[0] <= 12.0 * 1.1, "{out}");
+    assert!(
+        reloaded[0] > first[0] * 1.5,
+        "the new limit did not apply: {out}"
+    );
+    assert!(reloaded[1] > 0.0, "10 requests/s after the reload: {out}");
+    assert_eq!(line("unlimited"), [0.0], "{out}");
+    assert!(out.contains("bad config ok"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_s3_errors_and_change_nothing() {
     if !python_has_boto3() {
         eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");

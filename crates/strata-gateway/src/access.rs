@@ -3,12 +3,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use s3s::access::{S3Access, S3AccessContext};
 use s3s::host::{S3Host, VirtualHost};
 use s3s::{S3Error, S3ErrorCode, S3Result, s3_error};
 use strata_common::config::GatewayKey;
+
+use crate::throttle::Limits;
 
 /// Buckets a key may use.
 #[derive(Debug)]
@@ -33,12 +37,27 @@ impl Perms {
 /// The gateway's access policy.
 pub struct Access {
     keys: HashMap<String, Perms>,
-    limits: HashMap<String, DefaultDirectRateLimiter>,
+    live: Arc<Limits>,
+    /// The rate the limiters were built for, and one limiter per key
+    /// (rebuilt when the live rate changes).
+    limits: RwLock<(u32, HashMap<String, DefaultDirectRateLimiter>)>,
+}
+
+fn limiters<'a>(
+    keys: impl Iterator<Item = &'a String>,
+    rate: u32,
+) -> HashMap<String, DefaultDirectRateLimiter> {
+    match NonZeroU32::new(rate) {
+        Some(rate) => keys
+            .map(|k| (k.clone(), RateLimiter::direct(Quota::per_second(rate))))
+            .collect(),
+        None => HashMap::new(),
+    }
 }
 
 impl Access {
     /// `main` has every permission; `extra` keys only their buckets.
-    pub fn new(main: &str, extra: &[GatewayKey], requests_per_sec: u32) -> Access {
+    pub fn new(main: &str, extra: &[GatewayKey], live: Arc<Limits>) -> Access {
         let mut keys = HashMap::new();
         keys.insert(main.to_string(), Perms::All);
         for k in extra {
@@ -50,14 +69,25 @@ impl Access {
                 },
             );
         }
-        let limits = match NonZeroU32::new(requests_per_sec) {
-            Some(rate) => keys
-                .keys()
-                .map(|k| (k.clone(), RateLimiter::direct(Quota::per_second(rate))))
-                .collect(),
-            None => HashMap::new(),
-        };
-        Access { keys, limits }
+        let rate = live.requests_per_sec.load(Ordering::Relaxed);
+        let limits = RwLock::new((rate, limiters(keys.keys(), rate)));
+        Access { keys, live, limits }
+    }
+
+    /// False when `key` is over its request rate.
+    fn admit(&self, key: &str) -> bool {
+        let rate = self.live.requests_per_sec.load(Ordering::Relaxed);
+        {
+            let l = self.limits.read().unwrap_or_else(|p| p.into_inner());
+            if l.0 == rate {
+                return l.1.get(key).is_none_or(|l| l.check().is_ok());
+            }
+        }
+        let mut l = self.limits.write().unwrap_or_else(|p| p.into_inner());
+        if l.0 != rate {
+            *l = (rate, limiters(self.keys.keys(), rate));
+        }
+        l.1.get(key).is_none_or(|l| l.check().is_ok())
     }
 }
 
@@ -101,9 +131,7 @@ impl S3Access for Access {
         let Some(perms) = self.keys.get(&key) else {
             return Err(s3_error!(InvalidAccessKeyId));
         };
-        if let Some(l) = self.limits.get(&key)
-            && l.check().is_err()
-        {
+        if !self.admit(&key) {
             return Err(S3Error::with_message(
                 S3ErrorCode::SlowDown,
                 format!("access key {key} is over gateway.requests_per_sec; retry with backoff"),
@@ -173,7 +201,7 @@ mod tests {
                 read: vec!["data".into()],
                 write: vec!["scratch".into()],
             }],
-            0,
+            Arc::new(Limits::new(0, 0, 0)),
         );
         let ro = &a.keys["ro"];
         assert!(ro.allows("data", false));

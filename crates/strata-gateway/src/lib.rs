@@ -1211,11 +1211,40 @@ fn header_too_large() -> http::Response<s3s::Body> {
 pub struct GatewayHandle {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    limits: Arc<throttle::Limits>,
 }
 
 impl GatewayHandle {
     pub fn stop(self) {
         self.task.abort();
+    }
+
+    /// Applies the bandwidth and request-rate limits of `cfg` to every
+    /// connection, open or new (keys and permissions stay as started);
+    /// returns a one-line description of the limits now in force.
+    pub fn reload_limits(&self, cfg: &GatewayConfig) -> String {
+        self.limits.set(
+            cfg.max_bandwidth.0,
+            cfg.conn_bandwidth.0,
+            cfg.requests_per_sec,
+        );
+        let bw = |v: u64| {
+            if v == 0 {
+                "unlimited".to_string()
+            } else {
+                format!("{:.1} MiB/s", v as f64 / (1u64 << 20) as f64)
+            }
+        };
+        format!(
+            "gateway limits: max_bandwidth {}, conn_bandwidth {}, requests_per_sec {}",
+            bw(cfg.max_bandwidth.0),
+            bw(cfg.conn_bandwidth.0),
+            if cfg.requests_per_sec == 0 {
+                "unlimited".to_string()
+            } else {
+                cfg.requests_per_sec.to_string()
+            }
+        )
     }
 }
 
@@ -1240,10 +1269,15 @@ pub async fn serve(
         auth.register(k.access_key.clone(), k.secret_key.as_str().into());
     }
     b.set_auth(auth);
+    let limits = Arc::new(throttle::Limits::new(
+        cfg.max_bandwidth.0,
+        cfg.conn_bandwidth.0,
+        cfg.requests_per_sec,
+    ));
     b.set_access(access::Access::new(
         &cfg.access_key,
         &cfg.keys,
-        cfg.requests_per_sec,
+        limits.clone(),
     ));
     if !cfg.domain.is_empty() {
         b.set_host(access::Domain(cfg.domain.clone()));
@@ -1259,9 +1293,7 @@ pub async fn serve(
         addr: listen.to_string(),
         err,
     })?;
-    let global =
-        (cfg.max_bandwidth.0 > 0).then(|| Arc::new(throttle::Bucket::new(cfg.max_bandwidth.0)));
-    let per_conn = (cfg.conn_bandwidth.0 > 0).then_some(cfg.conn_bandwidth.0);
+    let conn_limits = limits.clone();
     // Requests whose headers exceed what S3 accepts are answered before
     // they reach the S3 layer.
     let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -1281,7 +1313,7 @@ pub async fn serve(
                 continue;
             };
             let _ = sock.set_nodelay(true);
-            let io = throttle::Throttled::new(sock, global.clone(), per_conn);
+            let io = throttle::Throttled::new(sock, conn_limits.clone());
             let conn = http
                 .serve_connection(TokioIo::new(io), service.clone())
                 .into_owned();
@@ -1290,7 +1322,7 @@ pub async fn serve(
             });
         }
     });
-    Ok(GatewayHandle { addr, task })
+    Ok(GatewayHandle { addr, task, limits })
 }
 
 #[cfg(test)]

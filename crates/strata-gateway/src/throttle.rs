@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -20,56 +21,115 @@ use tokio::time::Sleep;
 /// Most bytes one write takes from the buckets at a time.
 const CHUNK: usize = 64 << 10;
 
-/// A token bucket of `rate` bytes per second.
+/// A token bucket of `rate` bytes per second (0: unlimited); the rate can
+/// change while it is in use.
 pub struct Bucket {
-    rate: f64,
+    state: Mutex<BucketState>,
+}
+
+struct BucketState {
+    rate: u64,
     burst: f64,
-    state: Mutex<(f64, Instant)>,
+    tokens: f64,
+    at: Instant,
+}
+
+/// The burst of a rate: 50 ms of it, at least one chunk.
+fn burst_of(rate: u64) -> f64 {
+    (rate as f64 / 20.0).max(CHUNK as f64)
 }
 
 impl Bucket {
-    /// A bucket whose burst is 50 ms of its rate (at least one chunk).
     pub fn new(rate: u64) -> Bucket {
-        let rate = rate.max(1) as f64;
-        let burst = (rate / 20.0).max(CHUNK as f64);
         Bucket {
-            rate,
-            burst,
-            state: Mutex::new((burst, Instant::now())),
+            state: Mutex::new(BucketState {
+                rate,
+                burst: burst_of(rate),
+                tokens: burst_of(rate),
+                at: Instant::now(),
+            }),
+        }
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).rate
+    }
+
+    /// Changes the rate; bytes already owed are repaid at the new rate.
+    pub fn set_rate(&self, rate: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.rate != rate {
+            s.rate = rate;
+            s.burst = burst_of(rate);
+            s.tokens = s.tokens.min(s.burst);
         }
     }
 
     /// Takes `n` bytes now; returns how long to wait before sending them.
     pub fn reserve(&self, n: usize) -> Duration {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.rate == 0 {
+            return Duration::ZERO;
+        }
         let now = Instant::now();
-        let refill = now.duration_since(s.1).as_secs_f64() * self.rate;
-        s.0 = (s.0 + refill).min(self.burst) - n as f64;
-        s.1 = now;
-        if s.0 >= 0.0 {
+        let rate = s.rate as f64;
+        let refill = now.duration_since(s.at).as_secs_f64() * rate;
+        s.tokens = (s.tokens + refill).min(s.burst) - n as f64;
+        s.at = now;
+        if s.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-s.0 / self.rate)
+            Duration::from_secs_f64(-s.tokens / rate)
         }
+    }
+}
+
+/// The gateway's limits, shared by every connection and changeable while it
+/// runs (`strata gateway` re-reads them from its configuration on SIGHUP).
+pub struct Limits {
+    /// All connections together (bytes/s, 0: unlimited).
+    pub global: Bucket,
+    /// Each connection (bytes/s, 0: unlimited).
+    pub per_conn: AtomicU64,
+    /// Requests per second per access key (0: unlimited).
+    pub requests_per_sec: AtomicU32,
+}
+
+impl Limits {
+    pub fn new(global: u64, per_conn: u64, requests_per_sec: u32) -> Limits {
+        Limits {
+            global: Bucket::new(global),
+            per_conn: AtomicU64::new(per_conn),
+            requests_per_sec: AtomicU32::new(requests_per_sec),
+        }
+    }
+
+    /// Applies new limits to every connection, open or new.
+    pub fn set(&self, global: u64, per_conn: u64, requests_per_sec: u32) {
+        self.global.set_rate(global);
+        self.per_conn.store(per_conn, Ordering::Relaxed);
+        self.requests_per_sec
+            .store(requests_per_sec, Ordering::Relaxed);
     }
 }
 
 /// A connection whose writes are held to a per-connection and a global rate.
 pub struct Throttled<S> {
     inner: S,
-    global: Option<Arc<Bucket>>,
-    own: Option<Bucket>,
+    limits: Arc<Limits>,
+    own: Bucket,
     /// Bytes already reserved and not yet written.
     granted: usize,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S> Throttled<S> {
-    pub fn new(inner: S, global: Option<Arc<Bucket>>, per_conn: Option<u64>) -> Self {
+    pub fn new(inner: S, limits: Arc<Limits>) -> Self {
+        let own = Bucket::new(limits.per_conn.load(Ordering::Relaxed));
         Throttled {
             inner,
-            global,
-            own: per_conn.map(Bucket::new),
+            limits,
+            own,
             granted: 0,
             sleep: None,
         }
@@ -93,8 +153,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Throttled<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let me = &mut *self;
-        if me.global.is_none() && me.own.is_none() {
-            return Pin::new(&mut me.inner).poll_write(cx, buf);
+        let per_conn = me.limits.per_conn.load(Ordering::Relaxed);
+        if me.own.rate() != per_conn {
+            me.own.set_rate(per_conn);
         }
         loop {
             if let Some(s) = me.sleep.as_mut() {
@@ -103,12 +164,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Throttled<S> {
             }
             if me.granted == 0 {
                 let n = buf.len().min(CHUNK);
-                let wait = [me.global.as_deref(), me.own.as_ref()]
-                    .into_iter()
-                    .flatten()
-                    .map(|b| b.reserve(n))
-                    .max()
-                    .unwrap_or_default();
+                let wait = me.limits.global.reserve(n).max(me.own.reserve(n));
                 me.granted = n;
                 if !wait.is_zero() {
                     me.sleep = Some(Box::pin(tokio::time::sleep(wait)));
@@ -148,5 +204,12 @@ mod tests {
         // 2 MiB reserved at 1 MiB/s: ~2 s minus the burst, within timing slack.
         let w = wait.as_secs_f64();
         assert!((1.85..=2.0).contains(&w), "{w}");
+        // At twice the rate the debt is repaid twice as fast; at 0 (no
+        // limit) nothing waits.
+        b.set_rate(2 << 20);
+        let w = b.reserve(CHUNK).as_secs_f64();
+        assert!((0.9..=1.05).contains(&w), "{w}");
+        b.set_rate(0);
+        assert!(b.reserve(1 << 30).is_zero());
     }
 }
