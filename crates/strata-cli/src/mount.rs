@@ -35,6 +35,16 @@ pub struct MountArgs {
     /// Log file of the daemon (default: /tmp/strata-mount-<pid>.log).
     #[arg(long)]
     pub log: Option<PathBuf>,
+    /// Heavy-client mode: keep the pages this host reads in this local
+    /// directory (an NVMe disk, say) and read them from it afterwards
+    /// (`client.local_cache_dir`; a relative path is taken from the
+    /// current directory).
+    #[arg(long)]
+    pub local_cache_dir: Option<PathBuf>,
+    /// Most bytes the local cache directory holds, e.g. 500GiB
+    /// (`client.local_cache_capacity`, default 10GiB).
+    #[arg(long)]
+    pub local_cache_capacity: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -67,7 +77,16 @@ pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
         return daemonize(&args);
     }
     keep_read_buffers();
-    let client = crate::client(cfg)?;
+    let mut cfg = cfg.clone();
+    if let Some(d) = &args.local_cache_dir {
+        cfg.client.local_cache_dir = std::path::absolute(d)
+            .with_context(|| format!("--local-cache-dir {}", d.display()))?;
+    }
+    if let Some(c) = &args.local_cache_capacity {
+        cfg.client.local_cache_capacity.0 = strata_common::size::parse_size(c)
+            .with_context(|| format!("--local-cache-capacity {c}"))?;
+    }
+    let client = crate::client(&cfg)?;
     let opts = FuseOptions {
         root: args.path.clone(),
         attr_ttl: Duration::from_secs_f64(args.attr_timeout.max(0.0)),

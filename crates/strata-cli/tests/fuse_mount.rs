@@ -646,3 +646,120 @@ impl Readers {
         (self.ok.load(Ordering::Relaxed), errors)
     }
 }
+
+/// Drops the kernel's cached pages of one file.
+fn drop_file_cache(p: &Path) {
+    let f = std::fs::File::open(p).unwrap();
+    // SAFETY: a valid descriptor; advice only.
+    unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn heavy_client_cache_serves_reads_with_every_worker_down() {
+    if !fuse_available() {
+        return;
+    }
+    let mut c = strata_testkit::HaCluster::start(&strata_bin(), 1, 1, Vec::new()).expect("cluster");
+    let client = strata_client::Client::new(&c.master_list(), Default::default()).unwrap();
+    let opts = strata_client::WriteOptions {
+        write_type: strata_client::WriteType::MustCache,
+        recursive: true,
+        ..Default::default()
+    };
+    let mut files = Vec::new();
+    for i in 0..8u64 {
+        // Some files span several pages and blocks, some are one short page.
+        let data = pattern(
+            if i % 2 == 0 {
+                (5 << 20) + 123 * i as usize
+            } else {
+                7000
+            },
+            i,
+        );
+        client
+            .write_file(&format!("/ds/f{i}"), &data, opts)
+            .await
+            .unwrap();
+        files.push(data);
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().display().to_string();
+    let m = Mount::start_with_env(
+        &c.master_list(),
+        &[],
+        &[
+            ("STRATA_CLIENT_SHORT_CIRCUIT", "false"),
+            ("STRATA_CLIENT_LOCAL_CACHE_DIR", &cache_dir),
+            ("STRATA_CLIENT_LOCAL_CACHE_CAPACITY", "1GiB"),
+            ("STRATA_CLIENT_FAILOVER_TIMEOUT_SECS", "2"),
+        ],
+    );
+    let root = m.path().join("ds");
+    for (i, d) in files.iter().enumerate() {
+        assert_eq!(&std::fs::read(root.join(format!("f{i}"))).unwrap(), d);
+    }
+    // Every byte read is now in pages of the local directory.
+    let want: u64 = files.iter().map(|d| d.len() as u64).sum();
+    let dir_bytes = || -> u64 {
+        walk(cache.path())
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dir_bytes() < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(dir_bytes(), want, "the local cache holds every page read");
+    // With the only worker dead, a client without the local cache cannot
+    // read; the mount reads everything from its own directory (the
+    // kernel's page cache dropped first, so the reads reach the daemon).
+    tokio::task::block_in_place(|| c.kill_worker(0)).unwrap();
+    let bare = strata_client::Client::new(
+        &c.master_list(),
+        strata_common::config::ClientConfig {
+            failover_timeout_secs: 1,
+            short_circuit: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        bare.read_file("/ds/f0").await.is_err(),
+        "the worker is down"
+    );
+    for (i, d) in files.iter().enumerate() {
+        let p = root.join(format!("f{i}"));
+        drop_file_cache(&p);
+        assert_eq!(&std::fs::read(&p).unwrap(), d, "f{i} from the local cache");
+        // A positional read in the middle too.
+        let mut f = std::fs::File::open(&p).unwrap();
+        let at = d.len() / 3;
+        let mut buf = vec![0u8; 4096.min(d.len() - at)];
+        f.seek(SeekFrom::Start(at as u64)).unwrap();
+        f.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf[..], &d[at..at + buf.len()]);
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

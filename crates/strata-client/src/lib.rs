@@ -7,6 +7,7 @@
 mod conn;
 mod error;
 mod jobs;
+mod local_cache;
 mod reader;
 mod short_circuit;
 mod writer;
@@ -27,6 +28,7 @@ use tonic::transport::Channel;
 
 pub use error::ClientError;
 pub use jobs::JobSpec;
+pub use local_cache::LocalCacheStats;
 pub use pb::{FileInfo, MasterList, MountInfo, PersistState, WorkerInfo, WriteType};
 pub use pb::{JobInfo, JobState, XattrFlag};
 pub use reader::Reader;
@@ -51,6 +53,8 @@ pub(crate) struct Inner {
     workers: Mutex<Option<(Instant, Arc<LiveWorkers>)>>,
     pool: conn::Pool,
     pub(crate) short_circuit: short_circuit::ShortCircuit,
+    /// Heavy-client mode (`client.local_cache_dir`).
+    pub(crate) local_cache: Option<Arc<local_cache::LocalCache>>,
     /// Blocks their owners reported hot: (cache id, block) → (workers to
     /// spread reads over, when reported).
     hot: Mutex<HashMap<(u128, u64), (u8, Instant)>>,
@@ -115,6 +119,20 @@ impl Client {
             )
             .map_err(ClientError::InvalidArgument)?,
         );
+        let local_cache = if cfg.local_cache_dir.as_os_str().is_empty() {
+            None
+        } else {
+            let dir = &cfg.local_cache_dir;
+            Some(Arc::new(
+                local_cache::LocalCache::open(dir, cfg.local_cache_capacity.0).map_err(|e| {
+                    ClientError::InvalidArgument(format!(
+                        "client.local_cache_dir {}: {e} (create it, make it writable, \
+                         or leave the setting empty)",
+                        dir.display()
+                    ))
+                })?,
+            ))
+        };
         masters.keep_fresh();
         let timeout = Duration::from_secs(cfg.io_timeout_secs.max(1));
         Ok(Client {
@@ -125,10 +143,16 @@ impl Client {
                 cfg,
                 workers: Mutex::new(None),
                 short_circuit: short_circuit::ShortCircuit::default(),
+                local_cache,
                 hot: Mutex::new(HashMap::new()),
                 picks: std::sync::atomic::AtomicU64::new(0),
             }),
         })
+    }
+
+    /// What the heavy-client cache holds (`None` when it is off).
+    pub fn local_cache_stats(&self) -> Option<LocalCacheStats> {
+        self.inner.local_cache.as_ref().map(|c| c.stats())
     }
 
     pub fn master_addr(&self) -> &str {

@@ -166,6 +166,24 @@ impl Reader {
         Err(last_err.unwrap_or_else(|| ClientError::Other("read failed".into())))
     }
 
+    /// `[off, off + len)` (inside one block) from the heavy-client cache
+    /// when it has every page, else from the workers; with the cache on,
+    /// whole pages are fetched and kept.
+    async fn fetch(&self, off: u64, len: u64) -> Result<Vec<Bytes>> {
+        let Some(lc) = &self.client.inner.local_cache else {
+            return self.exchange(off, len, Want::Data).await.map(|r| r.0);
+        };
+        let (ps, size) = (self.info.page_size, self.info.size);
+        if let Some(b) = lc.read(self.cache_id.0, ps, size, off, len) {
+            return Ok(vec![b]);
+        }
+        let limit = self.block_bounds(off).0.min(size);
+        let (ao, al) = crate::local_cache::LocalCache::aligned(ps, off, len, limit);
+        let frames = self.exchange(ao, al, Want::Data).await?.0;
+        lc.store(self.cache_id.0, ps, size, ao, frames.clone());
+        Ok(slice_frames(frames, off - ao, len))
+    }
+
     async fn exchange_with(&self, addr: &str, msg: &Message) -> Result<(Vec<Bytes>, u64, u64, u8)> {
         let pool = &self.client.inner.pool;
         let mut c = pool.get(addr).await?;
@@ -350,7 +368,7 @@ impl Reader {
         let pieces = self.pieces(off, len);
         let parallel = self.client.inner.cfg.read_ahead_blocks.max(1);
         let mut parts: Vec<Bytes> = stream::iter(pieces)
-            .map(|(o, l)| async move { self.exchange(o, l, Want::Data).await.map(|r| r.0) })
+            .map(|(o, l)| self.fetch(o, l))
             .buffered(parallel)
             .try_fold(Vec::new(), |mut acc, v| async move {
                 acc.extend(v);
@@ -454,7 +472,7 @@ impl Reader {
                     if let Some(b) = me.read_local(o, l, crate::short_circuit::read_pages).await {
                         return Ok(vec![b]);
                     }
-                    me.exchange(o, l, Want::Data).await.map(|r| r.0)
+                    me.fetch(o, l).await
                 }
             })
             .buffered(parallel)
@@ -506,4 +524,25 @@ impl Reader {
         let (_, c, u) = self.exchange(off, len, Want::LoadOnly).await?;
         Ok((c, u))
     }
+}
+
+/// `len` bytes starting `skip` bytes into `frames` (without copying).
+fn slice_frames(frames: Vec<Bytes>, mut skip: u64, len: u64) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut left = len;
+    for b in frames {
+        let n = b.len() as u64;
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        let take = (n - skip).min(left);
+        out.push(b.slice(skip as usize..(skip + take) as usize));
+        left -= take;
+        skip = 0;
+        if left == 0 {
+            break;
+        }
+    }
+    out
 }

@@ -489,6 +489,13 @@ pub struct ClientConfig {
     /// Workers an ASYNC_THROUGH write is cached on before `close` returns
     /// (every live worker when fewer).
     pub async_replicas: usize,
+    /// Heavy-client mode: pages this client reads are also kept in this
+    /// local directory (an NVMe disk of a GPU host, say) and read from it
+    /// afterwards; empty: off.
+    pub local_cache_dir: PathBuf,
+    /// Most bytes the local cache directory holds (least recently used
+    /// pages are dropped beyond it).
+    pub local_cache_capacity: ByteSize,
 }
 
 impl Default for ClientConfig {
@@ -503,6 +510,8 @@ impl Default for ClientConfig {
             failover_timeout_secs: 30,
             read_from: "any".into(),
             async_replicas: 2,
+            local_cache_dir: PathBuf::new(),
+            local_cache_capacity: ByteSize(10 << 30),
         }
     }
 }
