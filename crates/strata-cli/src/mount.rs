@@ -79,8 +79,8 @@ pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
     keep_read_buffers();
     let mut cfg = cfg.clone();
     if let Some(d) = &args.local_cache_dir {
-        cfg.client.local_cache_dir = std::path::absolute(d)
-            .with_context(|| format!("--local-cache-dir {}", d.display()))?;
+        cfg.client.local_cache_dir =
+            std::path::absolute(d).with_context(|| format!("--local-cache-dir {}", d.display()))?;
     }
     if let Some(c) = &args.local_cache_capacity {
         cfg.client.local_cache_capacity.0 = strata_common::size::parse_size(c)
