@@ -179,23 +179,37 @@ async fn files_and_directories_through_the_mount() {
     std::fs::remove_dir(root.join("s3/dir")).unwrap();
     assert!(c.stat("/s3/dir").await.unwrap_err().is_not_found());
 
+    // A directory renamed under a local-directory UFS moves there too.
+    std::fs::create_dir(root.join("local/d1")).unwrap();
+    std::fs::write(root.join("local/d1/f.txt"), b"in d1").unwrap();
+    std::fs::rename(root.join("local/d1"), root.join("local/d2")).unwrap();
+    assert_eq!(std::fs::read(root.join("local/d2/f.txt")).unwrap(), b"in d1");
+    assert_eq!(std::fs::read(local.path().join("d2/f.txt")).unwrap(), b"in d1");
+    assert!(!local.path().join("d1").exists());
+
     // Precise errnos for what is not supported.
     let e = std::fs::rename(root.join("s3/data/big.bin"), root.join("local/big.bin")).unwrap_err();
     assert_eq!(errno(&e), libc::EXDEV, "rename across mounts: {e}");
     let e = std::os::unix::fs::symlink("big.bin", root.join("s3/data/link")).unwrap_err();
     assert_eq!(errno(&e), libc::EPERM, "{e}");
+    // A write in the middle of an existing file rewrites it (through a
+    // staged copy).
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open(root.join("s3/data/big.bin"))
         .unwrap();
     f.seek(SeekFrom::Start(10)).unwrap();
-    let e = f.write_all(b"x").unwrap_err();
-    assert_eq!(errno(&e), libc::EOPNOTSUPP, "random write: {e}");
+    f.write_all(b"x").unwrap();
     drop(f);
+    let mut changed = big.clone();
+    changed[10] = b'x';
     assert_eq!(
         std::fs::read(root.join("s3/data/big.bin")).unwrap(),
-        big,
-        "untouched"
+        changed
+    );
+    assert_eq!(
+        &c.read_file("/s3/data/big.bin").await.unwrap()[..],
+        &changed[..]
     );
     let e = std::fs::read(root.join("s3/missing")).unwrap_err();
     assert_eq!(errno(&e), libc::ENOENT);
@@ -479,7 +493,7 @@ async fn git_clone_and_status_in_the_mount() {
         &[
             "clone",
             "-q",
-            "--no-hardlinks",
+            "--no-local",
             repo.path().to_str().unwrap(),
             "clone",
         ],
@@ -645,6 +659,100 @@ impl Readers {
         let errors = tokio::task::block_in_place(|| self.thread.join()).unwrap();
         (self.ok.load(Ordering::Relaxed), errors)
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn random_writes_truncation_mappings_and_renames_of_open_files() {
+    if !fuse_available() {
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    let m = Mount::start(&env.cluster, &[]);
+    let c = client(&env.cluster);
+    let d = m.path().join("s3");
+    use std::os::unix::fs::FileExt;
+    // Out-of-order writes and size changes of a new file.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(d.join("r.bin"))
+        .unwrap();
+    f.write_all_at(b"BBBB", 100).unwrap();
+    f.write_all_at(b"AAAA", 0).unwrap();
+    // Read back through the same descriptor before it is closed.
+    let mut head = [0u8; 4];
+    f.read_exact_at(&mut head, 100).unwrap();
+    assert_eq!(&head, b"BBBB");
+    f.set_len(300).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 300);
+    drop(f);
+    let mut want = vec![0u8; 300];
+    want[..4].copy_from_slice(b"AAAA");
+    want[100..104].copy_from_slice(b"BBBB");
+    assert_eq!(std::fs::read(d.join("r.bin")).unwrap(), want);
+    assert_eq!(&c.read_file("/s3/r.bin").await.unwrap()[..], &want[..]);
+    // truncate(2) of a file nobody has open: shrink, then grow.
+    let cp = cpath(&d.join("r.bin"));
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::truncate(cp.as_ptr(), 50) }, 0);
+    assert_eq!(std::fs::read(d.join("r.bin")).unwrap(), &want[..50]);
+    assert_eq!(unsafe { libc::truncate(cp.as_ptr(), 60) }, 0);
+    let mut grown = want[..50].to_vec();
+    grown.resize(60, 0);
+    assert_eq!(&c.read_file("/s3/r.bin").await.unwrap()[..], &grown[..]);
+
+    // A linker's pattern: a temporary name, ftruncate, writes through a
+    // shared mapping, close, munmap, then rename to the final name.
+    let data = pattern(3 << 20, 9);
+    let tmp = d.join(".out-tmp");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .unwrap();
+    f.set_len(data.len() as u64).unwrap();
+    // SAFETY: a fresh shared mapping of a file of that size, written
+    // within bounds and unmapped once.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            data.len(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        std::ptr::copy_nonoverlapping(data.as_ptr(), p.cast::<u8>(), data.len());
+        drop(f);
+        assert_eq!(libc::munmap(p, data.len()), 0);
+    }
+    std::fs::rename(&tmp, d.join("out.bin")).unwrap();
+    assert!(!tmp.exists());
+    assert_eq!(std::fs::read(d.join("out.bin")).unwrap(), data);
+    assert_eq!(&c.read_file("/s3/out.bin").await.unwrap()[..], &data[..]);
+    assert!(c.stat("/s3/.out-tmp").await.unwrap_err().is_not_found());
+
+    // Renamed while still open for writing: later writes follow it.
+    let mut f = std::fs::File::create(d.join("moving.txt")).unwrap();
+    f.write_all(b"first ").unwrap();
+    std::fs::rename(d.join("moving.txt"), d.join("moved.txt")).unwrap();
+    f.write_all(b"second").unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(d.join("moved.txt")).unwrap(), b"first second");
+    assert!(c.stat("/s3/moving.txt").await.unwrap_err().is_not_found());
+
+    // Unlinked while open for writing: closing it does not bring it back.
+    let mut f = std::fs::File::create(d.join("gone.txt")).unwrap();
+    f.write_all(b"short-lived").unwrap();
+    std::fs::remove_file(d.join("gone.txt")).unwrap();
+    f.write_all(b" more").unwrap();
+    drop(f);
+    assert!(!d.join("gone.txt").exists());
+    assert!(c.stat("/s3/gone.txt").await.unwrap_err().is_not_found());
 }
 
 /// Drops the kernel's cached pages of one file.

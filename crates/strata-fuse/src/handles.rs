@@ -3,7 +3,9 @@
 //! 8 MiB while the reader keeps up, back to 1 MiB on a random read); a write handle streams
 //! sequential writes (and appends) into one SDK writer, committed at every
 //! flush (each close of a descriptor) or fsync, and at release; a write
-//! after a commit continues the file as an append.
+//! after a commit continues the file as an append. A write out of order, a
+//! size change or a read through a write handle moves the file to a staged
+//! local copy (unlinked, in `$TMPDIR`), uploaded whole at each commit.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -87,6 +89,53 @@ pub struct WriteState {
     base: Option<u64>,
     committed: bool,
     failed: Option<Errno>,
+    /// After a write out of order, a size change or a read through this
+    /// handle: the whole file in a local temporary file, uploaded at each
+    /// commit.
+    staged: Option<Staged>,
+    /// Unlinked while open: writes are accepted and dropped.
+    unlinked: bool,
+}
+
+/// A file being written out of order, kept in an unlinked temporary file
+/// until it is committed.
+pub struct Staged {
+    file: std::fs::File,
+    len: u64,
+    /// Changed since the last commit.
+    dirty: bool,
+}
+
+/// An unlinked temporary file in `$TMPDIR` (default `/tmp`).
+fn temp_file() -> std::io::Result<std::fs::File> {
+    let dir = std::env::temp_dir();
+    for i in 0..100u32 {
+        let p = dir.join(format!(
+            ".strata-staged-{}-{}-{i}",
+            std::process::id(),
+            STAGED.fetch_add(1, Ordering::Relaxed)
+        ));
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&p)
+        {
+            Ok(f) => {
+                let _ = std::fs::remove_file(&p);
+                return Ok(f);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free temporary file name"))
+}
+
+static STAGED: AtomicU64 = AtomicU64::new(0);
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 pub struct Open {
@@ -127,6 +176,8 @@ impl Open {
                 base: None,
                 committed: false,
                 failed: None,
+                staged: None,
+                unlinked: false,
             }))),
         }
     }
@@ -159,9 +210,21 @@ impl Open {
     }
 
     pub async fn read(&self, off: u64, size: u32) -> Result<Bytes, Errno> {
-        let Kind::Read { reader, window } = &self.kind else {
-            // Reading a file open for writing would see the old bytes.
-            return Err(Errno::EBADF);
+        let (reader, window) = match &self.kind {
+            Kind::Read { reader, window } => (reader, window),
+            Kind::Write(state) => {
+                // Reading a file open for writing (O_RDWR, a shared
+                // writable mapping): from the staged copy.
+                let mut s = state.lock().await;
+                s.stage().await?;
+                let st = s.staged.as_ref().ok_or(Errno::EIO)?;
+                let n = u64::from(size).min(st.len.saturating_sub(off)) as usize;
+                let mut buf = vec![0u8; n];
+                std::os::unix::fs::FileExt::read_exact_at(&st.file, &mut buf, off)
+                    .map_err(|e| io_errno(&e))?;
+                return Ok(Bytes::from(buf));
+            }
+            Kind::Dir(_) => return Err(Errno::EISDIR),
         };
         let len = reader.len();
         if off >= len {
@@ -230,16 +293,29 @@ impl Open {
         if let Some(e) = s.failed {
             return Err(e);
         }
+        if s.unlinked {
+            return Ok(());
+        }
         let at = s.written.load(Ordering::Relaxed);
+        if s.staged.is_none() && off != at {
+            // Out of order: the file moves to a local staged copy.
+            s.stage().await?;
+        }
+        if let Some(st) = s.staged.as_mut() {
+            std::os::unix::fs::FileExt::write_all_at(&st.file, data, off)
+                .map_err(|e| io_errno(&e))?;
+            st.len = st.len.max(off + data.len() as u64);
+            st.dirty = true;
+            let len = st.len;
+            s.committed = false;
+            s.written.store(len, Ordering::Relaxed);
+            return Ok(());
+        }
         if s.committed {
             // A flush (close of a dup'ed descriptor, fsync) committed the
             // file and the writer goes on: continue as an append.
             s.committed = false;
             s.base = Some(at);
-        }
-        if off != at {
-            // Only sequential writes and appends are supported.
-            return Err(Errno::EOPNOTSUPP);
         }
         if s.writer.is_none() {
             s.start_append().await?;
@@ -268,7 +344,51 @@ impl Open {
             s.base = None;
             s.committed = false;
             s.failed = None;
+            if let Some(st) = s.staged.as_mut() {
+                let _ = st.file.set_len(0);
+                st.len = 0;
+                st.dirty = false;
+            }
         }
+    }
+
+    /// The file open through this handle is being unlinked: nothing it
+    /// writes from now on is kept.
+    pub async fn mark_unlinked(&self) {
+        if let Kind::Write(state) = &self.kind {
+            let mut s = state.lock().await;
+            s.unlinked = true;
+            s.writer = None;
+            s.staged = None;
+            s.base = None;
+        }
+    }
+
+    /// The file open through this handle was renamed to `path`.
+    pub async fn set_path(&self, path: &str) {
+        if let Kind::Write(state) = &self.kind {
+            state.lock().await.path = path.to_string();
+        }
+    }
+
+    /// Truncates or extends the file open through this handle (`ftruncate`,
+    /// as linkers do before writing their output through a mapping).
+    pub async fn set_size(&self, size: u64) -> Result<(), Errno> {
+        let Kind::Write(state) = &self.kind else {
+            return Err(Errno::EBADF);
+        };
+        let mut s = state.lock().await;
+        if let Some(e) = s.failed {
+            return Err(e);
+        }
+        s.stage().await?;
+        let st = s.staged.as_mut().ok_or(Errno::EIO)?;
+        st.file.set_len(size).map_err(|e| io_errno(&e))?;
+        st.len = size;
+        st.dirty = true;
+        s.committed = false;
+        s.written.store(size, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Commits a written file (idempotent; later calls report the first
@@ -281,10 +401,18 @@ impl Open {
         if let Some(e) = s.failed {
             return Err(e);
         }
-        if s.committed {
+        if s.committed || s.unlinked {
             return Ok(());
         }
         s.committed = true;
+        if s.staged.as_ref().is_some_and(|st| st.dirty) {
+            if let Err(e) = s.upload_staged().await {
+                tracing::warn!(path = %s.path, errno = ?e, "committing a written file failed");
+                s.failed = Some(e);
+                return Err(e);
+            }
+            return Ok(());
+        }
         if let Some(w) = s.writer.take()
             && let Err(e) = w.close().await
         {
@@ -298,6 +426,81 @@ impl Open {
 }
 
 impl WriteState {
+    /// Moves the file to a local staged copy (once): what this handle
+    /// streamed so far is committed and read back, or the old bytes an
+    /// append would have kept are copied.
+    async fn stage(&mut self) -> Result<(), Errno> {
+        if self.staged.is_some() {
+            return Ok(());
+        }
+        let ctx = self.ctx.clone().ok_or(Errno::EBADF)?;
+        let at = self.written.load(Ordering::Relaxed);
+        if let Some(w) = self.writer.take() {
+            w.close().await.map_err(|e| to_errno(&e))?;
+        }
+        self.base = None;
+        let file = temp_file().map_err(|e| {
+            tracing::warn!(path = %self.path, error = %e, "cannot create a staging file in $TMPDIR");
+            io_errno(&e)
+        })?;
+        if at > 0 {
+            let r = ctx
+                .client
+                .open(&self.path)
+                .await
+                .map_err(|e| to_errno(&e))?;
+            let mut pos = 0u64;
+            let mut s = r.stream_range(0, at);
+            while let Some(chunk) = s.next().await {
+                let chunk = chunk.map_err(|e| to_errno(&e))?;
+                std::os::unix::fs::FileExt::write_all_at(&file, &chunk, pos)
+                    .map_err(|e| io_errno(&e))?;
+                pos += chunk.len() as u64;
+            }
+        }
+        self.staged = Some(Staged {
+            file,
+            len: at,
+            dirty: false,
+        });
+        Ok(())
+    }
+
+    /// Writes the staged copy as the file's new version.
+    async fn upload_staged(&mut self) -> Result<(), Errno> {
+        let ctx = self.ctx.clone().ok_or(Errno::EBADF)?;
+        let opts = WriteOptions {
+            write_type: ctx.write_type,
+            overwrite: true,
+            recursive: false,
+            priority: 0,
+        };
+        let mut w = ctx
+            .client
+            .create(&self.path, opts)
+            .await
+            .map_err(|e| to_errno(&e))?;
+        let st = self.staged.as_mut().ok_or(Errno::EIO)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0u64;
+        while pos < st.len {
+            let n = (st.len - pos).min(buf.len() as u64) as usize;
+            if let Err(e) = std::os::unix::fs::FileExt::read_exact_at(&st.file, &mut buf[..n], pos)
+            {
+                w.abort().await;
+                return Err(io_errno(&e));
+            }
+            if let Err(e) = w.write(&buf[..n]).await {
+                w.abort().await;
+                return Err(to_errno(&e));
+            }
+            pos += n as u64;
+        }
+        w.close().await.map_err(|e| to_errno(&e))?;
+        st.dirty = false;
+        Ok(())
+    }
+
     /// The first write of an append: rewrite the file with its old bytes
     /// first (objects cannot be appended to in place).
     async fn start_append(&mut self) -> Result<(), Errno> {
@@ -376,6 +579,8 @@ pub async fn open_writer(
                 base: Some(size),
                 committed: false,
                 failed: None,
+                staged: None,
+                unlinked: false,
             }))),
         }
     };
@@ -388,9 +593,33 @@ pub struct Handles {
     next: AtomicU64,
     /// Bytes written so far, by inode, while a write handle is open.
     writing: std::sync::Mutex<HashMap<u64, Arc<AtomicU64>>>,
+    /// Read-only descriptors of a file this mount is writing: they share
+    /// the write handle (reads come from its staged copy).
+    aliases: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Handles {
+    /// A read-only handle on a file open for writing here.
+    pub fn insert_alias(&self, open: Arc<Open>) -> u64 {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        lock(&self.map).insert(fh, open);
+        lock(&self.aliases).insert(fh);
+        fh
+    }
+
+    pub fn is_alias(&self, fh: u64) -> bool {
+        lock(&self.aliases).contains(&fh)
+    }
+
+    /// Forgets a read-only alias; false when `fh` is not one.
+    pub fn remove_alias(&self, fh: u64) -> bool {
+        if !lock(&self.aliases).remove(&fh) {
+            return false;
+        }
+        lock(&self.map).remove(&fh);
+        true
+    }
+
     pub fn insert(&self, open: Open) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(w) = open.written_counter() {

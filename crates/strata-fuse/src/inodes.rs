@@ -45,6 +45,11 @@ impl Inodes {
         i
     }
 
+    /// The inode number of a known path.
+    pub fn ino_of(&self, path: &str) -> Option<u64> {
+        self.by_path.get(path).copied()
+    }
+
     pub fn path(&self, ino: u64) -> Option<String> {
         self.by_ino.get(&ino).map(|n| n.path.clone())
     }

@@ -246,6 +246,21 @@ impl StrataFs {
     }
 }
 
+/// `truncate PATH SIZE` of a file no handle writes: open it for writing,
+/// resize the staged copy, commit.
+async fn resize_closed(ctx: &Ctx, path: &str, ino: u64, size: u64) -> Result<(), Errno> {
+    let fh = handles::open_writer(ctx, path, ino, false, false).await?;
+    let res = match ctx.handles.get(fh) {
+        Some(o) => match o.set_size(size).await {
+            Ok(()) => o.commit().await,
+            Err(e) => Err(e),
+        },
+        None => Err(Errno::EBADF),
+    };
+    ctx.handles.remove(fh);
+    res
+}
+
 /// The only extended-attribute namespace the mount keeps.
 const XATTR_USER: &str = "user.";
 
@@ -375,10 +390,7 @@ impl Ctx {
             .or_else(|| (info.mode & 0o7777 != 0).then_some((info.mode & 0o7777) as u16))
             .unwrap_or(default_perm);
         // A file being written shows the bytes written so far.
-        let size = self
-            .handles
-            .written(ino)
-            .map_or(info.size, |w| w.max(info.size));
+        let size = self.handles.written(ino).unwrap_or(info.size);
         FileAttr {
             ino: INodeNo(ino),
             size,
@@ -479,12 +491,14 @@ impl Filesystem for StrataFs {
         self.spawn(async move {
             if let Some(size) = size {
                 // Truncation to zero empties the file (and resets any write
-                // handle on it); other sizes are accepted only when nothing
-                // changes.
-                let current = match fh
+                // handle on it); another size moves the file open for
+                // writing to a staged copy and resizes it there (a file not
+                // open for writing is opened, resized and committed).
+                let writer = fh
                     .and_then(|h| ctx.handles.get(h.0))
-                    .and_then(|o| o.written())
-                {
+                    .filter(|o| o.is_write())
+                    .or_else(|| ctx.handles.writers_of(ino.0).into_iter().next());
+                let current = match writer.as_ref().and_then(|o| o.written()) {
                     Some(w) => Some(w),
                     None => ctx.client.stat(&path).await.ok().map(|i| i.size),
                 };
@@ -507,7 +521,13 @@ impl Filesystem for StrataFs {
                         return reply.error(to_errno(&e));
                     }
                 } else if current != Some(size) {
-                    return reply.error(Errno::EOPNOTSUPP);
+                    let res = match writer {
+                        Some(w) => w.set_size(size).await,
+                        None => resize_closed(&ctx, &path, ino.0, size).await,
+                    };
+                    if let Err(e) = res {
+                        return reply.error(e);
+                    }
                 }
             }
             if let Some(m) = mode {
@@ -607,6 +627,17 @@ impl Filesystem for StrataFs {
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
         self.spawn(async move {
+            // A file still open for writing is committed first (its entry
+            // is incomplete until then); its handles then write to `dst`.
+            let src_ino = lock(&ctx.inodes).ino_of(&src);
+            let writers = src_ino
+                .map(|i| ctx.handles.writers_of(i))
+                .unwrap_or_default();
+            for w in &writers {
+                if let Err(e) = w.commit().await {
+                    return reply.error(e);
+                }
+            }
             // POSIX rename replaces an existing file (not atomically here).
             if let Ok(existing) = ctx.client.stat(&dst).await {
                 let src_info = match ctx.client.stat(&src).await {
@@ -629,6 +660,9 @@ impl Filesystem for StrataFs {
                     ctx.meta.forget(&src);
                     ctx.meta.forget(&dst);
                     lock(&ctx.inodes).rename(&src, &dst);
+                    for w in &writers {
+                        w.set_path(&dst).await;
+                    }
                     reply.ok()
                 }
                 Err(e) => reply.error(to_errno(&e)),
@@ -652,6 +686,12 @@ impl Filesystem for StrataFs {
                     Err(e) => reply.error(e),
                 }
                 return;
+            }
+            // Being written through this mount: read what was written so
+            // far (from the writer's staged copy), not the old version.
+            if let Some(w) = ctx.handles.writers_of(ino.0).into_iter().next() {
+                let fh = ctx.handles.insert_alias(w);
+                return reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             let opened = match ctx.stat_cached(&path).await {
                 Ok(info) if info.is_dir => Err(strata_client::ClientError::FailedPrecondition(
@@ -744,11 +784,15 @@ impl Filesystem for StrataFs {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close(2) reports write errors: the file is committed here.
+        // close(2) reports write errors: the file is committed here (not
+        // when a read-only descriptor of a file being written is closed).
+        if self.handles.is_alias(fh.0) {
+            return reply.ok();
+        }
         let Some(open) = self.handles.get(fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        self.commit_and_reply(open, reply);
+        self.commit_and_reply(open, None, reply);
     }
 
     fn fsync(
@@ -773,10 +817,16 @@ impl Filesystem for StrataFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let Some(open) = self.handles.remove(fh.0) else {
+        // The handle stays findable until its commit is done, so a rename
+        // or unlink right after close waits for it (releases are
+        // asynchronous: the kernel does not wait for them).
+        if self.handles.remove_alias(fh.0) {
+            return reply.ok();
+        }
+        let Some(open) = self.handles.get(fh.0) else {
             return reply.ok();
         };
-        self.commit_and_reply(open, reply);
+        self.commit_and_reply(open, Some(fh.0), reply);
     }
 
     fn create(
@@ -1024,11 +1074,16 @@ impl Filesystem for StrataFs {
 impl StrataFs {
     /// Commits a handle (a no-op unless it wrote) and answers with the
     /// result; a written file's cached attributes are dropped afterwards.
-    fn commit_and_reply(&self, open: Arc<handles::Open>, reply: ReplyEmpty) {
+    /// Commits `open` and replies; with `release`, then forgets the handle.
+    fn commit_and_reply(&self, open: Arc<handles::Open>, release: Option<u64>, reply: ReplyEmpty) {
         let ctx = self.ctx();
         self.spawn(async move {
             let changed = open.is_write();
-            match open.commit().await {
+            let res = open.commit().await;
+            if let Some(fh) = release {
+                ctx.handles.remove(fh);
+            }
+            match res {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
             }
@@ -1050,6 +1105,15 @@ impl StrataFs {
                 Ok(info) if !info.is_dir && dir => return reply.error(Errno::ENOTDIR),
                 Ok(_) => {}
                 Err(e) => return reply.error(to_errno(&e)),
+            }
+            // A file still open for writing: its handles stop committing
+            // (after any commit in progress), so closing them cannot bring
+            // the file back.
+            if !dir {
+                let ino = lock(&ctx.inodes).ino_of(&path);
+                for w in ino.map(|i| ctx.handles.writers_of(i)).unwrap_or_default() {
+                    w.mark_unlinked().await;
+                }
             }
             match ctx.client.delete(&path, false).await {
                 Ok(_) => {

@@ -499,6 +499,24 @@ impl UnderStorage for OpendalUfs {
         is_dir: bool,
     ) -> BoxFuture<'a, Result<(), UfsError>> {
         async move {
+            if is_dir && self.uri.scheme == Scheme::File {
+                // OpenDAL's fs service renames files only; a directory is
+                // one rename(2) on the local file system.
+                let (f, t) = (join_abs(&self.uri.root, from), join_abs(&self.uri.root, to));
+                if let Some(parent) = std::path::Path::new(&t).parent() {
+                    tokio::fs::create_dir_all(parent).await.map_err(|e| {
+                        UfsError::new(UfsErrorKind::Other, self.target(to), e.to_string())
+                    })?;
+                }
+                return tokio::fs::rename(&f, &t).await.map_err(|e| {
+                    let kind = match e.kind() {
+                        std::io::ErrorKind::NotFound => UfsErrorKind::NotFound,
+                        std::io::ErrorKind::PermissionDenied => UfsErrorKind::PermissionDenied,
+                        _ => UfsErrorKind::Other,
+                    };
+                    UfsError::new(kind, self.target(from), format!("renaming to {t}: {e}"))
+                });
+            }
             let cap = self.op.info().capability();
             if cap.rename {
                 let (f, t) = if is_dir {
