@@ -183,8 +183,14 @@ async fn files_and_directories_through_the_mount() {
     std::fs::create_dir(root.join("local/d1")).unwrap();
     std::fs::write(root.join("local/d1/f.txt"), b"in d1").unwrap();
     std::fs::rename(root.join("local/d1"), root.join("local/d2")).unwrap();
-    assert_eq!(std::fs::read(root.join("local/d2/f.txt")).unwrap(), b"in d1");
-    assert_eq!(std::fs::read(local.path().join("d2/f.txt")).unwrap(), b"in d1");
+    assert_eq!(
+        std::fs::read(root.join("local/d2/f.txt")).unwrap(),
+        b"in d1"
+    );
+    assert_eq!(
+        std::fs::read(local.path().join("d2/f.txt")).unwrap(),
+        b"in d1"
+    );
     assert!(!local.path().join("d1").exists());
 
     // Precise errnos for what is not supported.
