@@ -32,6 +32,7 @@ pub use local_cache::LocalCacheStats;
 pub use pb::{FileInfo, MasterList, MountInfo, PersistState, WorkerInfo, WriteType};
 pub use pb::{JobInfo, JobState, XattrFlag};
 pub use reader::Reader;
+pub use strata_common::xattr as xattr_limits;
 pub use writer::{WriteOptions, Writer};
 
 pub type Result<T> = std::result::Result<T, ClientError>;

@@ -245,22 +245,12 @@ impl LocalCache {
                 std::fs::create_dir_all(d)?;
             }
             let mut f = std::fs::File::create(&tmp)?;
-            let (mut skip, mut left) = (at, len);
-            for b in frames {
-                let n = b.len() as u64;
-                if skip >= n {
-                    skip -= n;
-                    continue;
-                }
-                let take = (n - skip).min(left);
-                f.write_all(&b[skip as usize..(skip + take) as usize])?;
-                left -= take;
-                skip = 0;
-                if left == 0 {
-                    break;
-                }
+            let mut wrote = 0u64;
+            for b in slice_frames(frames, at, len) {
+                f.write_all(&b)?;
+                wrote += b.len() as u64;
             }
-            if left != 0 {
+            if wrote != len {
                 return Err(std::io::Error::other("short page"));
             }
             std::fs::rename(&tmp, &path)
@@ -293,6 +283,27 @@ impl LocalCache {
             let _ = std::fs::remove_file(self.path(victim));
         }
     }
+}
+
+/// `len` bytes starting `skip` bytes into `frames` (without copying).
+pub(crate) fn slice_frames(frames: &[Bytes], mut skip: u64, len: u64) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut left = len;
+    for b in frames {
+        let n = b.len() as u64;
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        let take = (n - skip).min(left);
+        out.push(b.slice(skip as usize..(skip + take) as usize));
+        left -= take;
+        skip = 0;
+        if left == 0 {
+            break;
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -181,7 +181,7 @@ impl Reader {
         let (ao, al) = crate::local_cache::LocalCache::aligned(ps, off, len, limit);
         let frames = self.exchange(ao, al, Want::Data).await?.0;
         lc.store(self.cache_id.0, ps, size, ao, frames.clone());
-        Ok(slice_frames(frames, off - ao, len))
+        Ok(crate::local_cache::slice_frames(&frames, off - ao, len))
     }
 
     async fn exchange_with(&self, addr: &str, msg: &Message) -> Result<(Vec<Bytes>, u64, u64, u8)> {
@@ -524,25 +524,4 @@ impl Reader {
         let (_, c, u) = self.exchange(off, len, Want::LoadOnly).await?;
         Ok((c, u))
     }
-}
-
-/// `len` bytes starting `skip` bytes into `frames` (without copying).
-fn slice_frames(frames: Vec<Bytes>, mut skip: u64, len: u64) -> Vec<Bytes> {
-    let mut out = Vec::new();
-    let mut left = len;
-    for b in frames {
-        let n = b.len() as u64;
-        if skip >= n {
-            skip -= n;
-            continue;
-        }
-        let take = (n - skip).min(left);
-        out.push(b.slice(skip as usize..(skip + take) as usize));
-        left -= take;
-        skip = 0;
-        if left == 0 {
-            break;
-        }
-    }
-    out
 }

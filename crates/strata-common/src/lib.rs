@@ -8,6 +8,7 @@ pub mod ids;
 pub mod path;
 pub mod placement;
 pub mod size;
+pub mod xattr;
 
 pub use config::Config;
 pub use geometry::Geometry;

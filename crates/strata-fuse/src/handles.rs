@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use fuser::{Errno, FileType};
 use futures::StreamExt;
-use strata_client::{Reader, WriteOptions, Writer};
+use strata_client::{Reader, Writer};
 use tokio::sync::Mutex;
 
 use crate::{Ctx, lock, to_errno};
@@ -469,15 +469,8 @@ impl WriteState {
     /// Writes the staged copy as the file's new version.
     async fn upload_staged(&mut self) -> Result<(), Errno> {
         let ctx = self.ctx.clone().ok_or(Errno::EBADF)?;
-        let opts = WriteOptions {
-            write_type: ctx.write_type,
-            overwrite: true,
-            recursive: false,
-            priority: 0,
-        };
         let mut w = ctx
-            .client
-            .create(&self.path, opts)
+            .new_version(&self.path)
             .await
             .map_err(|e| to_errno(&e))?;
         let st = self.staged.as_mut().ok_or(Errno::EIO)?;
@@ -516,15 +509,8 @@ impl WriteState {
         } else {
             None
         };
-        let opts = WriteOptions {
-            write_type: ctx.write_type,
-            overwrite: true,
-            recursive: false,
-            priority: 0,
-        };
         let mut w = ctx
-            .client
-            .create(&self.path, opts)
+            .new_version(&self.path)
             .await
             .map_err(|e| to_errno(&e))?;
         if let Some(r) = old {
@@ -554,17 +540,7 @@ pub async fn open_writer(
         ctx.client.stat(path).await.map_err(|e| to_errno(&e))?.size
     };
     let open = if size == 0 {
-        let opts = WriteOptions {
-            write_type: ctx.write_type,
-            overwrite: true,
-            recursive: false,
-            priority: 0,
-        };
-        let w = ctx
-            .client
-            .create(path, opts)
-            .await
-            .map_err(|e| to_errno(&e))?;
+        let w = ctx.new_version(path).await.map_err(|e| to_errno(&e))?;
         Open::writing(w, ino, 0, ctx.clone())
     } else {
         let written = Arc::new(AtomicU64::new(size));

@@ -264,12 +264,6 @@ async fn resize_closed(ctx: &Ctx, path: &str, ino: u64, size: u64) -> Result<(),
 /// The only extended-attribute namespace the mount keeps.
 const XATTR_USER: &str = "user.";
 
-/// Limits of extended attributes (as the master enforces them).
-mod xattr_limits {
-    pub const NAME_MAX: usize = 255;
-    pub const VALUE_MAX: usize = 64 * 1024;
-}
-
 /// Answers a getxattr/listxattr: the size when asked for it (`size` 0),
 /// the bytes when they fit, ERANGE when they do not.
 fn xattr_reply(reply: ReplyXattr, v: &[u8], size: u32) {
@@ -346,6 +340,21 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// A writer for a new version of the file at `path` (replacing what is
+    /// there), with the mount's write type.
+    async fn new_version(
+        &self,
+        path: &str,
+    ) -> Result<strata_client::Writer, strata_client::ClientError> {
+        let opts = WriteOptions {
+            write_type: self.write_type,
+            overwrite: true,
+            recursive: false,
+            priority: 0,
+        };
+        self.client.create(path, opts).await
+    }
+
     /// `stat` through the metadata cache (fresh for `attr_ttl`).
     async fn stat_cached(&self, path: &str) -> Result<FileInfo, strata_client::ClientError> {
         if let Some(i) = self.meta.get(path, self.attr_ttl) {
@@ -506,17 +515,7 @@ impl Filesystem for StrataFs {
                     for w in ctx.handles.writers_of(ino.0) {
                         w.reset_to_empty().await;
                     }
-                    let opts = WriteOptions {
-                        write_type: ctx.write_type,
-                        overwrite: true,
-                        recursive: false,
-                        priority: 0,
-                    };
-                    let res = async {
-                        let w = ctx.client.create(&path, opts).await?;
-                        w.close().await
-                    }
-                    .await;
+                    let res = async { ctx.new_version(&path).await?.close().await }.await;
                     if let Err(e) = res {
                         return reply.error(to_errno(&e));
                     }
@@ -845,14 +844,8 @@ impl Filesystem for StrataFs {
             Err(e) => return reply.error(e),
         };
         self.spawn(async move {
-            let opts = WriteOptions {
-                write_type: ctx.write_type,
-                overwrite: true,
-                recursive: false,
-                priority: 0,
-            };
             ctx.meta.forget(&path);
-            match ctx.client.create(&path, opts).await {
+            match ctx.new_version(&path).await {
                 Ok(w) => {
                     let ino = lock(&ctx.inodes).ino_for(&path, true);
                     if mode & 0o7777 != 0 {
@@ -1011,10 +1004,10 @@ impl Filesystem for StrataFs {
             // security.*, trusted.*, system.* (ACLs) are not kept.
             return reply.error(Errno::EOPNOTSUPP);
         }
-        if name.len() > xattr_limits::NAME_MAX {
+        if name.len() > strata_client::xattr_limits::NAME_MAX {
             return reply.error(Errno::ERANGE);
         }
-        if value.len() > xattr_limits::VALUE_MAX {
+        if value.len() > strata_client::xattr_limits::VALUE_MAX {
             return reply.error(Errno::E2BIG);
         }
         let flag = if flags & libc::XATTR_CREATE != 0 {

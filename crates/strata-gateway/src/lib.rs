@@ -41,6 +41,22 @@ pub enum GatewayError {
     NoKeys,
 }
 
+/// The object metadata a PutObject, CopyObject or CreateMultipartUpload
+/// input carries (their fields share names); moves them out of `$input`.
+macro_rules! object_meta {
+    ($input:ident, $tagging:expr) => {
+        objmeta::ObjectMeta {
+            metadata: $input.metadata,
+            content_type: $input.content_type,
+            content_encoding: $input.content_encoding,
+            content_disposition: $input.content_disposition,
+            content_language: $input.content_language,
+            cache_control: $input.cache_control,
+            tagging: $tagging,
+        }
+    };
+}
+
 /// The S3 service over a Strata client.
 pub struct Gateway {
     client: Client,
@@ -636,6 +652,7 @@ impl S3 for Gateway {
         let e_tag = etag(&info);
         let last_modified = modified(&info);
         let m = objmeta::stored(&info.xattrs);
+        let tag_count = m.tag_count();
         let reader = self.client.open_info(info).map_err(|e| s3_err(e, false))?;
         self.prewarm_after(&reader, range.start, range.end);
         // Streamed from the SDK reader through a small channel (the body must
@@ -666,7 +683,7 @@ impl S3 for Gateway {
             content_disposition: m.content_disposition,
             content_language: m.content_language,
             cache_control: m.cache_control,
-            tag_count: m.tag_count,
+            tag_count,
             ..Default::default()
         }))
     }
@@ -676,16 +693,7 @@ impl S3 for Gateway {
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let input = req.input;
-        let xattrs = objmeta::ObjectMeta {
-            metadata: input.metadata,
-            content_type: input.content_type,
-            content_encoding: input.content_encoding,
-            content_disposition: input.content_disposition,
-            content_language: input.content_language,
-            cache_control: input.cache_control,
-            tagging: input.tagging,
-        }
-        .to_xattrs()?;
+        let xattrs = object_meta!(input, input.tagging).to_xattrs()?;
         let (path, mut w) = self.create(&input.bucket, &input.key).await?;
         w.set_xattrs(xattrs);
         let mut h = <md5::Md5 as md5::Digest>::new();
@@ -752,16 +760,7 @@ impl S3 for Gateway {
             .is_some_and(|d| d.as_str() == TaggingDirective::REPLACE);
         let src = &r.info().xattrs;
         let mut xattrs: Vec<(String, Vec<u8>)> = if replace_meta {
-            objmeta::ObjectMeta {
-                metadata: input.metadata,
-                content_type: input.content_type,
-                content_encoding: input.content_encoding,
-                content_disposition: input.content_disposition,
-                content_language: input.content_language,
-                cache_control: input.cache_control,
-                tagging: None,
-            }
-            .to_xattrs()?
+            object_meta!(input, None).to_xattrs()?
         } else {
             src.iter()
                 .filter(|(k, _)| k.as_str() != objmeta::TAGGING)
@@ -869,16 +868,7 @@ impl S3 for Gateway {
         let input = req.input;
         self.check_bucket(&input.bucket).await?;
         ns_path(&input.bucket, Some(&input.key))?;
-        let xattrs = objmeta::ObjectMeta {
-            metadata: input.metadata,
-            content_type: input.content_type,
-            content_encoding: input.content_encoding,
-            content_disposition: input.content_disposition,
-            content_language: input.content_language,
-            cache_control: input.cache_control,
-            tagging: input.tagging,
-        }
-        .to_xattrs()?;
+        let xattrs = object_meta!(input, input.tagging).to_xattrs()?;
         let id = self
             .uploads
             .create(&input.bucket, &input.key, &objmeta::encode_lines(&xattrs))

@@ -38,23 +38,20 @@ pub struct ObjectMeta {
     pub tagging: Option<String>,
 }
 
-/// The standard content headers of an object, read back from its attributes.
-#[derive(Default, Debug)]
-pub struct Stored {
-    pub metadata: Option<Metadata>,
-    pub content_type: Option<String>,
-    pub content_encoding: Option<String>,
-    pub content_disposition: Option<String>,
-    pub content_language: Option<String>,
-    pub cache_control: Option<String>,
-    pub tag_count: Option<i32>,
-}
-
 fn invalid(code: S3ErrorCode, msg: String) -> S3Error {
     S3Error::with_message(code, msg)
 }
 
 impl ObjectMeta {
+    /// Tags in `tagging`, for `x-amz-tagging-count` (none: not sent).
+    pub fn tag_count(&self) -> Option<i32> {
+        let n = self
+            .tagging
+            .as_deref()
+            .map_or(0, |t| parse_tagging(t).map_or(0, |v| v.len()));
+        (n > 0).then_some(n as i32)
+    }
+
     /// The attributes the object is created with; checks S3's limits.
     pub fn to_xattrs(&self) -> S3Result<Vec<(String, Vec<u8>)>> {
         let mut out = Vec::new();
@@ -100,18 +97,16 @@ fn text(x: &HashMap<String, Vec<u8>>, name: &str) -> Option<String> {
     x.get(name).map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// Reads an object's metadata back from its attributes.
-pub fn stored(x: &HashMap<String, Vec<u8>>) -> Stored {
+/// Reads an object's metadata back from its attributes (the content type
+/// defaults as in S3; `tagging` is the stored tag set).
+pub fn stored(x: &HashMap<String, Vec<u8>>) -> ObjectMeta {
     let mut m = Metadata::default();
     for (k, v) in x {
         if let Some(key) = k.strip_prefix(META_PREFIX) {
             m.insert(key.to_string(), String::from_utf8_lossy(v).into_owned());
         }
     }
-    let tags = x
-        .get(TAGGING)
-        .map(|t| parse_tagging(&String::from_utf8_lossy(t)).map_or(0, |v| v.len()));
-    Stored {
+    ObjectMeta {
         metadata: (!m.is_empty()).then_some(m),
         // S3 answers this for objects stored without a content type.
         content_type: text(x, CONTENT_TYPE).or_else(|| Some("binary/octet-stream".into())),
@@ -119,7 +114,7 @@ pub fn stored(x: &HashMap<String, Vec<u8>>) -> Stored {
         content_disposition: text(x, CONTENT_DISPOSITION),
         content_language: text(x, CONTENT_LANGUAGE),
         cache_control: text(x, CACHE_CONTROL),
-        tag_count: tags.filter(|n| *n > 0).map(|n| n as i32),
+        tagging: text(x, TAGGING),
     }
 }
 
@@ -250,9 +245,9 @@ mod tests {
         };
         let x: HashMap<String, Vec<u8>> = om.to_xattrs().unwrap().into_iter().collect();
         let s = stored(&x);
-        assert_eq!(s.metadata.unwrap().get("color").unwrap(), "blue");
+        assert_eq!(s.metadata.as_ref().unwrap().get("color").unwrap(), "blue");
         assert_eq!(s.content_type.as_deref(), Some("text/plain"));
-        assert_eq!(s.tag_count, Some(1));
+        assert_eq!(s.tag_count(), Some(1));
         let lines = encode_lines(&om.to_xattrs().unwrap());
         assert_eq!(decode_lines(&lines).len(), 3);
         let mut big = Metadata::default();

@@ -6,12 +6,9 @@ use strata_common::InodeId;
 use crate::MetaError;
 use crate::store::Tables;
 
-/// Longest attribute name, in bytes (as Linux `XATTR_NAME_MAX`).
-pub const XATTR_NAME_MAX: usize = 255;
-/// Largest attribute value, in bytes (as Linux `XATTR_SIZE_MAX`).
-pub const XATTR_VALUE_MAX: usize = 64 * 1024;
-/// Most bytes of names and values one inode may carry.
-pub const XATTR_TOTAL_MAX: usize = 64 * 1024;
+pub use strata_common::xattr::{
+    NAME_MAX as XATTR_NAME_MAX, TOTAL_MAX as XATTR_TOTAL_MAX, VALUE_MAX as XATTR_VALUE_MAX,
+};
 
 /// How `SetXattrs` treats names that exist or not (as `setxattr(2)` flags).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
