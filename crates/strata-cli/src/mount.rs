@@ -45,6 +45,21 @@ pub struct MountArgs {
     /// (`client.local_cache_capacity`, default 10GiB).
     #[arg(long)]
     pub local_cache_capacity: Option<String>,
+    /// Keep the mount alive across daemon crashes: a small supervisor
+    /// process holds the kernel connection and starts a new daemon on it
+    /// when one dies (in-flight reads are answered by the new daemon;
+    /// needs Linux 6.9 or later; see docs/fuse-semantics.md).
+    #[arg(long)]
+    pub restartable: bool,
+    /// (Internal) serve the kernel connection on this descriptor.
+    #[arg(long, hide = true, requires = "state_dir")]
+    pub serve_fd: Option<i32>,
+    /// (Internal) state directory of a restartable mount.
+    #[arg(long, hide = true)]
+    pub state_dir: Option<PathBuf>,
+    /// (Internal) how many daemons served this mount before this one.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub generation: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -71,23 +86,8 @@ pub fn is_mounted(mountpoint: &Path) -> bool {
     })
 }
 
-pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
-    strata_fuse::check_mount_point(&args.mountpoint)?;
-    if !args.foreground {
-        return daemonize(&args);
-    }
-    keep_read_buffers();
-    let mut cfg = cfg.clone();
-    if let Some(d) = &args.local_cache_dir {
-        cfg.client.local_cache_dir =
-            std::path::absolute(d).with_context(|| format!("--local-cache-dir {}", d.display()))?;
-    }
-    if let Some(c) = &args.local_cache_capacity {
-        cfg.client.local_cache_capacity.0 = strata_common::size::parse_size(c)
-            .with_context(|| format!("--local-cache-capacity {c}"))?;
-    }
-    let client = crate::client(&cfg)?;
-    let opts = FuseOptions {
+fn fuse_options(args: &MountArgs) -> FuseOptions {
+    FuseOptions {
         root: args.path.clone(),
         attr_ttl: Duration::from_secs_f64(args.attr_timeout.max(0.0)),
         entry_ttl: Duration::from_secs_f64(args.attr_timeout.max(0.0)),
@@ -99,8 +99,42 @@ pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
             MountWriteType::AsyncThrough => strata_client::WriteType::AsyncThrough,
         },
         allow_other: args.allow_other,
-    };
-    let fs = StrataFs::new(client, tokio::runtime::Handle::current(), opts).await?;
+    }
+}
+
+/// The file system of a daemon: its client, checked against the namespace.
+async fn file_system(cfg: &Config, args: &MountArgs) -> anyhow::Result<StrataFs> {
+    keep_read_buffers();
+    let mut cfg = cfg.clone();
+    if let Some(d) = &args.local_cache_dir {
+        cfg.client.local_cache_dir =
+            std::path::absolute(d).with_context(|| format!("--local-cache-dir {}", d.display()))?;
+    }
+    if let Some(c) = &args.local_cache_capacity {
+        cfg.client.local_cache_capacity.0 = strata_common::size::parse_size(c)
+            .with_context(|| format!("--local-cache-capacity {c}"))?;
+    }
+    let client = crate::client(&cfg)?;
+    Ok(StrataFs::new(
+        client,
+        tokio::runtime::Handle::current(),
+        fuse_options(args),
+    )
+    .await?)
+}
+
+pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
+    if let Some(fd) = args.serve_fd {
+        return serve(cfg, &args, fd).await;
+    }
+    strata_fuse::check_mount_point(&args.mountpoint)?;
+    if !args.foreground {
+        return daemonize(&args);
+    }
+    if args.restartable {
+        return supervise(&args).await;
+    }
+    let fs = file_system(cfg, &args).await?;
     let session = fs.mount(&args.mountpoint)?;
     println!(
         "mounted {} at {} (pid {}); unmount with `strata umount {}`",
@@ -131,6 +165,146 @@ pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// A restartable mount's supervisor: mounts, keeps the kernel connection,
+/// and runs daemons on it (`strata mount --serve-fd`) one after another
+/// until the file system is unmounted or a signal arrives.
+async fn supervise(args: &MountArgs) -> anyhow::Result<()> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let dev = strata_fuse::restart::mount_fd(
+        &args.mountpoint,
+        &strata_fuse::restart::mount_options(&fuse_options(args)),
+    )?;
+    let state = std::env::temp_dir().join(format!("strata-mount-{}.state", std::process::id()));
+    let result = async {
+        let init = strata_fuse::restart::read_init(dev.as_fd()).context("reading FUSE INIT")?;
+        std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+        std::fs::write(state.join("init"), &init)
+            .with_context(|| format!("writing {}", state.display()))?;
+        println!(
+            "mounted {} at {} (restartable; supervisor pid {}); unmount with `strata umount {}`",
+            args.path,
+            args.mountpoint.display(),
+            std::process::id(),
+            args.mountpoint.display()
+        );
+        run_daemons(args, dev.as_raw_fd(), &state).await
+    }
+    .await;
+    if is_mounted(&args.mountpoint) {
+        let _ = strata_fuse::restart::unmount(&args.mountpoint);
+    }
+    let _ = std::fs::remove_dir_all(&state);
+    result
+}
+
+async fn run_daemons(args: &MountArgs, dev: i32, state: &Path) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe().context("finding the strata binary")?;
+    let argv: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--restartable")
+        .collect();
+    let signal = crate::wait_for_signal();
+    tokio::pin!(signal);
+    let mut quick_deaths = 0u32;
+    for generation in 0u64.. {
+        let started = Instant::now();
+        let child = std::process::Command::new(&exe)
+            .args(&argv)
+            .args(["--serve-fd", &dev.to_string(), "--generation"])
+            .arg(generation.to_string())
+            .arg("--state-dir")
+            .arg(state)
+            // Its own process group: a Ctrl-C in the terminal stops the
+            // supervisor, which unmounts; the daemon then ends by itself.
+            .process_group(0)
+            .spawn()
+            .context("starting the mount daemon")?;
+        let pid = child.id();
+        println!("daemon {generation} started (pid {pid})");
+        let mut child = child;
+        let mut exited = tokio::task::spawn_blocking(move || child.wait());
+        tokio::select! {
+            _ = &mut signal => {
+                strata_fuse::restart::unmount(&args.mountpoint)
+                    .with_context(|| format!("unmounting {}", args.mountpoint.display()))?;
+                if tokio::time::timeout(Duration::from_secs(10), &mut exited).await.is_err() {
+                    // SAFETY: kill(2) of our own child, which has not been reaped.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    let _ = exited.await;
+                }
+                println!("unmounted {}", args.mountpoint.display());
+                return Ok(());
+            }
+            status = &mut exited => {
+                let status = status
+                    .context("waiting for the mount daemon")?
+                    .context("waiting for the mount daemon")?;
+                if !is_mounted(&args.mountpoint) {
+                    println!("{} was unmounted", args.mountpoint.display());
+                    return Ok(());
+                }
+                eprintln!(
+                    "mount daemon {generation} (pid {pid}) exited ({status}) while {} is \
+                     mounted; starting a new one",
+                    args.mountpoint.display()
+                );
+                quick_deaths = if started.elapsed() < Duration::from_secs(5) {
+                    quick_deaths + 1
+                } else {
+                    0
+                };
+                if quick_deaths >= 5 {
+                    bail!(
+                        "the mount daemon died 5 times within 5 s of starting; unmounting {} \
+                         (see the errors above)",
+                        args.mountpoint.display()
+                    );
+                }
+                // A daemon that keeps dying at start is given a moment more each time.
+                tokio::time::sleep(Duration::from_millis(
+                    200 * u64::from(quick_deaths.saturating_sub(1)),
+                ))
+                .await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One daemon of a restartable mount, on the descriptor its supervisor
+/// passed.
+async fn serve(cfg: &Config, args: &MountArgs, fd: i32) -> anyhow::Result<()> {
+    use std::os::fd::FromRawFd;
+    let state = args
+        .state_dir
+        .clone()
+        .context("--serve-fd needs --state-dir")?;
+    let init = std::fs::read(state.join("init"))
+        .with_context(|| format!("reading {}", state.join("init").display()))?;
+    let ready = state.join("ready");
+    let first = !ready.exists();
+    let fs = file_system(cfg, args)
+        .await?
+        .restartable(&state, args.generation)?;
+    // SAFETY: the supervisor passed this open descriptor for us to own.
+    let dev = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let session = fs.serve(dev, &init, first)?;
+    if first {
+        std::fs::write(&ready, b"").with_context(|| format!("writing {}", ready.display()))?;
+    }
+    println!(
+        "daemon {} serving {} at {} (pid {})",
+        args.generation,
+        args.path,
+        args.mountpoint.display(),
+        std::process::id()
+    );
+    // Until the file system is unmounted (the kernel then ends the session).
+    let _ = tokio::task::spawn_blocking(move || session.join()).await;
+    Ok(())
 }
 
 /// Every FUSE read-ahead window is a fresh buffer of up to 8 MiB. glibc

@@ -877,3 +877,173 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The daemons of a restartable mount: the supervisor's children.
+fn daemons_of(supervisor: u32) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-P", &supervisor.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Kills the serving daemon with SIGKILL and waits for its successor.
+fn kill_daemon(supervisor: u32) -> u32 {
+    let old = daemons_of(supervisor);
+    assert_eq!(old.len(), 1, "one daemon serves: {old:?}");
+    // SAFETY: kill(2) of the mount's daemon process.
+    unsafe { libc::kill(old[0] as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = daemons_of(supervisor);
+        if now.len() == 1 && now != old {
+            return now[0];
+        }
+        assert!(Instant::now() < deadline, "no new daemon within 20 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_daemon_is_replaced_without_a_remount() {
+    use std::os::unix::fs::FileExt;
+    if !fuse_available() {
+        return;
+    }
+    let mut c = strata_testkit::HaCluster::start(&strata_bin(), 1, 1, Vec::new()).expect("cluster");
+    let client = strata_client::Client::new(&c.master_list(), Default::default()).unwrap();
+    let opts = strata_client::WriteOptions {
+        write_type: strata_client::WriteType::MustCache,
+        recursive: true,
+        ..Default::default()
+    };
+    let mut files = Vec::new();
+    for i in 0..20 {
+        let data = format!("file {i} ").repeat(2000 + 10 * i).into_bytes();
+        client
+            .write_file(&format!("/ds/f{i}"), &data, opts)
+            .await
+            .unwrap();
+        files.push(data);
+    }
+    let big = pattern(12 << 20, 7);
+    client.write_file("/big", &big, opts).await.unwrap();
+    // Every read reaches the daemon: no kernel attribute cache, no
+    // short-circuit, the page cache dropped before each pass.
+    let m = Mount::start_with_env(
+        &c.master_list(),
+        &[
+            "--restartable",
+            "--attr-timeout",
+            "0",
+            "--write-type",
+            "must-cache",
+        ],
+        &[("STRATA_CLIENT_SHORT_CIRCUIT", "false")],
+    );
+    let supervisor = m.child.as_ref().unwrap().id();
+    let root = m.path();
+    let first_daemon = {
+        // The first daemon answers INIT, so the mount works once it is up.
+        std::fs::metadata(root.join("ds/f0")).unwrap();
+        daemons_of(supervisor)
+    };
+    assert_eq!(first_daemon.len(), 1);
+    // Descriptors opened before the kills: a read one, a write one.
+    let reader = std::fs::File::open(root.join("big")).unwrap();
+    let mut head = vec![0u8; 1 << 20];
+    reader.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(head, big[..1 << 20]);
+    let mut writer = std::fs::File::create(root.join("unfinished")).unwrap();
+    writer.write_all(b"written before the daemon died").unwrap();
+
+    // A read the dead daemon had taken but not answered: the worker is
+    // stopped, so the daemon holds the request when it is killed; the
+    // next daemon gets it again from the kernel and answers it.
+    drop_file_cache(&root.join("big"));
+    tokio::task::block_in_place(|| c.pause_worker(0, true)).unwrap();
+    let pending = {
+        let p = root.join("big");
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(p)?;
+            let mut b = vec![0u8; 1 << 20];
+            f.read_exact_at(&mut b, 8 << 20)?;
+            Ok::<_, std::io::Error>(b)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !pending.is_finished(),
+        "the read waits for the stopped worker"
+    );
+    let second = tokio::task::block_in_place(|| kill_daemon(supervisor));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| c.pause_worker(0, false)).unwrap();
+    let got = tokio::task::block_in_place(|| pending.join())
+        .unwrap()
+        .expect("the in-flight read is answered by the next daemon");
+    assert_eq!(got, big[8 << 20..9 << 20]);
+    assert_ne!(second, first_daemon[0]);
+
+    // Readers through two more kills: no read fails or returns wrong bytes.
+    let r = Readers::start(root.join("ds"), files.clone(), true, true);
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        tokio::task::block_in_place(|| kill_daemon(supervisor));
+    }
+    let (ok, errors) = r.finish_after_passes(2).await;
+    assert!(
+        errors.is_empty(),
+        "reads failed across restarts: {errors:?}"
+    );
+    assert!(ok >= 40, "only {ok} reads");
+    assert!(is_mounted(&root), "still the same mount");
+
+    // The read descriptor opened before the kills still reads.
+    let mut tail = vec![0u8; 1 << 20];
+    reader.read_exact_at(&mut tail, 11 << 20).unwrap();
+    assert_eq!(tail, big[11 << 20..]);
+    // The write descriptor's data died with its daemon: the writer is told.
+    let e = writer.write_all(b"more").and_then(|_| writer.sync_all());
+    assert_eq!(
+        e.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO)),
+        "a write through a dead daemon's handle"
+    );
+    drop(writer);
+    // Everything else works: names looked up before, new files, listings.
+    assert_eq!(std::fs::read(root.join("ds/f3")).unwrap(), files[3]);
+    std::fs::write(root.join("ds/new"), b"after the restarts").unwrap();
+    assert_eq!(
+        std::fs::read(root.join("ds/new")).unwrap(),
+        b"after the restarts"
+    );
+    assert_eq!(std::fs::read_dir(root.join("ds")).unwrap().count(), 21);
+    // The same supervisor; `strata umount` ends it.
+    assert_eq!(m.child.as_ref().unwrap().id(), supervisor);
+    drop(reader);
+    let out = Command::new(strata_bin())
+        .arg("umount")
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut m = m;
+    let sup = m.child.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while matches!(sup.try_wait(), Ok(None)) {
+        assert!(
+            Instant::now() < deadline,
+            "the supervisor exits after umount"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(daemons_of(supervisor).is_empty());
+}

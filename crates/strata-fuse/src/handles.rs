@@ -572,9 +572,54 @@ pub struct Handles {
     /// Read-only descriptors of a file this mount is writing: they share
     /// the write handle (reads come from its staged copy).
     aliases: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// The inode table of a restartable mount, which journals the handles
+    /// open for writing (so a restarted daemon can fail them, not lose
+    /// their data silently).
+    journal: std::sync::OnceLock<Arc<std::sync::Mutex<crate::inodes::Inodes>>>,
 }
 
+/// File handles of a restarted daemon start at `generation << GEN_SHIFT`,
+/// so a handle the kernel got from an earlier daemon is never mistaken
+/// for a new one.
+const GEN_SHIFT: u32 = 40;
+
 impl Handles {
+    /// Handles of the `generation`-th daemon of a restartable mount.
+    pub fn for_generation(
+        generation: u64,
+        journal: Arc<std::sync::Mutex<crate::inodes::Inodes>>,
+    ) -> Handles {
+        let h = Handles::default();
+        let _ = h.journal.set(journal);
+        h.next.store(generation << GEN_SHIFT, Ordering::Relaxed);
+        h
+    }
+
+    /// True when `fh` was handed out by an earlier daemon of this mount.
+    pub fn is_inherited(&self, fh: u64) -> bool {
+        fh >> GEN_SHIFT < self.next.load(Ordering::Relaxed) >> GEN_SHIFT
+    }
+
+    /// True when `fh` is an earlier daemon's handle open for writing: what
+    /// was written through it died with that daemon.
+    pub fn lost_writer(&self, fh: u64) -> bool {
+        self.is_inherited(fh) && self.journal.get().is_some_and(|j| lock(j).is_writer(fh))
+    }
+
+    /// Forgets an earlier daemon's handle open for writing.
+    pub fn forget_lost_writer(&self, fh: u64) {
+        if let Some(j) = self.journal.get() {
+            lock(j).writer_closed(fh);
+        }
+    }
+
+    /// Takes over a handle an earlier daemon handed out (reopened here).
+    pub fn adopt(&self, fh: u64, open: Open) -> Arc<Open> {
+        let open = Arc::new(open);
+        lock(&self.map).insert(fh, open.clone());
+        open
+    }
+
     /// A read-only handle on a file open for writing here.
     pub fn insert_alias(&self, open: Arc<Open>) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
@@ -601,7 +646,11 @@ impl Handles {
         if let Some(w) = open.written_counter() {
             lock(&self.writing).insert(open.ino, w);
         }
+        let write = open.is_write();
         lock(&self.map).insert(fh, Arc::new(open));
+        if write && let Some(j) = self.journal.get() {
+            lock(j).writer_opened(fh);
+        }
         fh
     }
 
@@ -613,6 +662,9 @@ impl Handles {
         let o = lock(&self.map).remove(&fh)?;
         if matches!(o.kind, Kind::Write(_)) {
             lock(&self.writing).remove(&o.ino);
+            if let Some(j) = self.journal.get() {
+                lock(j).writer_closed(fh);
+            }
         }
         Some(o)
     }

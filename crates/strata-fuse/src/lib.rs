@@ -11,6 +11,7 @@
 mod errno;
 mod handles;
 mod inodes;
+pub mod restart;
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -246,6 +247,19 @@ impl StrataFs {
     }
 }
 
+/// Answers a readdir from the entries listed at opendir.
+fn fill_dir(open: &Open, offset: u64, mut reply: ReplyDirectory) {
+    let Some(entries) = open.entries() else {
+        return reply.error(Errno::ENOTDIR);
+    };
+    for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+        if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+            break;
+        }
+    }
+    reply.ok();
+}
+
 /// `truncate PATH SIZE` of a file no handle writes: open it for writing,
 /// resize the staged copy, commit.
 async fn resize_closed(ctx: &Ctx, path: &str, ino: u64, size: u64) -> Result<(), Errno> {
@@ -340,6 +354,46 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// The entries of directory `ino`, with `.` and `..` first.
+    async fn dir_entries(&self, ino: u64) -> Result<Vec<(u64, FileType, String)>, Errno> {
+        let (path, parent) = {
+            let inodes = lock(&self.inodes);
+            let path = inodes.path(ino).ok_or(Errno::ENOENT)?;
+            (path, inodes.parent_ino(ino))
+        };
+        let list = self.client.list(&path).await.map_err(|e| to_errno(&e))?;
+        let mut entries = vec![
+            (ino, FileType::Directory, ".".to_string()),
+            (parent, FileType::Directory, "..".to_string()),
+        ];
+        let mut inodes = lock(&self.inodes);
+        for e in list {
+            // A lookup of a listed name within attr_ttl needs no second
+            // call to the master.
+            self.meta.put(&e);
+            let child = inodes.ino_for(&e.path, false);
+            let kind = if e.is_dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            };
+            entries.push((child, kind, e.name));
+        }
+        Ok(entries)
+    }
+
+    /// Opens file `ino` again for reading under handle `fh`, which an
+    /// earlier daemon of this mount handed to the kernel.
+    async fn reopen(&self, ino: u64, fh: u64) -> Result<Arc<Open>, Errno> {
+        let path = lock(&self.inodes).path(ino).ok_or(Errno::ENOENT)?;
+        let info = self.client.stat(&path).await.map_err(|e| to_errno(&e))?;
+        if info.is_dir {
+            return Err(Errno::EISDIR);
+        }
+        let r = self.client.open_info(info).map_err(|e| to_errno(&e))?;
+        Ok(self.handles.adopt(fh, Open::reading(r)))
+    }
+
     /// A writer for a new version of the file at `path` (replacing what is
     /// there), with the mount's write type.
     async fn new_version(
@@ -724,7 +778,7 @@ impl Filesystem for StrataFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -732,10 +786,21 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(open) = self.handles.get(fh.0) else {
+        let open = self.handles.get(fh.0);
+        if open.is_none() && !self.handles.is_inherited(fh.0) {
             return reply.error(Errno::EBADF);
-        };
+        }
+        let ctx = self.ctx();
         self.spawn(async move {
+            let open = match open {
+                Some(o) => o,
+                // A read handle of an earlier daemon of this mount: open
+                // the file again and carry on.
+                None => match ctx.reopen(ino.0, fh.0).await {
+                    Ok(o) => o,
+                    Err(e) => return reply.error(e),
+                },
+            };
             match open.read(offset, size).await {
                 Ok(b) => reply.data(&b),
                 Err(e) => reply.error(e),
@@ -756,7 +821,13 @@ impl Filesystem for StrataFs {
         reply: ReplyWrite,
     ) {
         let Some(open) = self.handles.get(fh.0) else {
-            return reply.error(Errno::EBADF);
+            // What was written through an earlier daemon's handle died with
+            // it: the writer gets an error, not a file with a hole.
+            return reply.error(if self.handles.lost_writer(fh.0) {
+                Errno::EIO
+            } else {
+                Errno::EBADF
+            });
         };
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             // With FUSE_HANDLE_KILLPRIV_V2 a write by a non-owner clears
@@ -789,7 +860,12 @@ impl Filesystem for StrataFs {
             return reply.ok();
         }
         let Some(open) = self.handles.get(fh.0) else {
-            return reply.error(Errno::EBADF);
+            return match self.handles.is_inherited(fh.0) {
+                true if self.handles.lost_writer(fh.0) => reply.error(Errno::EIO),
+                // An earlier daemon's read handle: nothing to commit.
+                true => reply.ok(),
+                false => reply.error(Errno::EBADF),
+            };
         };
         self.commit_and_reply(open, None, reply);
     }
@@ -823,6 +899,7 @@ impl Filesystem for StrataFs {
             return reply.ok();
         }
         let Some(open) = self.handles.get(fh.0) else {
+            self.handles.forget_lost_writer(fh.0);
             return reply.ok();
         };
         self.commit_and_reply(open, Some(fh.0), reply);
@@ -872,37 +949,13 @@ impl Filesystem for StrataFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let ctx = self.ctx();
-        let path = match self.path_of(ino) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        let parent = lock(&self.inodes).parent_ino(ino.0);
         self.spawn(async move {
-            match ctx.client.list(&path).await {
-                Ok(list) => {
-                    let mut entries = vec![
-                        (ino.0, FileType::Directory, ".".to_string()),
-                        (parent, FileType::Directory, "..".to_string()),
-                    ];
-                    {
-                        let mut inodes = lock(&ctx.inodes);
-                        for e in list {
-                            // A lookup of a listed name within attr_ttl
-                            // needs no second call to the master.
-                            ctx.meta.put(&e);
-                            let child = inodes.ino_for(&e.path, false);
-                            let kind = if e.is_dir {
-                                FileType::Directory
-                            } else {
-                                FileType::RegularFile
-                            };
-                            entries.push((child, kind, e.name));
-                        }
-                    }
+            match ctx.dir_entries(ino.0).await {
+                Ok(entries) => {
                     let fh = ctx.handles.insert(Open::dir(entries));
                     reply.opened(FileHandle(fh), FopenFlags::empty())
                 }
-                Err(e) => reply.error(to_errno(&e)),
+                Err(e) => reply.error(e),
             }
         });
     }
@@ -910,23 +963,27 @@ impl Filesystem for StrataFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        let Some(open) = self.handles.get(fh.0) else {
-            return reply.error(Errno::EBADF);
-        };
-        let Some(entries) = open.entries() else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
-                break;
-            }
+        if let Some(open) = self.handles.get(fh.0) {
+            return fill_dir(&open, offset, reply);
         }
-        reply.ok();
+        if !self.handles.is_inherited(fh.0) {
+            return reply.error(Errno::EBADF);
+        }
+        // An earlier daemon's directory handle: list the directory again.
+        let ctx = self.ctx();
+        self.spawn(async move {
+            match ctx.dir_entries(ino.0).await {
+                Ok(entries) => {
+                    fill_dir(&ctx.handles.adopt(fh.0, Open::dir(entries)), offset, reply)
+                }
+                Err(e) => reply.error(e),
+            }
+        });
     }
 
     fn releasedir(

@@ -220,17 +220,31 @@ impl MetaStore {
         tx.commit().map_err(|e| self.err(e))
     }
 
-    /// The whole state as one consistent byte string (one read transaction:
-    /// writers are not blocked while it is built), and the opaque
-    /// replication state it contains.
+    /// The whole state as one consistent byte string (see
+    /// [`MetaStore::export_to`]), and the replication state it contains.
     #[allow(clippy::type_complexity)]
     pub fn export(&self) -> Result<(Vec<u8>, Vec<(String, Vec<u8>)>), MetaError> {
+        let mut out = Vec::new();
+        let repl = self.export_to(&mut out)?;
+        Ok((out, repl))
+    }
+
+    /// Writes the whole state to `out` from one read transaction (writers
+    /// are not blocked while it is written, and memory stays flat however
+    /// large the namespace), and returns the opaque replication state it
+    /// contains.
+    #[allow(clippy::type_complexity)]
+    pub fn export_to(
+        &self,
+        out: &mut dyn std::io::Write,
+    ) -> Result<Vec<(String, Vec<u8>)>, MetaError> {
         self.flush()?;
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let mut out = SNAPSHOT_MAGIC.to_vec();
+        let io = |e: std::io::Error| MetaError::Invalid(format!("writing a snapshot: {e}"));
+        out.write_all(SNAPSHOT_MAGIC).map_err(io)?;
         let mut n = 0u64;
-        let mut push = |r: Rec<'_>, out: &mut Vec<u8>| -> Result<(), MetaError> {
-            postcard::to_io(&r, &mut *out).map_err(|e| self.err(e))?;
+        let mut push = |r: Rec<'_>, out: &mut dyn std::io::Write| -> Result<(), MetaError> {
+            postcard::to_io(&r, out).map_err(|e| self.err(e))?;
             n += 1;
             Ok(())
         };
@@ -240,7 +254,7 @@ impl MetaStore {
                 for kv in t.iter().map_err(|e| self.err(e))? {
                     let (k, v) = kv.map_err(|e| self.err(e))?;
                     let ($k, $v) = (k.value(), v.value());
-                    push($rec, &mut out)?;
+                    push($rec, &mut *out)?;
                 }
             }};
         }
@@ -257,17 +271,34 @@ impl MetaStore {
         dump!(REQUEST_AGE, |k, v| Rec::Age(k, v));
         dump!(JOBS, |k, v| Rec::Job(k, v));
         dump!(ATTRS, |k, v| Rec::Attr(k, v));
-        postcard::to_io(&Rec::End(n), &mut out).map_err(|e| self.err(e))?;
-        Ok((out, repl))
+        postcard::to_io(&Rec::End(n), &mut *out).map_err(|e| self.err(e))?;
+        out.flush().map_err(io)?;
+        Ok(repl)
     }
 
     /// Replaces the whole state with a snapshot made by [`MetaStore::export`].
     /// A damaged snapshot changes nothing.
     pub fn import(&self, bytes: &[u8]) -> Result<(), MetaError> {
+        self.import_from(bytes)
+    }
+
+    /// Replaces the whole state with a snapshot read from `src` (as written
+    /// by [`MetaStore::export_to`]), a window at a time. A damaged or
+    /// truncated snapshot changes nothing.
+    pub fn import_from(&self, mut src: impl std::io::Read) -> Result<(), MetaError> {
         let bad = |msg: &str| MetaError::Invalid(format!("snapshot: {msg}"));
-        let mut rest = bytes
-            .strip_prefix(SNAPSHOT_MAGIC.as_slice())
-            .ok_or_else(|| bad("not a Strata metadata snapshot"))?;
+        let io = |e: std::io::Error| MetaError::Invalid(format!("reading a snapshot: {e}"));
+        let mut magic = [0u8; 8];
+        src.read_exact(&mut magic)
+            .map_err(|_| bad("not a Strata metadata snapshot"))?;
+        if &magic != SNAPSHOT_MAGIC {
+            return Err(bad("not a Strata metadata snapshot"));
+        }
+        // A window over the stream: records are decoded from `buf[pos..]`;
+        // when one is cut off, what is left moves to the front and more
+        // is read (the window grows for a record larger than itself).
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut pos, mut len, mut eof) = (0usize, 0usize, false);
         let tx = self.write_tx(true)?;
         {
             let mut inodes = tx.open_table(INODES).map_err(|e| self.err(e))?;
@@ -291,15 +322,38 @@ impl MetaStore {
             attrs.retain(|_, _| false).map_err(|x| e(x.into()))?;
             let mut n = 0u64;
             loop {
-                if rest.is_empty() {
-                    return Err(bad("truncated (no end record)"));
-                }
-                let (r, tail): (Rec<'_>, &[u8]) =
-                    postcard::take_from_bytes(rest).map_err(|_| bad("truncated or corrupt"))?;
-                rest = tail;
+                let (r, used) = match postcard::take_from_bytes::<Rec<'_>>(&buf[pos..len]) {
+                    Ok((r, tail)) => (r, len - pos - tail.len()),
+                    Err(postcard::Error::DeserializeUnexpectedEnd) if !eof => {
+                        buf.copy_within(pos..len, 0);
+                        len -= pos;
+                        pos = 0;
+                        if len == buf.len() {
+                            buf.resize(buf.len() * 2, 0);
+                        }
+                        let got = loop {
+                            match src.read(&mut buf[len..]) {
+                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                                other => break other.map_err(io)?,
+                            }
+                        };
+                        eof = got == 0;
+                        len += got;
+                        continue;
+                    }
+                    Err(_) if eof && pos == len => return Err(bad("truncated (no end record)")),
+                    Err(_) => return Err(bad("truncated or corrupt")),
+                };
+                pos += used;
                 n += 1;
                 let res = match r {
-                    Rec::End(count) if count + 1 == n && rest.is_empty() => break,
+                    Rec::End(count) if count + 1 == n => {
+                        let mut more = [0u8; 1];
+                        if pos < len || src.read(&mut more).map_err(io)? > 0 {
+                            return Err(bad("data after the end record"));
+                        }
+                        break;
+                    }
                     Rec::End(_) => return Err(bad("record count mismatch")),
                     Rec::Inode(k, v) => inodes.insert(k, v).map(drop),
                     Rec::Child(p, n, v) => children.insert((p, n), v).map(drop),

@@ -266,6 +266,20 @@ impl HaCluster {
         Ok(())
     }
 
+    /// Sends SIGSTOP (true) or SIGCONT (false) to worker `i`.
+    pub fn pause_worker(&mut self, i: usize, pause: bool) -> anyhow::Result<()> {
+        let pid = self.workers.get(i).context("no such worker")?.id();
+        let sig = if pause { "-STOP" } else { "-CONT" };
+        let st = Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()?;
+        if !st.success() {
+            bail!("kill {sig} {pid} failed");
+        }
+        Ok(())
+    }
+
     /// Starts a killed master again on its address and data directory.
     pub fn restart_master(&mut self, id: u64) -> anyhow::Result<()> {
         let i = self.index(id)?;

@@ -1,10 +1,19 @@
 //! The replicated state machine: committed entries applied to
 //! [`strata_meta::MetaStore`], with the last applied log id and membership
 //! stored in the same transactions; snapshots are whole-store exports.
+//!
+//! A snapshot lives in a file of its own (`raft-snapshot-<id>.data`), named
+//! by `raft-snapshot.meta`: it is written from one read transaction through
+//! a buffer, sent in chunks read from the file, received into a file and
+//! imported from it a window at a time, so memory stays flat however large
+//! the namespace is.
 
-use std::io::Cursor;
-use std::path::PathBuf;
+use std::io::{Seek, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use tokio::fs::File;
+use tokio::io::AsyncWriteExt;
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{
@@ -25,16 +34,27 @@ const FLUSH_EVERY: u64 = 4096;
 type SErr = StorageError<u64>;
 type Membership = StoredMembership<u64, BasicNode>;
 
+/// The format before snapshots had files of their own (read once, to
+/// convert it).
 #[derive(Serialize, Deserialize)]
-struct SnapshotFile {
+struct LegacySnapshotFile {
     meta: SnapshotMeta<u64, BasicNode>,
     data: Vec<u8>,
 }
 
+/// `raft-snapshot.meta`: the current snapshot and the file holding it.
+#[derive(Serialize, Deserialize)]
+struct SnapshotIndex {
+    meta: SnapshotMeta<u64, BasicNode>,
+    file: String,
+}
+
 pub struct StateMachine {
     store: Arc<MetaStore>,
-    snapshot_path: PathBuf,
+    dir: PathBuf,
     since_flush: u64,
+    /// The file a snapshot from the leader is being received into.
+    receiving: Option<PathBuf>,
 }
 
 fn any(e: impl std::fmt::Display) -> AnyError {
@@ -45,8 +65,9 @@ impl StateMachine {
     pub fn new(store: Arc<MetaStore>, dir: &std::path::Path) -> Self {
         StateMachine {
             store,
-            snapshot_path: dir.join("raft-snapshot.bin"),
+            dir: dir.to_path_buf(),
             since_flush: 0,
+            receiving: None,
         }
     }
 
@@ -152,58 +173,175 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             store: self.store.clone(),
-            snapshot_path: self.snapshot_path.clone(),
+            dir: self.dir.clone(),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<File>, SErr> {
+        let path = self.dir.join(format!(
+            "raft-snapshot-incoming-{}.tmp",
+            strata_common::now_ms()
+        ));
+        let f = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(|e| {
+                StorageIOError::write_snapshot(None, any(format!("{}: {e}", path.display())))
+            })?;
+        self.receiving = Some(path);
+        Ok(Box::new(f))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        mut snapshot: Box<File>,
     ) -> Result<(), SErr> {
-        let data = snapshot.into_inner();
-        let store = self.store.clone();
-        let path = self.snapshot_path.clone();
-        let file = SnapshotFile {
-            meta: meta.clone(),
-            data,
-        };
         let sig = meta.signature();
+        let fail = |e: AnyError| SErr::from(StorageIOError::write_snapshot(Some(sig.clone()), e));
+        snapshot
+            .flush()
+            .await
+            .map_err(|e| fail(any(format!("received snapshot: {e}"))))?;
+        let received = self.receiving.take();
+        let store = self.store.clone();
+        let dir = self.dir.clone();
+        let meta = meta.clone();
+        let file = snapshot.into_std().await;
         tokio::task::spawn_blocking(move || -> Result<(), AnyError> {
-            store.import(&file.data).map_err(any)?;
-            save_snapshot(&path, &file)
+            let mut file = file;
+            file.sync_all().map_err(any)?;
+            file.rewind().map_err(any)?;
+            store
+                .import_from(std::io::BufReader::with_capacity(1 << 20, &file))
+                .map_err(any)?;
+            let name = data_name(&meta);
+            match received {
+                Some(p) => std::fs::rename(&p, dir.join(&name))
+                    .map_err(|e| any(format!("{}: {e}", p.display())))?,
+                None => {
+                    // Not received through begin_receiving_snapshot: copy it.
+                    file.rewind().map_err(any)?;
+                    let mut out = std::fs::File::create(dir.join(&name)).map_err(any)?;
+                    std::io::copy(&mut file, &mut out).map_err(any)?;
+                    out.sync_all().map_err(any)?;
+                }
+            }
+            set_current(&dir, &meta, &name)
         })
         .await
-        .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), any(e)))?
-        .map_err(|e| StorageIOError::write_snapshot(Some(sig), e).into())
+        .map_err(|e| fail(any(e)))?
+        .map_err(fail)
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
-        let path = self.snapshot_path.clone();
-        let f = tokio::task::spawn_blocking(move || -> Result<Option<SnapshotFile>, AnyError> {
-            match std::fs::read(&path) {
-                Ok(b) => Ok(Some(postcard::from_bytes(&b).map_err(|e| {
-                    any(format!(
-                        "snapshot {} cannot be decoded: {e}",
-                        path.display()
-                    ))
-                })?)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(any(format!("{}: {e}", path.display()))),
-            }
-        })
-        .await
-        .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?
-        .map_err(|e| StorageIOError::read_snapshot(None, e))?;
-        Ok(f.map(|f| Snapshot {
-            meta: f.meta,
-            snapshot: Box::new(Cursor::new(f.data)),
+        let dir = self.dir.clone();
+        let current = tokio::task::spawn_blocking(move || current_snapshot(&dir))
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?
+            .map_err(|e| StorageIOError::read_snapshot(None, e))?;
+        let Some(index) = current else {
+            return Ok(None);
+        };
+        let path = self.dir.join(&index.file);
+        let f = File::open(&path).await.map_err(|e| {
+            StorageIOError::read_snapshot(
+                Some(index.meta.signature()),
+                any(format!("{}: {e}", path.display())),
+            )
+        })?;
+        Ok(Some(Snapshot {
+            meta: index.meta,
+            snapshot: Box::new(f),
         }))
     }
+}
+
+/// The data file of snapshot `meta`.
+fn data_name(meta: &SnapshotMeta<u64, BasicNode>) -> String {
+    format!("raft-snapshot-{}.data", meta.snapshot_id)
+}
+
+/// Makes `name` the current snapshot (an atomic rename of the index) and
+/// removes every other snapshot file.
+fn set_current(
+    dir: &Path,
+    meta: &SnapshotMeta<u64, BasicNode>,
+    name: &str,
+) -> Result<(), AnyError> {
+    let index = SnapshotIndex {
+        meta: meta.clone(),
+        file: name.to_string(),
+    };
+    let bytes = postcard::to_allocvec(&index).map_err(any)?;
+    let path = dir.join("raft-snapshot.meta");
+    let tmp = path.with_extension("meta.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| any(format!("{}: {e}", path.display())))?;
+    // Older snapshots, abandoned receptions and builds; a sender still
+    // reading one keeps it open until it is done.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let old = n.starts_with("raft-snapshot-") && n != name;
+            if old || n == "raft-snapshot.bin" {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The current snapshot, if any (a snapshot kept in the older one-file
+/// format is converted first).
+fn current_snapshot(dir: &Path) -> Result<Option<SnapshotIndex>, AnyError> {
+    let path = dir.join("raft-snapshot.meta");
+    match std::fs::read(&path) {
+        Ok(b) => {
+            return postcard::from_bytes(&b).map(Some).map_err(|e| {
+                any(format!(
+                    "snapshot index {} cannot be decoded: {e}",
+                    path.display()
+                ))
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(any(format!("{}: {e}", path.display()))),
+    }
+    let legacy = dir.join("raft-snapshot.bin");
+    let b = match std::fs::read(&legacy) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(any(format!("{}: {e}", legacy.display()))),
+    };
+    let old: LegacySnapshotFile = postcard::from_bytes(&b).map_err(|e| {
+        any(format!(
+            "snapshot {} cannot be decoded: {e}",
+            legacy.display()
+        ))
+    })?;
+    let name = data_name(&old.meta);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(dir.join(&name))?;
+        f.write_all(&old.data)?;
+        f.sync_all()
+    };
+    write().map_err(|e| any(format!("converting {}: {e}", legacy.display())))?;
+    set_current(dir, &old.meta, &name)?;
+    Ok(Some(SnapshotIndex {
+        meta: old.meta,
+        file: name,
+    }))
 }
 
 fn decode_applied(
@@ -221,65 +359,67 @@ fn decode_applied(
     Ok((applied, membership))
 }
 
-fn save_snapshot(path: &std::path::Path, f: &SnapshotFile) -> Result<(), AnyError> {
-    let tmp = path.with_extension("tmp");
-    let bytes = postcard::to_allocvec(f).map_err(any)?;
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| any(format!("{}: {e}", path.display())))
-}
-
 pub struct SnapshotBuilder {
     store: Arc<MetaStore>,
-    snapshot_path: PathBuf,
+    dir: PathBuf,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
         let store = self.store.clone();
-        let path = self.snapshot_path.clone();
-        let file = tokio::task::spawn_blocking(move || -> Result<SnapshotFile, AnyError> {
-            // The applied id and membership come from the export's own read
-            // transaction, so they describe exactly the exported state.
-            let started = std::time::Instant::now();
-            let (data, repl) = store.export().map_err(any)?;
-            let exported = started.elapsed();
-            let get = |k: &str| repl.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-            let (last_log_id, membership) = decode_applied(get(APPLIED), get(MEMBERSHIP))?;
-            let snapshot_id = format!(
-                "{}-{}",
-                last_log_id.map(|l| l.index).unwrap_or(0),
-                strata_common::now_ms()
-            );
-            let file = SnapshotFile {
-                meta: SnapshotMeta {
+        let dir = self.dir.clone();
+        let (meta, path) = tokio::task::spawn_blocking(
+            move || -> Result<(SnapshotMeta<u64, BasicNode>, PathBuf), AnyError> {
+                // The applied id and membership come from the export's own
+                // read transaction, so they describe exactly the exported
+                // state.
+                let started = std::time::Instant::now();
+                let tmp = dir.join(format!(
+                    "raft-snapshot-building-{}.tmp",
+                    strata_common::now_ms()
+                ));
+                let file = std::fs::File::create(&tmp)
+                    .map_err(|e| any(format!("{}: {e}", tmp.display())))?;
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+                let repl = store.export_to(&mut out).map_err(any)?;
+                let file = out.into_inner().map_err(|e| any(e.error()))?;
+                let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+                let exported = started.elapsed();
+                file.sync_all().map_err(any)?;
+                let get = |k: &str| repl.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+                let (last_log_id, membership) = decode_applied(get(APPLIED), get(MEMBERSHIP))?;
+                let meta = SnapshotMeta {
                     last_log_id,
                     last_membership: membership,
-                    snapshot_id,
-                },
-                data,
-            };
-            save_snapshot(&path, &file)?;
-            tracing::info!(
-                index = last_log_id.map(|l| l.index).unwrap_or(0),
-                bytes = file.data.len(),
-                export_ms = exported.as_millis() as u64,
-                total_ms = started.elapsed().as_millis() as u64,
-                "snapshot built"
-            );
-            Ok(file)
-        })
+                    snapshot_id: format!(
+                        "{}-{}",
+                        last_log_id.map(|l| l.index).unwrap_or(0),
+                        strata_common::now_ms()
+                    ),
+                };
+                let name = data_name(&meta);
+                std::fs::rename(&tmp, dir.join(&name))
+                    .map_err(|e| any(format!("{}: {e}", tmp.display())))?;
+                set_current(&dir, &meta, &name)?;
+                tracing::info!(
+                    index = last_log_id.map(|l| l.index).unwrap_or(0),
+                    bytes,
+                    export_ms = exported.as_millis() as u64,
+                    total_ms = started.elapsed().as_millis() as u64,
+                    "snapshot built"
+                );
+                Ok((meta, dir.join(name)))
+            },
+        )
         .await
         .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?
         .map_err(|e| StorageIOError::write_snapshot(None, e))?;
+        let f = File::open(&path).await.map_err(|e| {
+            StorageIOError::write_snapshot(None, any(format!("{}: {e}", path.display())))
+        })?;
         Ok(Snapshot {
-            meta: file.meta,
-            snapshot: Box::new(Cursor::new(file.data)),
+            meta,
+            snapshot: Box::new(f),
         })
     }
 }
