@@ -251,14 +251,17 @@ async fn run_daemons(args: &MountArgs, dev: i32, state: &Path) -> anyhow::Result
                      mounted; starting a new one",
                     args.mountpoint.display()
                 );
-                quick_deaths = if started.elapsed() < Duration::from_secs(5) {
+                // A daemon that dies right after it starts (a request that
+                // crashes it is sent again to the next one) must not be
+                // restarted for ever.
+                quick_deaths = if started.elapsed() < Duration::from_secs(1) {
                     quick_deaths + 1
                 } else {
                     0
                 };
                 if quick_deaths >= 5 {
                     bail!(
-                        "the mount daemon died 5 times within 5 s of starting; unmounting {} \
+                        "the mount daemon died 5 times within 1 s of starting; unmounting {} \
                          (see the errors above)",
                         args.mountpoint.display()
                     );

@@ -243,8 +243,14 @@ impl MetaStore {
         let io = |e: std::io::Error| MetaError::Invalid(format!("writing a snapshot: {e}"));
         out.write_all(SNAPSHOT_MAGIC).map_err(io)?;
         let mut n = 0u64;
+        // Each record is encoded into one reused buffer and written whole
+        // (postcard's own writer makes a call per byte).
+        let mut scratch = Vec::with_capacity(4096);
         let mut push = |r: Rec<'_>, out: &mut dyn std::io::Write| -> Result<(), MetaError> {
-            postcard::to_io(&r, out).map_err(|e| self.err(e))?;
+            scratch.clear();
+            scratch = postcard::to_extend(&r, std::mem::take(&mut scratch))
+                .map_err(|e| self.err(e))?;
+            out.write_all(&scratch).map_err(io)?;
             n += 1;
             Ok(())
         };
