@@ -537,6 +537,21 @@ impl Client {
         data: &[u8],
         opts: WriteOptions,
     ) -> Result<FileInfo> {
+        if data.is_empty() && opts.write_type == WriteType::MustCache {
+            // Nothing for a worker to hold: one call to the master.
+            let p = strata_common::NsPath::parse(path)
+                .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+            let req = pb::CreateFileRequest {
+                path: p.to_string(),
+                write_type: opts.write_type as i32,
+                overwrite: opts.overwrite,
+                recursive: opts.recursive,
+                complete_empty: true,
+            };
+            return self
+                .master_write(req, |mut c, r| async move { c.create_file(r).await })
+                .await;
+        }
         let mut w = self.create(path, opts).await?;
         if let Err(e) = w.write(data).await {
             w.abort().await;

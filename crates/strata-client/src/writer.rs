@@ -76,6 +76,7 @@ impl Writer {
             write_type: opts.write_type as i32,
             overwrite: opts.overwrite,
             recursive: opts.recursive,
+            complete_empty: false,
         };
         let info = client
             .master_write(req, |mut c, r| async move { c.create_file(r).await })

@@ -553,7 +553,21 @@ impl Namespace {
         write_type: pb::WriteType,
         overwrite: bool,
         recursive: bool,
+        complete_empty: bool,
     ) -> Result<pb::FileInfo, MasterError> {
+        if complete_empty
+            && !matches!(
+                write_type,
+                pb::WriteType::MustCache | pb::WriteType::Unspecified
+            )
+        {
+            return Err(MasterError::Invalid {
+                path: path.to_string(),
+                msg: "only a MUST_CACHE file can be created complete and empty in one call; \
+                      other write types need their UFS object written through a worker"
+                    .into(),
+            });
+        }
         if recursive
             && let Some(p) = path.parent()
             && let Err(MasterError::NotFound { .. }) = self.resolve(&p).await
@@ -588,14 +602,24 @@ impl Namespace {
                 });
             }
         }
-        let out = self
-            .apply_final(Command::CreateFile {
+        let cmd = if complete_empty {
+            Command::CreateEmptyFile {
+                parent: pr.inode.id,
+                name: name.clone(),
+                mtime_ms: now_ms(),
+                overwrite,
+            }
+        } else {
+            Command::CreateFile {
                 parent: pr.inode.id,
                 name: name.clone(),
                 mtime_ms: now_ms(),
                 persist,
                 overwrite,
-            })
+            }
+        };
+        let out = self
+            .apply_final(cmd)
             .await
             .map_err(|e| match e {
                 MasterError::Meta(MetaError::Exists(_)) => MasterError::Exists {

@@ -185,7 +185,11 @@ impl Master for MasterService {
         let p = path(&r.path)?;
         let wt = pb::WriteType::try_from(r.write_type).unwrap_or(pb::WriteType::MustCache);
         let info = REQUEST_ID
-            .scope(rid, self.ns.create_file(&p, wt, r.overwrite, r.recursive))
+            .scope(
+                rid,
+                self.ns
+                    .create_file(&p, wt, r.overwrite, r.recursive, r.complete_empty),
+            )
             .await?;
         Ok(Response::new(info))
     }

@@ -109,6 +109,15 @@ pub enum Command {
         remove: Vec<String>,
         flag: crate::XattrFlag,
     },
+    /// An empty, complete, cache-only file in one command: `CreateFile`
+    /// then `CompleteFile` of size 0 (`touch`, an empty object). Last in
+    /// the enum, so log entries written before it existed still decode.
+    CreateEmptyFile {
+        parent: InodeId,
+        name: String,
+        mtime_ms: i64,
+        overwrite: bool,
+    },
 }
 
 /// What applying a command produced.

@@ -435,6 +435,32 @@ impl<'t> Tables<'t> {
                     self.set_attrs_raw(f.id, &a)?;
                 }
             }
+            Command::CreateEmptyFile {
+                parent,
+                name,
+                mtime_ms,
+                overwrite,
+            } => {
+                out = self.apply(&Command::CreateFile {
+                    parent: *parent,
+                    name: name.clone(),
+                    mtime_ms: *mtime_ms,
+                    persist: PersistState::NotPersisted,
+                    overwrite: *overwrite,
+                })?;
+                let id = out
+                    .inode
+                    .ok_or_else(|| MetaError::Invalid(format!("{name}: not created")))?;
+                let generation = self.get(id)?.generation;
+                self.apply(&Command::CompleteFile {
+                    id,
+                    generation,
+                    size: 0,
+                    fingerprint: String::new(),
+                    mtime_ms: *mtime_ms,
+                    xattrs: None,
+                })?;
+            }
             Command::CompleteFile {
                 id,
                 generation,
@@ -741,6 +767,40 @@ mod tests {
             mtime_ms: 5,
             fingerprint: fp.into(),
         }
+    }
+
+    #[test]
+    fn an_empty_file_is_created_complete_in_one_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MetaStore::open(dir.path()).unwrap();
+        let touch = |overwrite| Command::CreateEmptyFile {
+            parent: ROOT_ID,
+            name: "e".into(),
+            mtime_ms: 7,
+            overwrite,
+        };
+        let out = s.apply(&touch(false)).unwrap();
+        let f = s.inode(out.inode.unwrap()).unwrap().unwrap();
+        assert!(f.complete && !f.is_dir);
+        assert_eq!((f.size, f.mtime_ms, f.generation), (0, 7, 1));
+        assert_eq!(f.persist, PersistState::NotPersisted);
+        assert!(matches!(s.apply(&touch(false)), Err(MetaError::Exists(_))));
+        // Overwriting replaces the file with a new generation.
+        let out = s.apply(&touch(true)).unwrap();
+        assert_eq!(out.removed.len(), 1);
+        let g = s.inode(out.inode.unwrap()).unwrap().unwrap();
+        assert_eq!((g.generation, g.complete), (2, true));
+        // Under a file, nothing is created.
+        assert!(
+            s.apply(&Command::CreateEmptyFile {
+                parent: g.id,
+                name: "x".into(),
+                mtime_ms: 1,
+                overwrite: false,
+            })
+            .is_err()
+        );
+        assert_eq!(s.children(ROOT_ID).unwrap().len(), 1);
     }
 
     #[test]
