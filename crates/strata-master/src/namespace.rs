@@ -618,15 +618,12 @@ impl Namespace {
                 overwrite,
             }
         };
-        let out = self
-            .apply_final(cmd)
-            .await
-            .map_err(|e| match e {
-                MasterError::Meta(MetaError::Exists(_)) => MasterError::Exists {
-                    path: path.to_string(),
-                },
-                e => e,
-            })?;
+        let out = self.apply_final(cmd).await.map_err(|e| match e {
+            MasterError::Meta(MetaError::Exists(_)) => MasterError::Exists {
+                path: path.to_string(),
+            },
+            e => e,
+        })?;
         let ino = out
             .inode
             .and_then(|id| self.store.inode(id).ok().flatten())

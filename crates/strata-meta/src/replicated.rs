@@ -248,8 +248,8 @@ impl MetaStore {
         let mut scratch = Vec::with_capacity(4096);
         let mut push = |r: Rec<'_>, out: &mut dyn std::io::Write| -> Result<(), MetaError> {
             scratch.clear();
-            scratch = postcard::to_extend(&r, std::mem::take(&mut scratch))
-                .map_err(|e| self.err(e))?;
+            scratch =
+                postcard::to_extend(&r, std::mem::take(&mut scratch)).map_err(|e| self.err(e))?;
             out.write_all(&scratch).map_err(io)?;
             n += 1;
             Ok(())

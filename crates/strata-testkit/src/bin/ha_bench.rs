@@ -1,5 +1,5 @@
 //! `strata-ha-bench failover STRATA_BIN [ROUNDS]` and
-//! `strata-ha-bench follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS]`:
+//! `strata-ha-bench follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS] [TASKS]`:
 //! benchmarks of the replicated masters that need to kill and confine real
 //! master processes (3 masters and a worker on 127.0.0.1, temp dirs).
 //!
@@ -10,7 +10,8 @@
 //!
 //! follower-reads: each master is confined to CPU_PERCENT of one core (its
 //! own cgroup's cpu.max); stat throughput is measured with reads sent to the
-//! leader only and then spread over all masters, in the same run.
+//! leader only and then spread over all masters, in the same run, by TASKS
+//! concurrent stat calls (default 128).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +24,7 @@ use strata_testkit::HaCluster;
 
 fn main() -> anyhow::Result<()> {
     let usage = "usage: strata-ha-bench failover STRATA_BIN [ROUNDS] | \
-                 follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS] | \
+                 follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS] [TASKS] | \
                  gen-namespace MASTER_DATA_DIR FILES [FILES_PER_DIR]";
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("gen-namespace") {
@@ -50,7 +51,8 @@ fn main() -> anyhow::Result<()> {
         "follower-reads" => {
             let pct: u64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(25);
             let secs: u64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
-            rt.block_on(follower_reads(&bin, pct, secs))
+            let tasks: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(128);
+            rt.block_on(follower_reads(&bin, pct, secs, tasks))
         }
         _ => bail!("{usage}"),
     }
@@ -333,14 +335,12 @@ impl Drop for CpuCaps {
     }
 }
 
-/// Concurrent stat calls in the follower-reads bench.
-const TASKS: usize = 128;
-
 async fn stat_rate(
     addrs: &str,
     read_from: &str,
     files: &[String],
     secs: u64,
+    tasks: usize,
 ) -> anyhow::Result<f64> {
     let cfg = strata_common::config::ClientConfig {
         read_from: read_from.into(),
@@ -351,8 +351,9 @@ async fn stat_rate(
     let ops = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let until = Instant::now() + Duration::from_secs(secs);
+    let n = tasks;
     let mut tasks = Vec::new();
-    for t in 0..TASKS {
+    for t in 0..n {
         let (client, ops, errors, files) =
             (client.clone(), ops.clone(), errors.clone(), files.to_vec());
         tasks.push(tokio::spawn(async move {
@@ -362,7 +363,7 @@ async fn stat_rate(
                     Ok(_) => ops.fetch_add(1, Ordering::Relaxed),
                     Err(_) => errors.fetch_add(1, Ordering::Relaxed),
                 };
-                i += TASKS;
+                i += n;
             }
         }));
     }
@@ -376,7 +377,12 @@ async fn stat_rate(
     Ok(ops.load(Ordering::Relaxed) as f64 / secs as f64)
 }
 
-async fn follower_reads(bin: &std::path::Path, percent: u64, secs: u64) -> anyhow::Result<()> {
+async fn follower_reads(
+    bin: &std::path::Path,
+    percent: u64,
+    secs: u64,
+    tasks: usize,
+) -> anyhow::Result<()> {
     let c = HaCluster::start(bin, 3, 1, Vec::new())?;
     let client = Client::new(&c.master_list(), Default::default())?;
     let mut files = Vec::new();
@@ -388,11 +394,12 @@ async fn follower_reads(bin: &std::path::Path, percent: u64, secs: u64) -> anyho
     let pids: Vec<u32> = c.masters.iter().filter_map(|m| m.pid()).collect();
     let _caps = CpuCaps::new(&pids, percent)?;
     let addrs = c.master_list();
-    let leader = stat_rate(&addrs, "leader", &files, secs).await?;
-    let any = stat_rate(&addrs, "any", &files, secs).await?;
-    let stale = stat_rate(&addrs, "any-stale", &files, secs).await?;
+    let leader = stat_rate(&addrs, "leader", &files, secs, tasks).await?;
+    let any = stat_rate(&addrs, "any", &files, secs, tasks).await?;
+    let stale = stat_rate(&addrs, "any-stale", &files, secs, tasks).await?;
     println!(
-        "stats/s with each master held to {percent}% of a core: leader only {leader:.0}; \
+        "stats/s with each master held to {percent}% of a core, {tasks} calls in flight: \
+         leader only {leader:.0}; \
          all 3 masters (linearizable) {any:.0} = {:.2}x; all 3 (bounded staleness) {stale:.0} = {:.2}x",
         any / leader,
         stale / leader
