@@ -10,6 +10,7 @@ mod jobs;
 mod local_cache;
 mod reader;
 mod short_circuit;
+mod stat_batch;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap};
@@ -61,6 +62,8 @@ pub(crate) struct Inner {
     hot: Mutex<HashMap<(u128, u64), (u8, Instant)>>,
     /// Round-robin counter for spreading reads over replicas.
     picks: std::sync::atomic::AtomicU64,
+    /// Stats of concurrent callers, sent together.
+    stats: stat_batch::StatBatcher,
 }
 
 /// How long a hot-block report steers reads after it was last received.
@@ -147,6 +150,7 @@ impl Client {
                 local_cache,
                 hot: Mutex::new(HashMap::new()),
                 picks: std::sync::atomic::AtomicU64::new(0),
+                stats: Default::default(),
             }),
         })
     }
@@ -198,15 +202,11 @@ impl Client {
             .map_err(|e| self.call_err(e))
     }
 
+    /// A file's or directory's metadata. Concurrent stats of one client
+    /// share calls to the master (see `stat_batch.rs`).
     pub async fn stat(&self, path: &str) -> Result<FileInfo> {
         let p = parse_path(path)?;
-        self.master_read(
-            pb::PathRequest {
-                path: p.to_string(),
-            },
-            |mut c, r| async move { c.get_file_info(r).await },
-        )
-        .await
+        self.stat_batched(p.to_string()).await
     }
 
     pub async fn list(&self, path: &str) -> Result<Vec<FileInfo>> {

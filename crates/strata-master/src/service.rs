@@ -147,12 +147,46 @@ impl MasterService {
     }
 }
 
+/// Most paths one GetFileInfos call may carry.
+const MAX_BATCH_PATHS: usize = 1024;
+
 #[tonic::async_trait]
 impl Master for MasterService {
     async fn get_file_info(&self, req: Request<pb::PathRequest>) -> R<pb::FileInfo> {
         self.read(&req).await?;
         let p = path(&req.get_ref().path)?;
         Ok(Response::new(self.ns.stat(&p).await?))
+    }
+
+    async fn get_file_infos(&self, req: Request<pb::PathsRequest>) -> R<pb::FileInfosResponse> {
+        self.read(&req).await?;
+        let paths = &req.get_ref().paths;
+        if paths.len() > MAX_BATCH_PATHS {
+            return Err(Status::invalid_argument(format!(
+                "{} paths in one GetFileInfos call; at most {MAX_BATCH_PATHS}",
+                paths.len()
+            )));
+        }
+        let mut results = Vec::with_capacity(paths.len());
+        for p in paths {
+            let r = match path(p) {
+                Ok(p) => self.ns.stat(&p).await.map_err(Status::from),
+                Err(e) => Err(e),
+            };
+            results.push(match r {
+                Ok(info) => pb::FileInfoResult {
+                    info: Some(info),
+                    code: 0,
+                    message: String::new(),
+                },
+                Err(s) => pb::FileInfoResult {
+                    info: None,
+                    code: s.code() as i32,
+                    message: s.message().to_string(),
+                },
+            });
+        }
+        Ok(Response::new(pb::FileInfosResponse { results }))
     }
 
     async fn list_status(&self, req: Request<pb::PathRequest>) -> R<pb::ListResponse> {

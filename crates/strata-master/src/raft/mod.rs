@@ -54,7 +54,7 @@ pub type Raft = openraft::Raft<TypeConfig>;
 
 /// How long a follower collects reads before asking the leader for a read
 /// index on their behalf.
-const READ_INDEX_GATHER: Duration = Duration::from_millis(2);
+const READ_INDEX_GATHER: Duration = Duration::from_millis(1);
 
 /// Timing of elections and heartbeats (milliseconds).
 #[derive(Clone, Debug)]
@@ -287,12 +287,17 @@ impl ReadIndex {
         if start_driver {
             let (me, raft) = (self.clone(), raft.clone());
             tokio::spawn(async move {
+                let mut last: Option<tokio::time::Instant> = None;
                 loop {
-                    // Let concurrent reads gather for a moment (tokio's
-                    // timer has millisecond resolution): one request then
-                    // serves them all, which is what lets read capacity
-                    // grow with the number of masters.
-                    tokio::time::sleep(READ_INDEX_GATHER).await;
+                    // Rounds start at most every READ_INDEX_GATHER: reads
+                    // that arrive meanwhile gather, and one request then
+                    // serves them all (which is what lets read capacity
+                    // grow with the number of masters); the first read
+                    // after a quiet spell goes at once.
+                    if let Some(t) = last {
+                        tokio::time::sleep_until(t + READ_INDEX_GATHER).await;
+                    }
+                    last = Some(tokio::time::Instant::now());
                     let waiters = {
                         let mut g = me.waiting.lock().unwrap_or_else(|p| p.into_inner());
                         if g.1.is_empty() {
