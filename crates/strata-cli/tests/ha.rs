@@ -358,3 +358,46 @@ async fn all_masters_replaced_one_by_one_under_a_read_workload() {
     let b = cl.read_file("/model/weights.bin").await.expect("read");
     assert_eq!(b.len(), 300_000);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_stats_share_calls_and_each_gets_its_own_answer() {
+    let c = cluster(0, &[]);
+    let client = client(&c);
+    for i in 0..50 {
+        client
+            .write_file(&format!("/st/f{i}"), b"", cache_only())
+            .await
+            .unwrap();
+    }
+    client.mkdir("/st/dir", false).await.unwrap();
+    // 600 stats at once (more than one call carries), from every master:
+    // existing files, missing ones, a directory, a path through a file,
+    // and a path that does not parse.
+    let mut tasks = Vec::new();
+    for i in 0..600usize {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let path = match i % 6 {
+                0 | 1 => format!("/st/f{}", i % 50),
+                2 => format!("/st/missing{i}"),
+                3 => "/st/dir".to_string(),
+                4 => format!("/st/f{}/below", i % 50),
+                _ => "relative/path".to_string(),
+            };
+            (i, path.clone(), client.stat(&path).await)
+        }));
+    }
+    for t in tasks {
+        let (i, path, r) = t.await.unwrap();
+        match i % 6 {
+            0 | 1 => {
+                let info = r.unwrap_or_else(|e| panic!("{path}: {e}"));
+                assert_eq!(info.path, path);
+                assert!(!info.is_dir);
+            }
+            2 => assert!(r.as_ref().is_err_and(|e| e.is_not_found()), "{path}: {r:?}"),
+            3 => assert!(r.unwrap().is_dir),
+            _ => assert!(r.is_err(), "{path}: {r:?}"),
+        }
+    }
+}
