@@ -423,3 +423,45 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_in_the_older_one_file_format_is_converted() {
+        let dir = std::env::temp_dir().join(format!("strata-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(current_snapshot(&dir).unwrap().is_none(), "no snapshot yet");
+        let meta = SnapshotMeta {
+            last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 42)),
+            last_membership: Membership::default(),
+            snapshot_id: "42-7".into(),
+        };
+        let data = b"STRMETA1 whatever the store exported".to_vec();
+        let legacy = LegacySnapshotFile {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        std::fs::write(
+            dir.join("raft-snapshot.bin"),
+            postcard::to_allocvec(&legacy).unwrap(),
+        )
+        .unwrap();
+        let index = current_snapshot(&dir).unwrap().expect("converted");
+        assert_eq!(index.meta, meta);
+        assert_eq!(std::fs::read(dir.join(&index.file)).unwrap(), data);
+        assert!(
+            !dir.join("raft-snapshot.bin").exists(),
+            "the old file is gone"
+        );
+        // Read again: from the new index, the same snapshot.
+        let again = current_snapshot(&dir).unwrap().unwrap();
+        assert_eq!((again.meta, again.file), (meta, index.file));
+        // A damaged index is an error, not an empty state.
+        std::fs::write(dir.join("raft-snapshot.meta"), b"\xff\xff").unwrap();
+        assert!(current_snapshot(&dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
