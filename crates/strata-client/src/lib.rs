@@ -539,15 +539,7 @@ impl Client {
     ) -> Result<FileInfo> {
         if data.is_empty() && opts.write_type == WriteType::MustCache {
             // Nothing for a worker to hold: one call to the master.
-            let p = strata_common::NsPath::parse(path)
-                .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
-            let req = pb::CreateFileRequest {
-                path: p.to_string(),
-                write_type: opts.write_type as i32,
-                overwrite: opts.overwrite,
-                recursive: opts.recursive,
-                complete_empty: true,
-            };
+            let req = writer::create_request(path, &opts, true)?;
             return self
                 .master_write(req, |mut c, r| async move { c.create_file(r).await })
                 .await;

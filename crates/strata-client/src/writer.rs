@@ -60,10 +60,27 @@ pub struct Writer {
     xattrs: Option<std::collections::HashMap<String, Vec<u8>>>,
 }
 
+/// The master call that creates the file at `path`; `complete_empty`
+/// creates it empty and complete at once (MUST_CACHE only).
+pub(crate) fn create_request(
+    path: &str,
+    opts: &WriteOptions,
+    complete_empty: bool,
+) -> Result<pb::CreateFileRequest> {
+    let p = strata_common::NsPath::parse(path)
+        .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+    Ok(pb::CreateFileRequest {
+        path: p.to_string(),
+        write_type: opts.write_type as i32,
+        overwrite: opts.overwrite,
+        recursive: opts.recursive,
+        complete_empty,
+    })
+}
+
 impl Writer {
     pub(crate) async fn create(client: Client, path: &str, opts: WriteOptions) -> Result<Writer> {
-        let p = strata_common::NsPath::parse(path)
-            .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+        let req = create_request(path, &opts, false)?;
         if opts.priority > strata_proto::data::MAX_PRIORITY {
             return Err(ClientError::InvalidArgument(format!(
                 "write priority {} for {path} is above {} (use 0..=8)",
@@ -71,13 +88,6 @@ impl Writer {
                 strata_proto::data::MAX_PRIORITY
             )));
         }
-        let req = pb::CreateFileRequest {
-            path: p.to_string(),
-            write_type: opts.write_type as i32,
-            overwrite: opts.overwrite,
-            recursive: opts.recursive,
-            complete_empty: false,
-        };
         let info = client
             .master_write(req, |mut c, r| async move { c.create_file(r).await })
             .await?;

@@ -192,12 +192,7 @@ impl StrataFs {
 
     fn config(&self) -> fuser::Config {
         let mut c = fuser::Config::default();
-        c.mount_options = vec![
-            fuser::MountOption::FSName(format!("strata:{}", self.opts.root)),
-            fuser::MountOption::Subtype("strata".into()),
-            fuser::MountOption::DefaultPermissions,
-            fuser::MountOption::NoAtime,
-        ];
+        c.mount_options = mount_option_list(&self.opts.root);
         if self.opts.allow_other {
             c.acl = fuser::SessionACL::All;
         }
@@ -320,6 +315,17 @@ impl StrataFs {
             }
         });
     }
+}
+
+/// The mount options of every Strata mount (besides `allow_other`, which
+/// `fuser` derives from its ACL setting), for the namespace directory `root`.
+fn mount_option_list(root: &str) -> Vec<fuser::MountOption> {
+    vec![
+        fuser::MountOption::FSName(format!("strata:{}", normalize_root(root))),
+        fuser::MountOption::Subtype("strata".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoAtime,
+    ]
 }
 
 fn normalize_root(r: &str) -> String {

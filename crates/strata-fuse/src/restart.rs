@@ -31,21 +31,29 @@ use nix::sys::socket::{
 
 use crate::handles::Handles;
 use crate::inodes::Inodes;
-use crate::{FuseError, FuseOptions, StrataFs, normalize_root};
+use crate::{FuseError, FuseOptions, StrataFs, mount_option_list};
 
 /// `fuse_notify_code::FUSE_NOTIFY_RESEND`.
 const NOTIFY_RESEND: i32 = 7;
 
-/// The `-o` options of a Strata mount, as `fusermount3` takes them.
+/// The `-o` options of a Strata mount (the same list a plain mount
+/// gives `fuser`), as `fusermount3` takes them.
 pub fn mount_options(opts: &FuseOptions) -> String {
-    let mut o = format!(
-        "fsname=strata:{},subtype=strata,default_permissions,noatime",
-        normalize_root(&opts.root).replace(',', "_")
-    );
+    use fuser::MountOption as M;
+    let mut o: Vec<String> = mount_option_list(&opts.root)
+        .iter()
+        .map(|m| match m {
+            M::FSName(n) => format!("fsname={}", n.replace(',', "_")),
+            M::Subtype(t) => format!("subtype={t}"),
+            M::DefaultPermissions => "default_permissions".into(),
+            M::NoAtime => "noatime".into(),
+            other => unreachable!("mount option {other:?} is not in mount_option_list"),
+        })
+        .collect();
     if opts.allow_other {
-        o.push_str(",allow_other");
+        o.push("allow_other".into());
     }
-    o
+    o.join(",")
 }
 
 /// Mounts an (uninitialised) FUSE file system on `mountpoint` with

@@ -39,6 +39,19 @@ pub struct HaCluster {
     next_id: u64,
 }
 
+/// Sends SIGSTOP (true) or SIGCONT (false) to process `pid`.
+fn pause_pid(pid: u32, pause: bool) -> anyhow::Result<()> {
+    let sig = if pause { "-STOP" } else { "-CONT" };
+    let st = Command::new("kill")
+        .arg(sig)
+        .arg(pid.to_string())
+        .status()?;
+    if !st.success() {
+        bail!("kill {sig} {pid} failed");
+    }
+    Ok(())
+}
+
 /// A free port on 127.0.0.1 (bound and released; loopback only).
 pub fn free_addr() -> anyhow::Result<String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -269,15 +282,7 @@ impl HaCluster {
     /// Sends SIGSTOP (true) or SIGCONT (false) to worker `i`.
     pub fn pause_worker(&mut self, i: usize, pause: bool) -> anyhow::Result<()> {
         let pid = self.workers.get(i).context("no such worker")?.id();
-        let sig = if pause { "-STOP" } else { "-CONT" };
-        let st = Command::new("kill")
-            .arg(sig)
-            .arg(pid.to_string())
-            .status()?;
-        if !st.success() {
-            bail!("kill {sig} {pid} failed");
-        }
-        Ok(())
+        pause_pid(pid, pause)
     }
 
     /// Starts a killed master again on its address and data directory.
@@ -295,14 +300,7 @@ impl HaCluster {
     pub fn pause_master(&mut self, id: u64, pause: bool) -> anyhow::Result<()> {
         let i = self.index(id)?;
         let pid = self.masters[i].pid().context("master not running")?;
-        let sig = if pause { "-STOP" } else { "-CONT" };
-        let st = Command::new("kill")
-            .arg(sig)
-            .arg(pid.to_string())
-            .status()?;
-        if !st.success() {
-            bail!("kill {sig} {pid} failed");
-        }
+        pause_pid(pid, pause)?;
         self.masters[i].stopped = pause;
         Ok(())
     }
