@@ -45,6 +45,12 @@ pub struct MountArgs {
     /// (`client.local_cache_capacity`, default 10GiB).
     #[arg(long)]
     pub local_cache_capacity: Option<String>,
+    /// Read files through the daemon even when the local cache directory
+    /// holds a complete copy (by default such files are handed to the
+    /// kernel with FUSE passthrough, Linux 6.9 or later, and read at
+    /// local-disk speed).
+    #[arg(long)]
+    pub no_passthrough: bool,
     /// Keep the mount alive across daemon crashes: a small supervisor
     /// process holds the kernel connection and starts a new daemon on it
     /// when one dies (in-flight reads are answered by the new daemon;
@@ -99,6 +105,9 @@ fn fuse_options(args: &MountArgs) -> FuseOptions {
             MountWriteType::AsyncThrough => strata_client::WriteType::AsyncThrough,
         },
         allow_other: args.allow_other,
+        // A restarted daemon cannot know the I/O mode of the handles its
+        // predecessor opened, which passthrough needs (fuse-semantics.md).
+        passthrough: !args.no_passthrough && !args.restartable && args.serve_fd.is_none(),
     }
 }
 
@@ -157,7 +166,10 @@ pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             _ = tokio::time::sleep(Duration::from_millis(300)) => {
-                if !is_mounted(&args.mountpoint) {
+                // The session ends when the kernel drops the connection
+                // (after `fusermount3 -uz`, even if another file system is
+                // mounted at the same path since).
+                if session.guard.is_finished() || !is_mounted(&args.mountpoint) {
                     let _ = tokio::task::spawn_blocking(move || session.join()).await;
                     println!("{} was unmounted", args.mountpoint.display());
                     return Ok(());

@@ -821,19 +821,18 @@ async fn heavy_client_cache_serves_reads_with_every_worker_down() {
         assert_eq!(&std::fs::read(root.join(format!("f{i}"))).unwrap(), d);
     }
     // Every byte read is now in pages of the local directory.
-    let want: u64 = files.iter().map(|d| d.len() as u64).sum();
-    let dir_bytes = || -> u64 {
-        walk(cache.path())
-            .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum()
-    };
+    let want: u64 = files
+        .iter()
+        .map(|d| d.len().next_multiple_of(4096) as u64)
+        .sum();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while dir_bytes() < want && Instant::now() < deadline {
+    while allocated(cache.path()) < want && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(dir_bytes(), want, "the local cache holds every page read");
+    assert!(
+        allocated(cache.path()) >= want,
+        "the local cache holds every page read"
+    );
     // With the only worker dead, a client without the local cache cannot
     // read; the mount reads everything from its own directory (the
     // kernel's page cache dropped first, so the reads reach the daemon).
@@ -863,6 +862,145 @@ async fn heavy_client_cache_serves_reads_with_every_worker_down() {
         f.read_exact(&mut buf).unwrap();
         assert_eq!(&buf[..], &d[at..at + buf.len()]);
     }
+}
+
+/// Bytes allocated to the files under `dir` (the local cache keeps sparse
+/// files as long as each object, filled page by page).
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    walk(dir)
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn complete_local_copies_are_read_by_the_kernel_with_the_daemon_stopped() {
+    if !fuse_available() {
+        return;
+    }
+    let c = strata_testkit::HaCluster::start(&strata_bin(), 1, 1, Vec::new()).expect("cluster");
+    let opts = strata_client::WriteOptions {
+        write_type: strata_client::WriteType::MustCache,
+        recursive: true,
+        ..Default::default()
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let client_cfg = strata_common::config::ClientConfig {
+        local_cache_dir: cache.path().to_path_buf(),
+        local_cache_capacity: strata_common::config::ByteSize(1 << 30),
+        ..Default::default()
+    };
+    let big = pattern((6 << 20) + 4321, 1);
+    let small = pattern(100 * 1024, 2);
+    {
+        // Another client with the same local directory fills it; the mount
+        // finds the complete copies when it starts, so its FUSE inodes never
+        // hold a page of their own.
+        let client = strata_client::Client::new(&c.master_list(), client_cfg.clone()).unwrap();
+        client.write_file("/pt/big", &big, opts).await.unwrap();
+        client.write_file("/pt/small", &small, opts).await.unwrap();
+        client.write_file("/pt/other", &small, opts).await.unwrap();
+        assert_eq!(client.read_file("/pt/big").await.unwrap(), big);
+        assert_eq!(client.read_file("/pt/small").await.unwrap(), small);
+        let want = (big.len() + small.len()).next_multiple_of(4096) as u64;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while allocated(cache.path()) < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(allocated(cache.path()) >= want, "pages written locally");
+    }
+    let cache_dir = cache.path().display().to_string();
+    // No UFS under this cluster: files written through the mount stay in
+    // the cache.
+    let m = Mount::start_with_env(
+        &c.master_list(),
+        &["--write-type", "must-cache"],
+        &[
+            ("STRATA_CLIENT_LOCAL_CACHE_DIR", &cache_dir),
+            ("STRATA_CLIENT_LOCAL_CACHE_CAPACITY", "1GiB"),
+        ],
+    );
+    let daemon = m.child.as_ref().unwrap().id();
+    let root = m.path().join("pt");
+    let fb = std::fs::File::open(root.join("big")).unwrap();
+    let fs = std::fs::File::open(root.join("small")).unwrap();
+    // A second descriptor of the same file shares its backing file.
+    let fs2 = std::fs::File::open(root.join("small")).unwrap();
+    // With the daemon stopped, only the kernel can answer these reads.
+    signal(daemon, libc::SIGSTOP);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::os::unix::fs::FileExt;
+        // Plain read(2) loops: `read_to_end` would ask for the size first
+        // (fstat, answered by the daemon).
+        let read_all = |mut f: &std::fs::File| {
+            let (mut all, mut buf) = (Vec::new(), vec![0u8; 1 << 20]);
+            loop {
+                let n = f.read(&mut buf).unwrap();
+                if n == 0 {
+                    break all;
+                }
+                all.extend_from_slice(&buf[..n]);
+            }
+        };
+        let all = read_all(&fb);
+        let mut mid = vec![0u8; 10_000];
+        fb.read_exact_at(&mut mid, 3 << 20).unwrap();
+        let s = read_all(&fs);
+        let mut s2 = vec![0u8; 100];
+        fs2.read_exact_at(&mut s2, 5000).unwrap();
+        let _ = tx.send((all, mid, s, s2));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(20));
+    signal(daemon, libc::SIGCONT);
+    let (all, mid, s, s2) = got.expect("reads of complete local copies wait for the daemon");
+    reader.join().unwrap();
+    assert_eq!(all, big);
+    assert_eq!(&mid[..], &big[3 << 20..(3 << 20) + 10_000]);
+    assert_eq!(s, small);
+    assert_eq!(&s2[..], &small[5000..5100]);
+
+    // While a descriptor reads the local copy, the kernel accepts no other
+    // kind of open of that file: rewriting it fails with ETXTBSY (after a
+    // short wait for the descriptor to close) and changes nothing.
+    let keep = std::fs::File::open(root.join("small")).unwrap();
+    let newer = pattern(50_000, 3);
+    let e = std::fs::write(root.join("small"), &newer).unwrap_err();
+    assert_eq!(errno(&e), libc::ETXTBSY, "{e}");
+    {
+        use std::os::unix::fs::FileExt;
+        let mut old = vec![0u8; 100];
+        keep.read_exact_at(&mut old, 1000).unwrap();
+        assert_eq!(&old[..], &small[1000..1100]);
+    }
+    assert_eq!(std::fs::read(root.join("small")).unwrap(), small);
+    drop(keep);
+    // Closed: the rewrite goes through (the release reaches the daemon
+    // within the wait).
+    std::fs::write(root.join("small"), &newer).unwrap();
+    assert_eq!(std::fs::read(root.join("small")).unwrap(), newer);
+    // A file not cached locally is read through the daemon (cached mode);
+    // complete locally after that read, it is opened again while the first
+    // descriptor is still open (the kernel would refuse passthrough: EIO).
+    let first = std::fs::File::open(root.join("other")).unwrap();
+    let mut v = Vec::new();
+    (&first).read_to_end(&mut v).unwrap();
+    assert_eq!(v, small);
+    for _ in 0..3 {
+        assert_eq!(std::fs::read(root.join("other")).unwrap(), small);
+    }
+    drop(first);
+    assert_eq!(std::fs::read(root.join("small")).unwrap(), newer);
+    assert_eq!(std::fs::read(root.join("big")).unwrap(), big);
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -29,7 +29,7 @@ use tonic::transport::Channel;
 
 pub use error::ClientError;
 pub use jobs::JobSpec;
-pub use local_cache::LocalCacheStats;
+pub use local_cache::{LocalCacheStats, LocalFile};
 pub use pb::{FileInfo, MasterList, MountInfo, PersistState, WorkerInfo, WriteType};
 pub use pb::{JobInfo, JobState, XattrFlag};
 pub use reader::Reader;

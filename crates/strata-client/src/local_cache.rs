@@ -4,42 +4,87 @@
 //! host keeps its own copy of its working set while the cluster's workers
 //! only distribute it.
 //!
-//! A page is stored whole, as `<dir>/<2 hex>/<cache id>-<page>`, written to
-//! a temporary name and renamed, so a crash leaves either the whole page or
-//! nothing. Cache ids carry the object's version (its fingerprint), so a
-//! changed object never reads an old page. Least recently used pages are
-//! deleted beyond the capacity; the index is rebuilt from the directory at
-//! start (oldest modification first).
+//! Each object (one version of a file: cache ids carry the fingerprint, so
+//! a changed file never reads an old page) is one sparse file,
+//! `<dir>/<2 hex>/<cache id>.<page size>`, as long as the object, holding
+//! the pages kept so far at their own offsets. Least recently used pages
+//! are evicted by punching holes (`FALLOC_FL_PUNCH_HOLE`); an object with
+//! no page left is deleted. When every page of an object is here, the file
+//! is a complete local copy: the FUSE mount hands it to the kernel
+//! (passthrough), and it is pinned (never evicted) while it is open that
+//! way.
+//!
+//! At start the index is rebuilt from the directory: a page counts as kept
+//! only if its whole range is allocated data (`SEEK_DATA`/`SEEK_HOLE`), so
+//! a page whose write was cut short by a crash is a hole, fetched again.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 
-struct Entry {
-    size: u64,
-    tick: u64,
+/// Pages are whole file-system blocks (so a page's range is data or hole,
+/// never a partly zeroed block); other page sizes are not kept locally.
+const BLOCK: u64 = 4096;
+
+struct Object {
+    page_size: u64,
+    file_size: u64,
+    /// Pages of the object present in its file.
+    present: u64,
+    /// Open passthrough descriptors of the complete file: while any is
+    /// open, no page is evicted.
+    pins: u32,
+    /// Tells this object from a later one under the same id (no file
+    /// descriptor is kept per object: a cache holds many thousands).
+    generation: u64,
+}
+
+impl Object {
+    fn pages(&self) -> u64 {
+        self.file_size.div_ceil(self.page_size.max(1))
+    }
 }
 
 #[derive(Default)]
 struct State {
-    pages: HashMap<(u128, u64), Entry>,
+    objects: HashMap<u128, Object>,
+    /// Tick of each present page (`(cache id, page)`) and the reverse.
+    ticks: HashMap<(u128, u64), u64>,
     lru: BTreeMap<u64, (u128, u64)>,
     used: u64,
     tick: u64,
+    generations: u64,
 }
 
 impl State {
+    fn add_object(&mut self, id: u128, page_size: u64, file_size: u64) -> u64 {
+        self.generations += 1;
+        let generation = self.generations;
+        self.objects.insert(
+            id,
+            Object {
+                page_size,
+                file_size,
+                present: 0,
+                pins: 0,
+                generation,
+            },
+        );
+        generation
+    }
+
     fn touch(&mut self, key: (u128, u64)) -> bool {
         self.tick += 1;
         let t = self.tick;
-        match self.pages.get_mut(&key) {
-            Some(e) => {
-                self.lru.remove(&e.tick);
-                e.tick = t;
+        match self.ticks.get_mut(&key) {
+            Some(old) => {
+                self.lru.remove(old);
+                *old = t;
                 self.lru.insert(t, key);
                 true
             }
@@ -47,21 +92,42 @@ impl State {
         }
     }
 
-    fn insert(&mut self, key: (u128, u64), size: u64) {
-        self.tick += 1;
-        let t = self.tick;
-        if let Some(old) = self.pages.insert(key, Entry { size, tick: t }) {
-            self.lru.remove(&old.tick);
-            self.used -= old.size;
-        }
-        self.lru.insert(t, key);
-        self.used += size;
+    fn page_len(&self, key: (u128, u64)) -> u64 {
+        self.objects.get(&key.0).map_or(0, |o| {
+            let start = key.1 * o.page_size;
+            (start + o.page_size).min(o.file_size).saturating_sub(start)
+        })
     }
 
-    fn remove(&mut self, key: (u128, u64)) {
-        if let Some(e) = self.pages.remove(&key) {
-            self.lru.remove(&e.tick);
-            self.used -= e.size;
+    /// Records page `key` as present (its object must exist).
+    fn insert(&mut self, key: (u128, u64)) {
+        if self.ticks.contains_key(&key) {
+            self.touch(key);
+            return;
+        }
+        self.tick += 1;
+        let t = self.tick;
+        self.ticks.insert(key, t);
+        self.lru.insert(t, key);
+        self.used += self.page_len(key);
+        if let Some(o) = self.objects.get_mut(&key.0) {
+            o.present += 1;
+        }
+    }
+
+    /// Forgets page `key`; returns whether its object is now empty.
+    fn remove(&mut self, key: (u128, u64)) -> bool {
+        let Some(t) = self.ticks.remove(&key) else {
+            return false;
+        };
+        self.lru.remove(&t);
+        self.used -= self.page_len(key);
+        match self.objects.get_mut(&key.0) {
+            Some(o) => {
+                o.present -= 1;
+                o.present == 0
+            }
+            None => false,
         }
     }
 }
@@ -70,6 +136,25 @@ pub(crate) struct LocalCache {
     dir: PathBuf,
     capacity: u64,
     state: Mutex<State>,
+}
+
+/// A complete local copy of an object, opened read-only, and pinned in the
+/// cache until this is dropped.
+pub struct LocalFile {
+    pub file: File,
+    cache: Arc<LocalCache>,
+    id: u128,
+}
+
+impl Drop for LocalFile {
+    fn drop(&mut self) {
+        let mut st = self.cache.lock();
+        if let Some(o) = st.objects.get_mut(&self.id) {
+            o.pins = o.pins.saturating_sub(1);
+        }
+        drop(st);
+        self.cache.evict();
+    }
 }
 
 /// Hits and misses of the local cache since the client started.
@@ -81,8 +166,51 @@ pub struct LocalCacheStats {
 }
 
 fn parse_name(name: &str) -> Option<(u128, u64)> {
-    let (id, page) = name.split_once('-')?;
-    Some((u128::from_str_radix(id, 16).ok()?, page.parse().ok()?))
+    let (id, ps) = name.split_once('.')?;
+    if id.len() != 32 {
+        return None;
+    }
+    Some((u128::from_str_radix(id, 16).ok()?, ps.parse().ok()?))
+}
+
+/// The allocated byte ranges of `f` (its data, not its holes) below `len`.
+fn data_ranges(f: &File, len: u64) -> Vec<(u64, u64)> {
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        // SAFETY: lseek on a descriptor we own.
+        let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if start < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end <= start {
+            break;
+        }
+        out.push((start as u64, (end as u64).min(len)));
+        pos = end as u64;
+    }
+    out
+}
+
+/// Frees `[off, off + len)` of `f` (keeping its size).
+fn punch_hole(f: &File, off: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a descriptor we own.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 impl LocalCache {
@@ -99,21 +227,42 @@ impl LocalCache {
             for f in std::fs::read_dir(sub.path())? {
                 let f = f?;
                 let name = f.file_name().to_string_lossy().into_owned();
-                if name.ends_with(".tmp") {
+                let Some((id, page_size)) =
+                    parse_name(&name).filter(|k| k.1 > 0 && k.1.is_multiple_of(BLOCK))
+                else {
+                    // Not ours, or a page file of the older one-file-per-page
+                    // layout: a cache may drop anything.
+                    let _ = std::fs::remove_file(f.path());
+                    continue;
+                };
+                let Ok(file) = File::open(f.path()) else {
+                    continue;
+                };
+                let Ok(meta) = file.metadata() else { continue };
+                let at = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                let file_size = meta.len();
+                let mut pages = Vec::new();
+                for (s, e) in data_ranges(&file, file_size) {
+                    let mut p = s.div_ceil(page_size);
+                    while p * page_size < e && ((p + 1) * page_size).min(file_size) <= e {
+                        pages.push(p);
+                        p += 1;
+                    }
+                }
+                if pages.is_empty() {
                     let _ = std::fs::remove_file(f.path());
                     continue;
                 }
-                let (Some(key), Ok(meta)) = (parse_name(&name), f.metadata()) else {
-                    continue;
-                };
-                let at = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-                found.push((at, key, meta.len()));
+                found.push((at, id, page_size, file_size, pages));
             }
         }
         found.sort_by_key(|f| f.0);
         let mut st = State::default();
-        for (_, key, size) in found {
-            st.insert(key, size);
+        for (_, id, page_size, file_size, pages) in found {
+            st.add_object(id, page_size, file_size);
+            for p in pages {
+                st.insert((id, p));
+            }
         }
         let c = LocalCache {
             dir: dir.to_path_buf(),
@@ -124,9 +273,9 @@ impl LocalCache {
         Ok(c)
     }
 
-    fn path(&self, key: (u128, u64)) -> PathBuf {
-        let hex = format!("{:032x}", key.0);
-        self.dir.join(&hex[..2]).join(format!("{hex}-{}", key.1))
+    fn path(&self, id: u128, page_size: u64) -> PathBuf {
+        let hex = format!("{id:032x}");
+        self.dir.join(&hex[..2]).join(format!("{hex}.{page_size}"))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -136,7 +285,7 @@ impl LocalCache {
     pub(crate) fn stats(&self) -> LocalCacheStats {
         let st = self.lock();
         LocalCacheStats {
-            pages: st.pages.len() as u64,
+            pages: st.ticks.len() as u64,
             bytes: st.used,
             capacity: self.capacity,
         }
@@ -157,29 +306,73 @@ impl LocalCache {
             return None;
         }
         let (first, last) = (off / page_size, (end - 1) / page_size);
-        {
+        let generation = {
             let mut st = self.lock();
+            let o = st.objects.get(&id)?;
+            if (o.page_size, o.file_size) != (page_size, file_size) {
+                return None;
+            }
+            let generation = o.generation;
             if !(first..=last).all(|p| st.touch((id, p))) {
                 return None;
             }
-        }
+            generation
+        };
         let mut out = BytesMut::zeroed((end - off) as usize);
-        let mut filled = 0usize;
-        for p in first..=last {
-            let (ps, pe) = (p * page_size, ((p + 1) * page_size).min(file_size));
-            let (s, e) = (off.max(ps), end.min(pe));
-            let dst = &mut out[filled..filled + (e - s) as usize];
-            let ok = std::fs::File::open(self.path((id, p)))
-                .and_then(|f| f.read_exact_at(dst, s - ps))
-                .is_ok();
-            if !ok {
-                // Deleted or damaged behind our back: forget it.
-                self.lock().remove((id, p));
+        let read =
+            File::open(self.path(id, page_size)).and_then(|f| f.read_exact_at(&mut out, off));
+        if read.is_err() {
+            // Deleted or damaged behind our back: forget the object.
+            self.drop_object(id);
+            return None;
+        }
+        // A page evicted while it was being read may have read as zeros:
+        // only pages still present (in the same object) count.
+        let st = self.lock();
+        let same = st
+            .objects
+            .get(&id)
+            .is_some_and(|o| o.generation == generation)
+            && (first..=last).all(|p| st.ticks.contains_key(&(id, p)));
+        same.then(|| out.freeze())
+    }
+
+    /// The complete local copy of the object, pinned until the returned
+    /// value is dropped; `None` unless every page is here.
+    pub(crate) fn whole_file(
+        self: &Arc<Self>,
+        id: u128,
+        page_size: u64,
+        file_size: u64,
+    ) -> Option<LocalFile> {
+        {
+            let mut st = self.lock();
+            let o = st.objects.get_mut(&id)?;
+            if (o.page_size, o.file_size) != (page_size, file_size) || o.present < o.pages() {
                 return None;
             }
-            filled += dst.len();
+            o.pins += 1;
         }
-        Some(out.freeze())
+        let pinned = match File::open(self.path(id, page_size)) {
+            // From here the pin is released when `pinned` is dropped.
+            Ok(file) => LocalFile {
+                file,
+                cache: self.clone(),
+                id,
+            },
+            Err(_) => {
+                if let Some(o) = self.lock().objects.get_mut(&id) {
+                    o.pins = o.pins.saturating_sub(1);
+                }
+                return None;
+            }
+        };
+        let mut st = self.lock();
+        for p in 0..file_size.div_ceil(page_size) {
+            st.touch((id, p));
+        }
+        drop(st);
+        Some(pinned)
     }
 
     /// The page-aligned range a read of `[off, off + len)` should fetch so
@@ -209,11 +402,24 @@ impl LocalCache {
         frames: Vec<Bytes>,
     ) {
         let total: u64 = frames.iter().map(|b| b.len() as u64).sum();
-        if page_size == 0 || total == 0 || page_size > self.capacity {
+        if !page_size.is_multiple_of(BLOCK)
+            || page_size == 0
+            || total == 0
+            || page_size > self.capacity
+        {
             return;
         }
         let me = self.clone();
         let work = move || {
+            let Some(generation) = me.object_file(id, page_size, file_size) else {
+                return;
+            };
+            let Ok(file) = std::fs::OpenOptions::new()
+                .write(true)
+                .open(me.path(id, page_size))
+            else {
+                return;
+            };
             let end = off + total;
             let mut p = off.div_ceil(page_size);
             while p * page_size < end {
@@ -221,8 +427,8 @@ impl LocalCache {
                 if pe > end || ps >= pe {
                     break;
                 }
-                if !me.lock().pages.contains_key(&(id, p)) {
-                    me.write_page((id, p), &frames, ps - off, pe - ps);
+                if !me.lock().ticks.contains_key(&(id, p)) {
+                    me.write_page(&file, generation, (id, p), &frames, ps - off, pe - ps);
                 }
                 p += 1;
             }
@@ -236,51 +442,155 @@ impl LocalCache {
         }
     }
 
-    /// Writes `len` bytes starting `at` bytes into `frames` as one page.
-    fn write_page(&self, key: (u128, u64), frames: &[Bytes], at: u64, len: u64) {
-        let path = self.path(key);
-        let tmp = path.with_extension("tmp");
-        let res = (|| -> std::io::Result<()> {
+    /// The generation of object `id`, its file created (as long as the
+    /// object, all holes) if needed; `None` if it cannot be, or if the
+    /// object is kept with another layout.
+    fn object_file(&self, id: u128, page_size: u64, file_size: u64) -> Option<u64> {
+        if let Some(o) = self.lock().objects.get(&id) {
+            return ((o.page_size, o.file_size) == (page_size, file_size)).then_some(o.generation);
+        }
+        let path = self.path(id, page_size);
+        let res = (|| -> std::io::Result<File> {
             if let Some(d) = path.parent() {
                 std::fs::create_dir_all(d)?;
             }
-            let mut f = std::fs::File::create(&tmp)?;
-            let mut wrote = 0u64;
-            for b in slice_frames(frames, at, len) {
-                f.write_all(&b)?;
-                wrote += b.len() as u64;
-            }
-            if wrote != len {
-                return Err(std::io::Error::other("short page"));
-            }
-            std::fs::rename(&tmp, &path)
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?;
+            f.set_len(file_size)?;
+            Ok(f)
         })();
+        if let Err(e) = res {
+            tracing::debug!("local cache: cannot create {}: {e}", path.display());
+            return None;
+        }
+        let mut st = self.lock();
+        match st.objects.get(&id) {
+            Some(o) => {
+                ((o.page_size, o.file_size) == (page_size, file_size)).then_some(o.generation)
+            }
+            None => Some(st.add_object(id, page_size, file_size)),
+        }
+    }
+
+    /// Writes `len` bytes starting `at` bytes into `frames` as page `key`,
+    /// with one `pwrite`: cut short by a crash, it ends on a page-cache
+    /// boundary, so the rest of the page stays a hole (not counted at the
+    /// next start).
+    fn write_page(
+        &self,
+        file: &File,
+        generation: u64,
+        key: (u128, u64),
+        frames: &[Bytes],
+        at: u64,
+        len: u64,
+    ) {
+        let page_size = self.lock().objects.get(&key.0).map_or(0, |o| o.page_size);
+        let parts = slice_frames(frames, at, len);
+        let whole: Bytes = match parts.as_slice() {
+            [one] => one.clone(),
+            many => {
+                let mut b = BytesMut::with_capacity(len as usize);
+                for p in many {
+                    b.extend_from_slice(p);
+                }
+                b.freeze()
+            }
+        };
+        let res = if whole.len() as u64 != len {
+            Err(std::io::Error::other("short page"))
+        } else {
+            file.write_all_at(&whole, key.1 * page_size)
+        };
+        let mut st = self.lock();
         match res {
-            Ok(()) => self.lock().insert(key, len),
+            // Only if the object was not dropped meanwhile.
+            Ok(())
+                if st
+                    .objects
+                    .get(&key.0)
+                    .is_some_and(|o| o.generation == generation) =>
+            {
+                st.insert(key)
+            }
+            Ok(()) => {}
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                tracing::debug!("local cache: cannot keep {}: {e}", path.display());
+                drop(st);
+                let _ = punch_hole(file, key.1 * page_size, page_size);
+                tracing::debug!("local cache: cannot keep a page of {:032x}: {e}", key.0);
             }
         }
     }
 
-    /// Deletes least recently used pages until the cache fits.
+    /// Forgets object `id` and deletes its file.
+    fn drop_object(&self, id: u128) {
+        let mut st = self.lock();
+        let Some(o) = st.objects.get(&id) else { return };
+        let (n, ps) = (o.pages(), o.page_size);
+        for p in 0..n {
+            st.remove((id, p));
+        }
+        st.objects.remove(&id);
+        drop(st);
+        let _ = std::fs::remove_file(self.path(id, ps));
+    }
+
+    /// Evicts least recently used pages (never those of a pinned object)
+    /// until the cache fits.
     fn evict(&self) {
+        let mut skipped = Vec::new();
         loop {
-            let victim = {
-                let mut st = self.lock();
-                if st.used <= self.capacity {
-                    return;
-                }
-                let Some((_, key)) = st.lru.pop_first() else {
-                    return;
-                };
-                if let Some(e) = st.pages.remove(&key) {
-                    st.used -= e.size;
-                }
-                key
+            let mut st = self.lock();
+            if st.used <= self.capacity {
+                break;
+            }
+            let Some((t, key)) = st.lru.pop_first() else {
+                break;
             };
-            let _ = std::fs::remove_file(self.path(victim));
+            let Some(o) = st.objects.get(&key.0) else {
+                st.ticks.remove(&key);
+                continue;
+            };
+            if o.pins > 0 {
+                skipped.push((key, t));
+                continue;
+            }
+            let page_size = o.page_size;
+            let path = self.path(key.0, page_size);
+            if st.remove(key) {
+                st.objects.remove(&key.0);
+                drop(st);
+                let _ = std::fs::remove_file(path);
+                continue;
+            }
+            // The whole page, past the end of the file for the last one,
+            // so no partly zeroed block is left to look like data; under
+            // the lock, so no later object under this id can lose a page.
+            let punched = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| punch_hole(&f, key.1 * page_size, page_size));
+            drop(st);
+            if punched.is_err() {
+                self.drop_object(key.0);
+            }
+        }
+        // Pinned pages go back, as most recently used (unless touched
+        // meanwhile, which put them back already).
+        if !skipped.is_empty() {
+            let mut st = self.lock();
+            for (key, t) in skipped {
+                if st.ticks.get(&key) == Some(&t) {
+                    st.tick += 1;
+                    let nt = st.tick;
+                    st.ticks.insert(key, nt);
+                    st.lru.insert(nt, key);
+                }
+            }
         }
     }
 }
@@ -361,5 +671,87 @@ mod tests {
         assert_eq!(LocalCache::aligned(ps, ps + 5, 10, 10 * ps), (ps, ps));
         assert_eq!(LocalCache::aligned(ps, 5, 2 * ps, size), (0, 3 * ps));
         assert_eq!(LocalCache::aligned(ps, 5 * ps + 1, 10, size), (5 * ps, 100));
+    }
+
+    #[test]
+    fn a_complete_object_is_one_file_kept_while_pinned() {
+        let d = tempfile::tempdir().unwrap();
+        let ps = 4096u64;
+        let size = 3 * ps + 10;
+        let data: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+        let c = Arc::new(LocalCache::open(d.path(), 5 * ps).unwrap());
+        assert!(c.whole_file(1, ps, size).is_none());
+        c.store(
+            1,
+            ps,
+            size,
+            0,
+            vec![Bytes::copy_from_slice(&data[..ps as usize])],
+        );
+        assert!(c.whole_file(1, ps, size).is_none(), "one page of four");
+        c.store(
+            1,
+            ps,
+            size,
+            ps,
+            vec![Bytes::copy_from_slice(&data[ps as usize..])],
+        );
+        let lf = c.whole_file(1, ps, size).expect("every page is here");
+        let read_all = |f: &File| {
+            let mut v = vec![0u8; size as usize];
+            f.read_exact_at(&mut v, 0).unwrap();
+            v
+        };
+        assert_eq!(read_all(&lf.file), data);
+        assert!(c.whole_file(1, ps, size + 1).is_none(), "another layout");
+        // Another object overflows the cache: the pinned one loses nothing.
+        c.store(
+            2,
+            ps,
+            4 * ps,
+            0,
+            vec![Bytes::from(vec![2u8; 4 * ps as usize])],
+        );
+        assert!(c.stats().bytes <= 5 * ps, "{:?}", c.stats());
+        assert_eq!(read_all(&lf.file), data);
+        assert!(c.whole_file(1, ps, size).is_some());
+        // Unpinned, it is evicted like any other.
+        drop(lf);
+        c.store(
+            3,
+            ps,
+            5 * ps,
+            0,
+            vec![Bytes::from(vec![3u8; 5 * ps as usize])],
+        );
+        assert!(c.whole_file(1, ps, size).is_none());
+        assert!(c.stats().bytes <= 5 * ps);
+    }
+
+    #[test]
+    fn a_page_cut_short_is_not_counted_at_the_next_start() {
+        let d = tempfile::tempdir().unwrap();
+        let ps = 4 * 4096u64;
+        let id = 0xabcu128;
+        let hex = format!("{id:032x}");
+        std::fs::create_dir_all(d.path().join(&hex[..2])).unwrap();
+        let f =
+            std::fs::File::create(d.path().join(&hex[..2]).join(format!("{hex}.{ps}"))).unwrap();
+        f.set_len(3 * ps).unwrap();
+        // Page 0 whole; page 1 only its first block (a write cut short);
+        // page 2 never written.
+        f.write_all_at(&vec![7u8; ps as usize], 0).unwrap();
+        f.write_all_at(&[8u8; 4096], ps).unwrap();
+        drop(f);
+        // A page file of the older layout is dropped.
+        std::fs::write(d.path().join(&hex[..2]).join(format!("{hex}-0")), b"x").unwrap();
+        let c = LocalCache::open(d.path(), 100 * ps).unwrap();
+        assert_eq!(c.stats().pages, 1);
+        assert_eq!(
+            &c.read(id, ps, 3 * ps, 0, ps).unwrap()[..],
+            &vec![7u8; ps as usize][..]
+        );
+        assert!(c.read(id, ps, 3 * ps, ps, 10).is_none());
+        assert!(!d.path().join(&hex[..2]).join(format!("{hex}-0")).exists());
     }
 }

@@ -51,6 +51,14 @@ impl Reader {
         })
     }
 
+    /// The complete copy of this file in the heavy-client cache, opened
+    /// read-only and kept (never evicted) until the returned value is
+    /// dropped; `None` without a local cache or unless every page is there.
+    pub fn local_file(&self) -> Option<crate::LocalFile> {
+        let lc = self.client.inner.local_cache.as_ref()?;
+        lc.whole_file(self.cache_id.0, self.info.page_size, self.info.size)
+    }
+
     pub fn info(&self) -> &FileInfo {
         &self.info
     }
@@ -235,7 +243,12 @@ impl Reader {
         len: u64,
         read: impl FnOnce(&[crate::short_circuit::Part]) -> Option<T>,
     ) -> Option<T> {
-        if !self.client.inner.cfg.short_circuit || len == 0 {
+        // In heavy-client mode the host reads (and keeps) its own copy,
+        // even where a worker on the same host holds the pages.
+        if !self.client.inner.cfg.short_circuit
+            || self.client.inner.local_cache.is_some()
+            || len == 0
+        {
             return None;
         }
         let (block_end, block) = self.block_bounds(off);

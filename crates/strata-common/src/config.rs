@@ -472,7 +472,8 @@ pub struct ClientConfig {
     /// Seconds a data-protocol request may stall before it fails.
     pub io_timeout_secs: u64,
     /// Read cached pages straight from the files of a worker on this host
-    /// (one on a loopback address) instead of over TCP.
+    /// (one on a loopback address) instead of over TCP. Off in heavy-client
+    /// mode, where the host reads and keeps its own copy.
     pub short_circuit: bool,
     /// Blocks beyond a sequential reader's position that are loaded on
     /// their owner workers ahead of it (real-time prewarm); 0 turns it off.

@@ -11,6 +11,7 @@
 mod errno;
 mod handles;
 mod inodes;
+mod passthrough;
 pub mod restart;
 
 use std::ffi::OsStr;
@@ -30,6 +31,7 @@ use tokio::runtime::Handle;
 pub use errno::to_errno;
 use handles::{Handles, Open};
 use inodes::{Inodes, ROOT};
+use passthrough::{IoMode, IoModes};
 
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO: u32 = 1 << 20;
@@ -69,6 +71,9 @@ pub struct FuseOptions {
     pub write_type: WriteType,
     /// Allow other users to use the mount (`allow_other`).
     pub allow_other: bool,
+    /// Hand complete local copies (heavy-client mode) to the kernel with
+    /// FUSE passthrough, where the kernel supports it.
+    pub passthrough: bool,
 }
 
 impl Default for FuseOptions {
@@ -80,6 +85,7 @@ impl Default for FuseOptions {
             threads: 2,
             write_type: WriteType::CacheThrough,
             allow_other: false,
+            passthrough: true,
         }
     }
 }
@@ -100,6 +106,7 @@ pub struct StrataFs {
     /// pages of a file this mount just changed.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     meta: Arc<MetaCache>,
+    modes: Arc<IoModes>,
 }
 
 /// File metadata seen in the last `attr_ttl`, so an `open` right after a
@@ -174,6 +181,7 @@ impl StrataFs {
             fingerprints: Arc::default(),
             notifier: Arc::default(),
             meta: Arc::default(),
+            modes: Arc::default(),
         })
     }
 
@@ -238,6 +246,7 @@ impl StrataFs {
             fingerprints: self.fingerprints.clone(),
             notifier: self.notifier.clone(),
             meta: self.meta.clone(),
+            modes: self.modes.clone(),
         }
     }
 }
@@ -357,6 +366,7 @@ struct Ctx {
     fingerprints: Arc<Mutex<std::collections::HashMap<u64, String>>>,
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     meta: Arc<MetaCache>,
+    modes: Arc<IoModes>,
 }
 
 impl Ctx {
@@ -398,6 +408,35 @@ impl Ctx {
         }
         let r = self.client.open_info(info).map_err(|e| to_errno(&e))?;
         Ok(self.handles.adopt(fh, Open::reading(r)))
+    }
+
+    /// Opens `r` with FUSE passthrough when every page of it is in the
+    /// local cache and the kernel accepts it for `ino`; gives `reply` back
+    /// otherwise.
+    fn open_passthrough(
+        &self,
+        ino: u64,
+        r: strata_client::Reader,
+        reply: ReplyOpen,
+    ) -> Result<(), ReplyOpen> {
+        if !self.modes.enabled() {
+            return Err(reply);
+        }
+        let Some(local) = r.local_file() else {
+            return Err(reply);
+        };
+        let fp = r.info().fingerprint.clone();
+        let Some(backing) = self
+            .modes
+            .begin_passthrough(ino, &fp, || reply.open_backing(&local.file))
+        else {
+            return Err(reply);
+        };
+        let fh = self.handles.insert(Open::reading(r));
+        self.modes.opened(fh, ino, IoMode::Passthrough, Some(local));
+        // Nothing to commit at close: no FLUSH request.
+        reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &backing);
+        Ok(())
     }
 
     /// A writer for a new version of the file at `path` (replacing what is
@@ -495,6 +534,20 @@ impl Filesystem for StrataFs {
         // ask for `security.capability` before every write (one round trip
         // per write(2) otherwise); set-ID bits are cleared in `write`.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        // Passthrough needs complete local copies: heavy-client mode.
+        if self.opts.passthrough && self.client.local_cache_stats().is_some() {
+            match config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH) {
+                Ok(()) => {
+                    // Backing files on a plain (not stacked) file system.
+                    let _ = config.set_max_stack_depth(1);
+                    self.modes.enable();
+                }
+                Err(_) => tracing::info!(
+                    "the kernel offers no FUSE passthrough (Linux ≥ 6.9 has it): \
+                     cached files are read through the daemon"
+                ),
+            }
+        }
         Ok(())
     }
 
@@ -504,6 +557,11 @@ impl Filesystem for StrataFs {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
+        // Listed or looked up within attr_ttl: answered on this thread.
+        if let Some(info) = ctx.meta.get(&path, ctx.attr_ttl) {
+            let ino = lock(&ctx.inodes).ino_for(&path, true);
+            return reply.entry(&ctx.entry_ttl, &ctx.attr(ino, &info), Generation(0));
+        }
         self.spawn(async move {
             match ctx.stat_entry(&path, true).await {
                 Ok((_, attr)) => reply.entry(&ctx.entry_ttl, &attr, Generation(0)),
@@ -522,6 +580,9 @@ impl Filesystem for StrataFs {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
+        if let Some(info) = ctx.meta.get(&path, ctx.attr_ttl) {
+            return reply.attr(&ctx.attr_ttl, &ctx.attr(ino.0, &info));
+        }
         self.spawn(async move {
             match ctx.stat_cached(&path).await {
                 Ok(info) => reply.attr(&ctx.attr_ttl, &ctx.attr(ino.0, &info)),
@@ -729,27 +790,55 @@ impl Filesystem for StrataFs {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, mut reply: ReplyOpen) {
         let ctx = self.ctx();
         let path = match self.path_of(ino) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
         let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        // A read of a file complete in the local cache, its metadata fresh:
+        // passed through on this thread, with no call to anyone.
+        if !writing
+            && ctx.modes.enabled()
+            && ctx.handles.written(ino.0).is_none()
+            && let Some(info) = ctx.meta.get(&path, ctx.attr_ttl).filter(|i| !i.is_dir)
+            && let Ok(r) = ctx.client.open_info(info)
+        {
+            match ctx.open_passthrough(ino.0, r, reply) {
+                Ok(()) => return,
+                Err(back) => reply = back,
+            }
+        }
         let truncate = flags.0 & libc::O_TRUNC != 0;
         let append = flags.0 & libc::O_APPEND != 0;
         self.spawn(async move {
             if writing {
+                let mode = match ctx.modes.begin_cached(ino.0).await {
+                    Ok(m) => m,
+                    Err(e) => return reply.error(e),
+                };
                 match handles::open_writer(&ctx, &path, ino.0, truncate, append).await {
-                    Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                    Err(e) => reply.error(e),
+                    Ok(fh) => {
+                        ctx.modes.opened(fh, ino.0, mode, None);
+                        reply.opened(FileHandle(fh), FopenFlags::empty())
+                    }
+                    Err(e) => {
+                        ctx.modes.abandon(ino.0, mode);
+                        reply.error(e)
+                    }
                 }
                 return;
             }
             // Being written through this mount: read what was written so
             // far (from the writer's staged copy), not the old version.
             if let Some(w) = ctx.handles.writers_of(ino.0).into_iter().next() {
+                let mode = match ctx.modes.begin_cached(ino.0).await {
+                    Ok(m) => m,
+                    Err(e) => return reply.error(e),
+                };
                 let fh = ctx.handles.insert_alias(w);
+                ctx.modes.opened(fh, ino.0, mode, None);
                 return reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             let opened = match ctx.stat_cached(&path).await {
@@ -762,17 +851,31 @@ impl Filesystem for StrataFs {
             match opened {
                 Ok(r) => {
                     let fp = r.info().fingerprint.clone();
+                    let r = match ctx.open_passthrough(ino.0, r.clone(), reply) {
+                        Ok(()) => return,
+                        Err(back) => {
+                            reply = back;
+                            r
+                        }
+                    };
                     let keep = {
                         let mut fps = lock(&ctx.fingerprints);
                         let same = fps.get(&ino.0) == Some(&fp);
                         fps.insert(ino.0, fp);
                         same
                     };
+                    let mode = match ctx.modes.begin_cached(ino.0).await {
+                        Ok(m) => m,
+                        Err(e) => return reply.error(e),
+                    };
                     let fh = ctx.handles.insert(Open::reading(r));
+                    ctx.modes.opened(fh, ino.0, mode, None);
+                    // A read-only descriptor has nothing to commit at
+                    // close: no FLUSH request.
                     let flags = if keep {
-                        FopenFlags::FOPEN_KEEP_CACHE
+                        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
                     } else {
-                        FopenFlags::empty()
+                        FopenFlags::FOPEN_NOFLUSH
                     };
                     reply.opened(FileHandle(fh), flags)
                 }
@@ -901,6 +1004,7 @@ impl Filesystem for StrataFs {
         // The handle stays findable until its commit is done, so a rename
         // or unlink right after close waits for it (releases are
         // asynchronous: the kernel does not wait for them).
+        self.modes.released(fh.0);
         if self.handles.remove_alias(fh.0) {
             return reply.ok();
         }
@@ -908,6 +1012,11 @@ impl Filesystem for StrataFs {
             self.handles.forget_lost_writer(fh.0);
             return reply.ok();
         };
+        if !open.is_write() {
+            // Nothing to commit.
+            self.handles.remove(fh.0);
+            return reply.ok();
+        }
         self.commit_and_reply(open, Some(fh.0), reply);
     }
 
@@ -928,6 +1037,14 @@ impl Filesystem for StrataFs {
         };
         self.spawn(async move {
             ctx.meta.forget(&path);
+            // A name still open through passthrough (unlinked, say) keeps
+            // its inode: the new file cannot be opened through the daemon
+            // until those descriptors are closed.
+            let counted = lock(&ctx.inodes).ino_for(&path, false);
+            let io = match ctx.modes.begin_cached(counted).await {
+                Ok(m) => m,
+                Err(e) => return reply.error(e),
+            };
             match ctx.new_version(&path).await {
                 Ok(w) => {
                     let ino = lock(&ctx.inodes).ino_for(&path, true);
@@ -935,6 +1052,7 @@ impl Filesystem for StrataFs {
                         lock(&ctx.inodes).set_mode(ino, (mode & 0o7777) as u16);
                     }
                     let fh = ctx.handles.insert(Open::writing(w, ino, 0, ctx.clone()));
+                    ctx.modes.opened(fh, counted, io, None);
                     let info = FileInfo {
                         path: path.clone(),
                         mtime_ms: now_ms(),
@@ -948,7 +1066,10 @@ impl Filesystem for StrataFs {
                         FopenFlags::empty(),
                     )
                 }
-                Err(e) => reply.error(to_errno(&e)),
+                Err(e) => {
+                    ctx.modes.abandon(counted, io);
+                    reply.error(to_errno(&e))
+                }
             }
         });
     }
