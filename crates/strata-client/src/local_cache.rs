@@ -31,6 +31,11 @@ use bytes::{Bytes, BytesMut};
 /// never a partly zeroed block); other page sizes are not kept locally.
 const BLOCK: u64 = 4096;
 
+/// Whether pages of `page_size` bytes can be kept locally.
+fn keepable(page_size: u64) -> bool {
+    page_size > 0 && page_size.is_multiple_of(BLOCK)
+}
+
 struct Object {
     page_size: u64,
     file_size: u64,
@@ -227,9 +232,7 @@ impl LocalCache {
             for f in std::fs::read_dir(sub.path())? {
                 let f = f?;
                 let name = f.file_name().to_string_lossy().into_owned();
-                let Some((id, page_size)) =
-                    parse_name(&name).filter(|k| k.1 > 0 && k.1.is_multiple_of(BLOCK))
-                else {
+                let Some((id, page_size)) = parse_name(&name).filter(|k| keepable(k.1)) else {
                     // Not ours, or a page file of the older one-file-per-page
                     // layout: a cache may drop anything.
                     let _ = std::fs::remove_file(f.path());
@@ -352,6 +355,9 @@ impl LocalCache {
                 return None;
             }
             o.pins += 1;
+            for p in 0..file_size.div_ceil(page_size) {
+                st.touch((id, p));
+            }
         }
         let pinned = match File::open(self.path(id, page_size)) {
             // From here the pin is released when `pinned` is dropped.
@@ -367,11 +373,6 @@ impl LocalCache {
                 return None;
             }
         };
-        let mut st = self.lock();
-        for p in 0..file_size.div_ceil(page_size) {
-            st.touch((id, p));
-        }
-        drop(st);
         Some(pinned)
     }
 
@@ -402,22 +403,12 @@ impl LocalCache {
         frames: Vec<Bytes>,
     ) {
         let total: u64 = frames.iter().map(|b| b.len() as u64).sum();
-        if !page_size.is_multiple_of(BLOCK)
-            || page_size == 0
-            || total == 0
-            || page_size > self.capacity
-        {
+        if !keepable(page_size) || total == 0 || page_size > self.capacity {
             return;
         }
         let me = self.clone();
         let work = move || {
-            let Some(generation) = me.object_file(id, page_size, file_size) else {
-                return;
-            };
-            let Ok(file) = std::fs::OpenOptions::new()
-                .write(true)
-                .open(me.path(id, page_size))
-            else {
+            let Some((generation, file)) = me.object_file(id, page_size, file_size) else {
                 return;
             };
             let end = off + total;
@@ -428,7 +419,8 @@ impl LocalCache {
                     break;
                 }
                 if !me.lock().ticks.contains_key(&(id, p)) {
-                    me.write_page(&file, generation, (id, p), &frames, ps - off, pe - ps);
+                    let page = slice_frames(&frames, ps - off, pe - ps);
+                    me.write_page(&file, generation, (id, p), page_size, &page, pe - ps);
                 }
                 p += 1;
             }
@@ -442,56 +434,66 @@ impl LocalCache {
         }
     }
 
-    /// The generation of object `id`, its file created (as long as the
-    /// object, all holes) if needed; `None` if it cannot be, or if the
-    /// object is kept with another layout.
-    fn object_file(&self, id: u128, page_size: u64, file_size: u64) -> Option<u64> {
-        if let Some(o) = self.lock().objects.get(&id) {
-            return ((o.page_size, o.file_size) == (page_size, file_size)).then_some(o.generation);
-        }
+    /// The generation of object `id` and its file open for writing, the
+    /// file created (as long as the object, all holes) if the object is
+    /// new; `None` if it cannot be, or if the object is kept with another
+    /// layout.
+    fn object_file(&self, id: u128, page_size: u64, file_size: u64) -> Option<(u64, File)> {
+        let known = match self.lock().objects.get(&id) {
+            Some(o) if (o.page_size, o.file_size) != (page_size, file_size) => return None,
+            Some(o) => Some(o.generation),
+            None => None,
+        };
         let path = self.path(id, page_size);
         let res = (|| -> std::io::Result<File> {
-            if let Some(d) = path.parent() {
+            if known.is_none()
+                && let Some(d) = path.parent()
+            {
                 std::fs::create_dir_all(d)?;
             }
             let f = std::fs::OpenOptions::new()
-                .read(true)
                 .write(true)
-                .create(true)
+                .create(known.is_none())
                 .truncate(false)
                 .open(&path)?;
-            f.set_len(file_size)?;
+            if known.is_none() {
+                f.set_len(file_size)?;
+            }
             Ok(f)
         })();
-        if let Err(e) = res {
-            tracing::debug!("local cache: cannot create {}: {e}", path.display());
-            return None;
+        let file = match res {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!("local cache: cannot open {}: {e}", path.display());
+                return None;
+            }
+        };
+        if let Some(generation) = known {
+            return Some((generation, file));
         }
         let mut st = self.lock();
-        match st.objects.get(&id) {
-            Some(o) => {
-                ((o.page_size, o.file_size) == (page_size, file_size)).then_some(o.generation)
-            }
-            None => Some(st.add_object(id, page_size, file_size)),
-        }
+        let generation = match st.objects.get(&id) {
+            Some(o) if (o.page_size, o.file_size) != (page_size, file_size) => return None,
+            Some(o) => o.generation,
+            None => st.add_object(id, page_size, file_size),
+        };
+        Some((generation, file))
     }
 
-    /// Writes `len` bytes starting `at` bytes into `frames` as page `key`,
-    /// with one `pwrite`: cut short by a crash, it ends on a page-cache
-    /// boundary, so the rest of the page stays a hole (not counted at the
-    /// next start).
+    /// Writes `parts` (`len` bytes in all) as page `key`, with one
+    /// `pwrite`: cut short by a crash, it ends on a page-cache boundary,
+    /// so the rest of the page stays a hole (not counted at the next
+    /// start).
     fn write_page(
         &self,
         file: &File,
         generation: u64,
         key: (u128, u64),
-        frames: &[Bytes],
-        at: u64,
+        page_size: u64,
+        parts: &[Bytes],
         len: u64,
     ) {
-        let page_size = self.lock().objects.get(&key.0).map_or(0, |o| o.page_size);
-        let parts = slice_frames(frames, at, len);
-        let whole: Bytes = match parts.as_slice() {
+        let whole: Bytes = match parts {
             [one] => one.clone(),
             many => {
                 let mut b = BytesMut::with_capacity(len as usize);

@@ -31,7 +31,7 @@ use tokio::runtime::Handle;
 pub use errno::to_errno;
 use handles::{Handles, Open};
 use inodes::{Inodes, ROOT};
-use passthrough::{IoMode, IoModes};
+use passthrough::IoModes;
 
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO: u32 = 1 << 20;
@@ -416,7 +416,7 @@ impl Ctx {
     fn open_passthrough(
         &self,
         ino: u64,
-        r: strata_client::Reader,
+        r: &strata_client::Reader,
         reply: ReplyOpen,
     ) -> Result<(), ReplyOpen> {
         if !self.modes.enabled() {
@@ -432,8 +432,8 @@ impl Ctx {
         else {
             return Err(reply);
         };
-        let fh = self.handles.insert(Open::reading(r));
-        self.modes.opened(fh, ino, IoMode::Passthrough, Some(local));
+        let fh = self.handles.insert(Open::reading(r.clone()));
+        self.modes.opened_passthrough(fh, ino, local);
         // Nothing to commit at close: no FLUSH request.
         reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &backing);
         Ok(())
@@ -805,7 +805,7 @@ impl Filesystem for StrataFs {
             && let Some(info) = ctx.meta.get(&path, ctx.attr_ttl).filter(|i| !i.is_dir)
             && let Ok(r) = ctx.client.open_info(info)
         {
-            match ctx.open_passthrough(ino.0, r, reply) {
+            match ctx.open_passthrough(ino.0, &r, reply) {
                 Ok(()) => return,
                 Err(back) => reply = back,
             }
@@ -814,17 +814,16 @@ impl Filesystem for StrataFs {
         let append = flags.0 & libc::O_APPEND != 0;
         self.spawn(async move {
             if writing {
-                let mode = match ctx.modes.begin_cached(ino.0).await {
-                    Ok(m) => m,
-                    Err(e) => return reply.error(e),
-                };
+                if let Err(e) = ctx.modes.begin_cached(ino.0).await {
+                    return reply.error(e);
+                }
                 match handles::open_writer(&ctx, &path, ino.0, truncate, append).await {
                     Ok(fh) => {
-                        ctx.modes.opened(fh, ino.0, mode, None);
+                        ctx.modes.opened_cached(fh, ino.0);
                         reply.opened(FileHandle(fh), FopenFlags::empty())
                     }
                     Err(e) => {
-                        ctx.modes.abandon(ino.0, mode);
+                        ctx.modes.abandon_cached(ino.0);
                         reply.error(e)
                     }
                 }
@@ -833,12 +832,11 @@ impl Filesystem for StrataFs {
             // Being written through this mount: read what was written so
             // far (from the writer's staged copy), not the old version.
             if let Some(w) = ctx.handles.writers_of(ino.0).into_iter().next() {
-                let mode = match ctx.modes.begin_cached(ino.0).await {
-                    Ok(m) => m,
-                    Err(e) => return reply.error(e),
-                };
+                if let Err(e) = ctx.modes.begin_cached(ino.0).await {
+                    return reply.error(e);
+                }
                 let fh = ctx.handles.insert_alias(w);
-                ctx.modes.opened(fh, ino.0, mode, None);
+                ctx.modes.opened_cached(fh, ino.0);
                 return reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             let opened = match ctx.stat_cached(&path).await {
@@ -851,25 +849,21 @@ impl Filesystem for StrataFs {
             match opened {
                 Ok(r) => {
                     let fp = r.info().fingerprint.clone();
-                    let r = match ctx.open_passthrough(ino.0, r.clone(), reply) {
+                    match ctx.open_passthrough(ino.0, &r, reply) {
                         Ok(()) => return,
-                        Err(back) => {
-                            reply = back;
-                            r
-                        }
-                    };
+                        Err(back) => reply = back,
+                    }
                     let keep = {
                         let mut fps = lock(&ctx.fingerprints);
                         let same = fps.get(&ino.0) == Some(&fp);
                         fps.insert(ino.0, fp);
                         same
                     };
-                    let mode = match ctx.modes.begin_cached(ino.0).await {
-                        Ok(m) => m,
-                        Err(e) => return reply.error(e),
-                    };
+                    if let Err(e) = ctx.modes.begin_cached(ino.0).await {
+                        return reply.error(e);
+                    }
                     let fh = ctx.handles.insert(Open::reading(r));
-                    ctx.modes.opened(fh, ino.0, mode, None);
+                    ctx.modes.opened_cached(fh, ino.0);
                     // A read-only descriptor has nothing to commit at
                     // close: no FLUSH request.
                     let flags = if keep {
@@ -1041,10 +1035,9 @@ impl Filesystem for StrataFs {
             // its inode: the new file cannot be opened through the daemon
             // until those descriptors are closed.
             let counted = lock(&ctx.inodes).ino_for(&path, false);
-            let io = match ctx.modes.begin_cached(counted).await {
-                Ok(m) => m,
-                Err(e) => return reply.error(e),
-            };
+            if let Err(e) = ctx.modes.begin_cached(counted).await {
+                return reply.error(e);
+            }
             match ctx.new_version(&path).await {
                 Ok(w) => {
                     let ino = lock(&ctx.inodes).ino_for(&path, true);
@@ -1052,7 +1045,7 @@ impl Filesystem for StrataFs {
                         lock(&ctx.inodes).set_mode(ino, (mode & 0o7777) as u16);
                     }
                     let fh = ctx.handles.insert(Open::writing(w, ino, 0, ctx.clone()));
-                    ctx.modes.opened(fh, counted, io, None);
+                    ctx.modes.opened_cached(fh, counted);
                     let info = FileInfo {
                         path: path.clone(),
                         mtime_ms: now_ms(),
@@ -1067,7 +1060,7 @@ impl Filesystem for StrataFs {
                     )
                 }
                 Err(e) => {
-                    ctx.modes.abandon(counted, io);
+                    ctx.modes.abandon_cached(counted);
                     reply.error(to_errno(&e))
                 }
             }

@@ -24,15 +24,6 @@ use strata_client::LocalFile;
 
 use crate::lock;
 
-/// How one open of a file is served.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum IoMode {
-    /// Through the daemon (and the kernel's page cache).
-    Cached,
-    /// By the kernel from the local copy.
-    Passthrough,
-}
-
 /// How long an open that conflicts with passthrough handles waits for
 /// them to be released (a `close` reaches the daemon shortly after it
 /// returns) before failing with ETXTBSY.
@@ -43,21 +34,42 @@ struct InodeIo {
     cached: u32,
     passthrough: u32,
     /// The backing file every passthrough open of the inode uses, with the
-    /// fingerprint of the version it holds.
+    /// fingerprint of the version it holds (set while `passthrough > 0`).
     backing: Option<(String, Arc<BackingId>)>,
 }
 
 struct OpenIo {
     ino: u64,
-    mode: IoMode,
-    /// Keeps the local copy from eviction while the kernel reads it.
-    _pin: Option<LocalFile>,
+    /// A passthrough open: keeps the local copy from eviction while the
+    /// kernel reads it. `None`: an open through the daemon.
+    pin: Option<LocalFile>,
 }
 
 #[derive(Default)]
 struct State {
     inodes: HashMap<u64, InodeIo>,
     opens: HashMap<u64, OpenIo>,
+}
+
+impl State {
+    fn uncount(&mut self, ino: u64, passthrough: bool) {
+        let Some(io) = self.inodes.get_mut(&ino) else {
+            return;
+        };
+        if passthrough {
+            io.passthrough = io.passthrough.saturating_sub(1);
+            if io.passthrough == 0 {
+                // Closes the backing id; the kernel dropped the file with
+                // the last passthrough handle.
+                io.backing = None;
+            }
+        } else {
+            io.cached = io.cached.saturating_sub(1);
+        }
+        if io.cached == 0 && io.passthrough == 0 {
+            self.inodes.remove(&ino);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -89,10 +101,10 @@ impl IoModes {
     }
 
     /// Counts an open of `ino` through the daemon (until
-    /// [`IoModes::opened`] or [`IoModes::abandon`]); while passthrough
-    /// handles of it are open, waits for their release, and fails with
-    /// ETXTBSY if they stay open.
-    pub async fn begin_cached(&self, ino: u64) -> Result<IoMode, fuser::Errno> {
+    /// [`IoModes::opened_cached`] or [`IoModes::abandon_cached`]); while
+    /// passthrough handles of it are open, waits for their release, and
+    /// fails with ETXTBSY if they stay open.
+    pub async fn begin_cached(&self, ino: u64) -> Result<(), fuser::Errno> {
         let deadline = std::time::Instant::now() + CONFLICT_WAIT;
         while !self.try_cached(ino) {
             if std::time::Instant::now() > deadline {
@@ -100,14 +112,15 @@ impl IoModes {
             }
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
-        Ok(IoMode::Cached)
+        Ok(())
     }
 
-    /// A passthrough open of `ino` from `local` (version `fingerprint`):
-    /// the backing file to reply with, registered by `register` unless the
-    /// inode has one already; `None` when the kernel would refuse it (a
-    /// cached handle is open, or passthrough handles of another version:
-    /// the caller then opens through [`IoModes::begin_cached`]).
+    /// A passthrough open of `ino` (version `fingerprint`): the backing
+    /// file to reply with, registered by `register` unless the inode has
+    /// one already; counted until [`IoModes::opened_passthrough`]. `None`
+    /// when the kernel would refuse it (a cached handle is open, or
+    /// passthrough handles of another version: the caller then opens
+    /// through [`IoModes::begin_cached`]).
     pub fn begin_passthrough(
         &self,
         ino: u64,
@@ -119,77 +132,66 @@ impl IoModes {
         if io.cached > 0 {
             return None;
         }
-        match &io.backing {
-            Some((fp, b)) if io.passthrough > 0 => {
-                if fp != fingerprint {
-                    return None;
-                }
-                let b = b.clone();
+        if let Some((fp, b)) = &io.backing {
+            if fp != fingerprint {
+                return None;
+            }
+            let b = b.clone();
+            io.passthrough += 1;
+            return Some(b);
+        }
+        match register() {
+            Ok(b) => {
+                let b = Arc::new(b);
+                io.backing = Some((fingerprint.to_string(), b.clone()));
                 io.passthrough += 1;
                 Some(b)
             }
-            _ => match register() {
-                Ok(b) => {
-                    let b = Arc::new(b);
-                    io.backing = Some((fingerprint.to_string(), b.clone()));
-                    io.passthrough += 1;
-                    Some(b)
-                }
-                Err(e) => {
-                    // Without CAP_SYS_ADMIN, for instance: stop trying.
-                    tracing::warn!(
-                        "FUSE passthrough unavailable ({e}); files are read through the daemon"
-                    );
-                    self.enabled.store(false, Ordering::Relaxed);
-                    None
-                }
-            },
+            Err(e) => {
+                st.inodes.remove(&ino);
+                // Without CAP_SYS_ADMIN, for instance: stop trying.
+                tracing::warn!(
+                    "FUSE passthrough unavailable ({e}); files are read through the daemon"
+                );
+                self.enabled.store(false, Ordering::Relaxed);
+                None
+            }
         }
     }
 
-    /// Handle `fh` of `ino` was handed to the kernel in `mode`.
-    pub fn opened(&self, fh: u64, ino: u64, mode: IoMode, pin: Option<LocalFile>) {
-        lock(&self.state).opens.insert(
-            fh,
-            OpenIo {
-                ino,
-                mode,
-                _pin: pin,
-            },
-        );
+    /// Handle `fh` of `ino`, counted by [`IoModes::begin_cached`], was
+    /// handed to the kernel.
+    pub fn opened_cached(&self, fh: u64, ino: u64) {
+        lock(&self.state)
+            .opens
+            .insert(fh, OpenIo { ino, pin: None });
     }
 
-    /// An open counted by `begin_*` failed before reaching the kernel.
-    pub fn abandon(&self, ino: u64, mode: IoMode) {
-        let mut st = lock(&self.state);
-        Self::uncount(&mut st, ino, mode);
+    /// Handle `fh` of `ino`, counted by [`IoModes::begin_passthrough`],
+    /// was handed to the kernel reading `local`.
+    pub fn opened_passthrough(&self, fh: u64, ino: u64, local: LocalFile) {
+        let open = OpenIo {
+            ino,
+            pin: Some(local),
+        };
+        lock(&self.state).opens.insert(fh, open);
+    }
+
+    /// An open counted by [`IoModes::begin_cached`] failed before reaching
+    /// the kernel.
+    pub fn abandon_cached(&self, ino: u64) {
+        lock(&self.state).uncount(ino, false);
     }
 
     /// The kernel released handle `fh`.
     pub fn released(&self, fh: u64) {
         let mut st = lock(&self.state);
-        if let Some(o) = st.opens.remove(&fh) {
-            Self::uncount(&mut st, o.ino, o.mode);
+        let open = st.opens.remove(&fh);
+        if let Some(o) = &open {
+            st.uncount(o.ino, o.pin.is_some());
         }
-    }
-
-    fn uncount(st: &mut State, ino: u64, mode: IoMode) {
-        let Some(io) = st.inodes.get_mut(&ino) else {
-            return;
-        };
-        match mode {
-            IoMode::Cached => io.cached = io.cached.saturating_sub(1),
-            IoMode::Passthrough => {
-                io.passthrough = io.passthrough.saturating_sub(1);
-                if io.passthrough == 0 {
-                    // Closes the backing id; the kernel dropped the file
-                    // with the last passthrough handle.
-                    io.backing = None;
-                }
-            }
-        }
-        if io.cached == 0 && io.passthrough == 0 {
-            st.inodes.remove(&ino);
-        }
+        drop(st);
+        // Unpinning may evict (file I/O): outside the lock.
+        drop(open);
     }
 }
