@@ -260,6 +260,27 @@ print("too many tags", code(lambda: s3.put_object(Bucket=B, Key="m/tags.txt", Bo
 print("dup tags", code(lambda: s3.put_object_tagging(Bucket=B, Key="m/copy.txt",
       Tagging={"TagSet": [{"Key": "a", "Value": "1"}, {"Key": "a", "Value": "2"}]})))
 print("no such key", code(lambda: s3.get_object_tagging(Bucket=B, Key="m/none")))
+# Refused before its body is read, request after request on kept-alive
+# connections: every client sees the S3 error, never a bare status or a
+# reset connection (boto3 sends these with Expect: 100-continue).
+import collections, http.client, time, urllib.parse
+print("refused in a row", sorted(collections.Counter(code(lambda: s3.put_object(
+    Bucket=B, Key="m/tags.txt", Body=b"x", Tagging=many)) for _ in range(300)).items()))
+# The same without Expect, the body arriving after the answer: the
+# connection is still usable for the next request.
+u = urllib.parse.urlparse(s3.meta.endpoint_url)
+conn = http.client.HTTPConnection(u.hostname, u.port)
+answers = []
+for _ in range(3):
+    conn.putrequest("PUT", "/" + B + "/m/anon.txt")
+    conn.putheader("Content-Length", "5")
+    conn.endheaders()
+    time.sleep(0.05)
+    conn.send(b"hello")
+    r = conn.getresponse()
+    body = r.read().decode()
+    answers.append((r.status, "<Code>AccessDenied</Code>" in body, r.getheader("Connection")))
+print("late bodies", answers)
 print("after bad", [o["Key"] for o in s3.list_objects_v2(Bucket=B, Prefix="m/")["Contents"]],
       [(x["Key"], x["Value"]) for x in s3.get_object_tagging(Bucket=B, Key="m/copy.txt")["TagSet"]])
 "#,
@@ -307,6 +328,14 @@ print("after bad", [o["Key"] for o in s3.list_objects_v2(Bucket=B, Prefix="m/")[
     assert_eq!(line("too many tags"), "too many tags InvalidTag");
     assert_eq!(line("dup tags"), "dup tags InvalidTag");
     assert_eq!(line("no such key"), "no such key NoSuchKey");
+    assert_eq!(
+        line("refused in a row"),
+        "refused in a row [('InvalidTag', 300)]"
+    );
+    assert_eq!(
+        line("late bodies"),
+        "late bodies [(403, True, None), (403, True, None), (403, True, None)]"
+    );
     assert_eq!(
         line("after bad"),
         "after bad ['m/a.txt', 'm/copy.txt', 'm/mp.bin', 'm/repl.txt'] [('k', 'v&w')]"

@@ -5,6 +5,7 @@
 //! nothing about workers or pages.
 
 mod access;
+mod drain;
 mod listing;
 mod meta_cache;
 mod multipart;
@@ -1289,10 +1290,28 @@ pub async fn serve(
     let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let s3 = service.clone();
         async move {
-            if header_bytes(req.headers()) > MAX_HEADER_BYTES {
-                return Ok(header_too_large());
-            }
-            hyper::service::Service::call(&s3, req).await
+            let expects_continue = req
+                .headers()
+                .get(http::header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            let (parts, body) = req.into_parts();
+            let body = drain::Tracked::new(body);
+            let resp = if header_bytes(&parts.headers) > MAX_HEADER_BYTES {
+                Ok(header_too_large())
+            } else {
+                let req = http::Request::from_parts(parts, s3s::Body::http_body(body.clone()));
+                s3.call(req).await
+            };
+            let keep_alive = drain::finish(body, expects_continue).await;
+            resp.map(|mut r| {
+                if !keep_alive {
+                    r.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                r
+            })
         }
     });
     let task = tokio::spawn(async move {
