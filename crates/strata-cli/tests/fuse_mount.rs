@@ -388,6 +388,48 @@ async fn deleted_in_the_ufs_while_open_and_unmount_with_open_files() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_mount_reads_and_refuses_every_change() {
+    if !fuse_available() {
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    let s3 = s3_client(&env.s3);
+    let data = pattern(300 << 10, 4);
+    s3_put(&s3, "ro/a.bin", &data).await;
+    let m = Mount::start(&env.cluster, &["--read-only"]);
+    let dir = m.path().join("s3/ro");
+    let file = dir.join("a.bin");
+    assert_eq!(std::fs::read(&file).unwrap(), data);
+    assert_eq!(std::fs::read(&file).unwrap(), data, "read again");
+    let erofs = |r: std::io::Result<()>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(errno(&e), libc::EROFS, "{what}: {e}");
+    };
+    erofs(std::fs::write(dir.join("new.bin"), b"x"), "create");
+    erofs(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .map(drop),
+        "open for writing",
+    );
+    erofs(std::fs::create_dir(dir.join("d")), "mkdir");
+    erofs(std::fs::remove_file(&file), "unlink");
+    erofs(std::fs::rename(&file, dir.join("b.bin")), "rename");
+    erofs(
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)),
+        "chmod",
+    );
+    // Nothing changed in the store.
+    let listed: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(listed, ["a.bin"]);
+    assert_eq!(std::fs::read(&file).unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn mount_point_must_exist_and_be_empty_and_daemon_mode_works() {
     if !fuse_available() {
         return;

@@ -74,6 +74,10 @@ pub struct FuseOptions {
     /// Hand complete local copies (heavy-client mode) to the kernel with
     /// FUSE passthrough, where the kernel supports it.
     pub passthrough: bool,
+    /// Mount read-only (`ro`): the kernel refuses every change with
+    /// `EROFS`, and keeps attributes across reads (a read-write mount
+    /// fetches them again after a read, for the access time).
+    pub read_only: bool,
 }
 
 impl Default for FuseOptions {
@@ -86,6 +90,7 @@ impl Default for FuseOptions {
             write_type: WriteType::CacheThrough,
             allow_other: false,
             passthrough: true,
+            read_only: false,
         }
     }
 }
@@ -200,7 +205,7 @@ impl StrataFs {
 
     fn config(&self) -> fuser::Config {
         let mut c = fuser::Config::default();
-        c.mount_options = mount_option_list(&self.opts.root);
+        c.mount_options = mount_option_list(&self.opts);
         if self.opts.allow_other {
             c.acl = fuser::SessionACL::All;
         }
@@ -326,15 +331,19 @@ impl StrataFs {
     }
 }
 
-/// The mount options of every Strata mount (besides `allow_other`, which
-/// `fuser` derives from its ACL setting), for the namespace directory `root`.
-fn mount_option_list(root: &str) -> Vec<fuser::MountOption> {
-    vec![
-        fuser::MountOption::FSName(format!("strata:{}", normalize_root(root))),
+/// The mount options of a Strata mount (besides `allow_other`, which
+/// `fuser` derives from its ACL setting).
+fn mount_option_list(opts: &FuseOptions) -> Vec<fuser::MountOption> {
+    let mut o = vec![
+        fuser::MountOption::FSName(format!("strata:{}", normalize_root(&opts.root))),
         fuser::MountOption::Subtype("strata".into()),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoAtime,
-    ]
+    ];
+    if opts.read_only {
+        o.push(fuser::MountOption::RO);
+    }
+    o
 }
 
 fn normalize_root(r: &str) -> String {

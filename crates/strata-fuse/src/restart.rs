@@ -40,13 +40,14 @@ const NOTIFY_RESEND: i32 = 7;
 /// gives `fuser`), as `fusermount3` takes them.
 pub fn mount_options(opts: &FuseOptions) -> String {
     use fuser::MountOption as M;
-    let mut o: Vec<String> = mount_option_list(&opts.root)
+    let mut o: Vec<String> = mount_option_list(opts)
         .iter()
         .map(|m| match m {
             M::FSName(n) => format!("fsname={}", n.replace(',', "_")),
             M::Subtype(t) => format!("subtype={t}"),
             M::DefaultPermissions => "default_permissions".into(),
             M::NoAtime => "noatime".into(),
+            M::RO => "ro".into(),
             other => unreachable!("mount option {other:?} is not in mount_option_list"),
         })
         .collect();
