@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 
 /// The most of an unread body read before answering; a client sending
 /// more is answered at once and its connection closed.
-pub const LIMIT: u64 = 8 << 20;
+const LIMIT: u64 = 8 << 20;
 /// How long reading the rest may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
