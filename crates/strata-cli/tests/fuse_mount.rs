@@ -430,6 +430,87 @@ async fn a_read_only_mount_reads_and_refuses_every_change() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_no_open_mount_reads_files_and_sees_new_versions() {
+    if !fuse_available() {
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    let s3 = s3_client(&env.s3);
+    let big = pattern(5 << 20, 6);
+    s3_put(&s3, "no/big.bin", &big).await;
+    let small: Vec<Vec<u8>> = (0..40u64)
+        .map(|i| pattern(10_000 + i as usize * 997, i))
+        .collect();
+    for (i, d) in small.iter().enumerate() {
+        s3_put(&s3, &format!("no/s{i}"), d).await;
+    }
+    let err = fails(
+        env.cluster
+            .cli(&["mount", "/nonexistent-mp", "--no-open"])
+            .unwrap(),
+    );
+    assert!(err.contains("--read-only"), "{err}");
+    let m = Mount::start(
+        &env.cluster,
+        &["--read-only", "--no-open", "--attr-timeout", "0.5"],
+    );
+    let dir = m.path().join("s3/no");
+    // Many descriptors of one file at once, from several threads, and
+    // many files one after another.
+    std::thread::scope(|sc| {
+        for t in 0..4 {
+            let (dir, big, small) = (&dir, &big, &small);
+            sc.spawn(move || {
+                for round in 0..3 {
+                    assert_eq!(
+                        &std::fs::read(dir.join("big.bin")).unwrap(),
+                        big,
+                        "{t}/{round}"
+                    );
+                    for (i, want) in small.iter().enumerate() {
+                        assert_eq!(&std::fs::read(dir.join(format!("s{i}"))).unwrap(), want);
+                    }
+                }
+            });
+        }
+    });
+    // A ranged read in the middle.
+    let mut f = std::fs::File::open(dir.join("big.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&mut f, &mut buf, 3_000_001).unwrap();
+    assert_eq!(buf, big[3_000_001..3_000_001 + 4096]);
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("s0"))
+        .expect_err("open for writing");
+    assert_eq!(errno(&e), libc::EROFS, "{e}");
+    // A new version written elsewhere (another mount) is read once the
+    // attribute timeout is over: the old pages are dropped.
+    let rw = Mount::start(&env.cluster, &[]);
+    let newer = pattern(7000, 99);
+    std::fs::write(rw.path().join("s3/no/s3"), &newer).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = std::fs::read(dir.join("s3")).unwrap();
+        if got == newer {
+            break;
+        }
+        assert_eq!(got, small[3], "neither the old nor the new version");
+        assert!(
+            Instant::now() < deadline,
+            "the new version was not seen within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // close(2) succeeds (the kernel's FLUSH is answered, not refused).
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
+    // SAFETY: `fd` was just taken out of the File, so it is closed once.
+    let closed = unsafe { libc::close(fd) };
+    assert_eq!(closed, 0, "close: {}", std::io::Error::last_os_error());
+    assert_eq!(std::fs::read(dir.join("s4")).unwrap(), small[4]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn mount_point_must_exist_and_be_empty_and_daemon_mode_works() {
     if !fuse_available() {
         return;

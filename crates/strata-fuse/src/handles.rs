@@ -194,6 +194,14 @@ impl Open {
         matches!(self.kind, Kind::Write(_))
     }
 
+    /// The fingerprint of the version a read handle reads.
+    pub fn fingerprint(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Read { reader, .. } => Some(&reader.info().fingerprint),
+            _ => None,
+        }
+    }
+
     pub fn entries(&self) -> Option<&[(u64, FileType, String)]> {
         match &self.kind {
             Kind::Dir(e) => Some(e),

@@ -78,6 +78,11 @@ pub struct FuseOptions {
     /// `EROFS`, and keeps attributes across reads (a read-write mount
     /// fetches them again after a read, for the access time).
     pub read_only: bool,
+    /// Read-only mounts only: let the kernel open files without asking the
+    /// daemon (FUSE `no_open`). Saves a round trip at every open and the
+    /// release at every close; pages stay cached until the file's size or
+    /// modification time changes; no passthrough.
+    pub no_open: bool,
 }
 
 impl Default for FuseOptions {
@@ -91,6 +96,7 @@ impl Default for FuseOptions {
             allow_other: false,
             passthrough: true,
             read_only: false,
+            no_open: false,
         }
     }
 }
@@ -112,6 +118,53 @@ pub struct StrataFs {
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     meta: Arc<MetaCache>,
     modes: Arc<IoModes>,
+    unopened: Arc<Unopened>,
+}
+
+/// Read handles of files the kernel opened without asking (`no_open`
+/// mounts): one per inode, shared by every descriptor of it, kept for the
+/// most recently read files.
+#[derive(Default)]
+struct Unopened {
+    by_ino: Mutex<std::collections::HashMap<u64, (std::time::Instant, Arc<Open>)>>,
+}
+
+/// Read handles an `Unopened` keeps (each may hold up to two read windows).
+const UNOPENED_KEPT: usize = 256;
+
+impl Unopened {
+    /// The handle of `ino`, if it was used within `ttl`.
+    fn fresh(&self, ino: u64, ttl: Duration) -> Option<Arc<Open>> {
+        lock(&self.by_ino)
+            .get(&ino)
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(_, o)| o.clone())
+    }
+
+    /// The handle of `ino` for the version with fingerprint `fp`, made by
+    /// `open` if there is none.
+    fn get_or_insert(&self, ino: u64, fp: &str, open: impl FnOnce() -> Open) -> Arc<Open> {
+        let now = std::time::Instant::now();
+        let mut m = lock(&self.by_ino);
+        if let Some((at, o)) = m.get_mut(&ino)
+            && o.fingerprint() == Some(fp)
+        {
+            *at = now;
+            return o.clone();
+        }
+        if m.len() >= UNOPENED_KEPT
+            && let Some(oldest) = m.iter().min_by_key(|(_, (at, _))| *at).map(|(i, _)| *i)
+        {
+            m.remove(&oldest);
+        }
+        let o = Arc::new(open());
+        m.insert(ino, (now, o.clone()));
+        o
+    }
+
+    fn forget(&self, ino: u64) {
+        lock(&self.by_ino).remove(&ino);
+    }
 }
 
 /// File metadata seen in the last `attr_ttl`, so an `open` right after a
@@ -187,6 +240,7 @@ impl StrataFs {
             notifier: Arc::default(),
             meta: Arc::default(),
             modes: Arc::default(),
+            unopened: Arc::default(),
         })
     }
 
@@ -252,6 +306,7 @@ impl StrataFs {
             notifier: self.notifier.clone(),
             meta: self.meta.clone(),
             modes: self.modes.clone(),
+            unopened: self.unopened.clone(),
         }
     }
 }
@@ -376,6 +431,7 @@ struct Ctx {
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     meta: Arc<MetaCache>,
     modes: Arc<IoModes>,
+    unopened: Arc<Unopened>,
 }
 
 impl Ctx {
@@ -417,6 +473,23 @@ impl Ctx {
         }
         let r = self.client.open_info(info).map_err(|e| to_errno(&e))?;
         Ok(self.handles.adopt(fh, Open::reading(r)))
+    }
+
+    /// The read handle of file `ino` on a `no_open` mount, where the kernel
+    /// opens files without asking: checked against the namespace once per
+    /// attribute timeout.
+    async fn unopened(&self, ino: u64) -> Result<Arc<Open>, Errno> {
+        if let Some(o) = self.unopened.fresh(ino, self.attr_ttl) {
+            return Ok(o);
+        }
+        let path = lock(&self.inodes).path(ino).ok_or(Errno::ENOENT)?;
+        let info = self.stat_cached(&path).await.map_err(|e| to_errno(&e))?;
+        if info.is_dir {
+            return Err(Errno::EISDIR);
+        }
+        let fp = info.fingerprint.clone();
+        let r = self.client.open_info(info).map_err(|e| to_errno(&e))?;
+        Ok(self.unopened.get_or_insert(ino, &fp, || Open::reading(r)))
     }
 
     /// Opens `r` with FUSE passthrough when every page of it is in the
@@ -543,8 +616,15 @@ impl Filesystem for StrataFs {
         // ask for `security.capability` before every write (one round trip
         // per write(2) otherwise); set-ID bits are cleared in `write`.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        if self.opts.no_open {
+            // The kernel keeps pages of files it opens by itself; a change
+            // of size or modification time (seen once the attribute
+            // timeout is over) drops them.
+            let _ = config.add_capabilities(fuser::InitFlags::FUSE_AUTO_INVAL_DATA);
+        }
         // Passthrough needs complete local copies: heavy-client mode.
-        if self.opts.passthrough && self.client.local_cache_stats().is_some() {
+        if !self.opts.no_open && self.opts.passthrough && self.client.local_cache_stats().is_some()
+        {
             match config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH) {
                 Ok(()) => {
                     // Backing files on a plain (not stacked) file system.
@@ -580,6 +660,7 @@ impl Filesystem for StrataFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.unopened.forget(ino.0);
         lock(&self.inodes).forget(ino.0, nlookup);
     }
 
@@ -806,6 +887,11 @@ impl Filesystem for StrataFs {
             Err(e) => return reply.error(e),
         };
         let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        if self.opts.no_open {
+            // ENOSYS: from now on the kernel opens files by itself (and
+            // sends no release); reads come with handle 0.
+            return reply.error(if writing { Errno::EROFS } else { Errno::ENOSYS });
+        }
         // A read of a file complete in the local cache, its metadata fresh:
         // passed through on this thread, with no call to anyone.
         if !writing
@@ -898,6 +984,18 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        if fh.0 == 0 && self.opts.no_open {
+            let ctx = self.ctx();
+            return self.spawn(async move {
+                match ctx.unopened(ino.0).await {
+                    Ok(open) => match open.read(offset, size).await {
+                        Ok(b) => reply.data(&b),
+                        Err(e) => reply.error(e),
+                    },
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
         let open = self.handles.get(fh.0);
         if open.is_none() && !self.handles.is_inherited(fh.0) {
             return reply.error(Errno::EBADF);
@@ -966,6 +1064,12 @@ impl Filesystem for StrataFs {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
+        if fh.0 == 0 && self.opts.no_open {
+            // A file the kernel opened by itself on a read-only mount:
+            // nothing to commit, and ENOSYS tells the kernel to send no
+            // FLUSH from now on.
+            return reply.error(Errno::ENOSYS);
+        }
         // close(2) reports write errors: the file is committed here (not
         // when a read-only descriptor of a file being written is closed).
         if self.handles.is_alias(fh.0) {
