@@ -475,9 +475,9 @@ async fn a_no_open_mount_reads_files_and_sees_new_versions() {
         }
     });
     // A ranged read in the middle.
-    let mut f = std::fs::File::open(dir.join("big.bin")).unwrap();
+    let f = std::fs::File::open(dir.join("big.bin")).unwrap();
     let mut buf = vec![0u8; 4096];
-    std::os::unix::fs::FileExt::read_exact_at(&mut f, &mut buf, 3_000_001).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 3_000_001).unwrap();
     assert_eq!(buf, big[3_000_001..3_000_001 + 4096]);
     let e = std::fs::OpenOptions::new()
         .write(true)
