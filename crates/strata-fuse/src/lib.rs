@@ -169,16 +169,33 @@ impl Unopened {
 
 /// File metadata seen in the last `attr_ttl`, so an `open` right after a
 /// lookup (the common case) needs no second call to the master.
-#[derive(Default)]
 struct MetaCache {
     by_path: Mutex<std::collections::HashMap<String, (std::time::Instant, FileInfo)>>,
+    /// How long an entry is used (the mount's attribute timeout).
+    ttl: Duration,
 }
 
+/// Entries a [`MetaCache`] holds before it drops expired ones (a listing
+/// of a data set of a few hundred thousand files stays whole).
+const META_CACHE_ENTRIES: usize = 400_000;
+
 impl MetaCache {
+    fn new(ttl: Duration) -> MetaCache {
+        MetaCache {
+            by_path: Mutex::default(),
+            ttl,
+        }
+    }
+
     fn put(&self, info: &FileInfo) {
         let mut m = lock(&self.by_path);
-        if m.len() > 100_000 {
-            m.clear();
+        if m.len() >= META_CACHE_ENTRIES {
+            let ttl = self.ttl;
+            m.retain(|_, (at, _)| at.elapsed() < ttl);
+            // All still fresh: start over rather than sweep at every put.
+            if m.len() >= META_CACHE_ENTRIES {
+                m.clear();
+            }
         }
         m.insert(info.path.clone(), (std::time::Instant::now(), info.clone()));
     }
@@ -228,6 +245,7 @@ impl StrataFs {
         }
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let attr_ttl = opts.attr_ttl;
         Ok(StrataFs {
             client,
             rt,
@@ -238,7 +256,7 @@ impl StrataFs {
             gid,
             fingerprints: Arc::default(),
             notifier: Arc::default(),
-            meta: Arc::default(),
+            meta: Arc::new(MetaCache::new(attr_ttl)),
             modes: Arc::default(),
             unopened: Arc::default(),
         })
