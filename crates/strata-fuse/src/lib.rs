@@ -484,13 +484,24 @@ impl Ctx {
     /// Opens file `ino` again for reading under handle `fh`, which an
     /// earlier daemon of this mount handed to the kernel.
     async fn reopen(&self, ino: u64, fh: u64) -> Result<Arc<Open>, Errno> {
+        let r = self.file_reader(ino, false).await?;
+        Ok(self.handles.adopt(fh, Open::reading(r)))
+    }
+
+    /// A reader of the current version of file `ino` (its metadata from
+    /// the mount's cache when `cached`).
+    async fn file_reader(&self, ino: u64, cached: bool) -> Result<strata_client::Reader, Errno> {
         let path = lock(&self.inodes).path(ino).ok_or(Errno::ENOENT)?;
-        let info = self.client.stat(&path).await.map_err(|e| to_errno(&e))?;
+        let info = if cached {
+            self.stat_cached(&path).await
+        } else {
+            self.client.stat(&path).await
+        };
+        let info = info.map_err(|e| to_errno(&e))?;
         if info.is_dir {
             return Err(Errno::EISDIR);
         }
-        let r = self.client.open_info(info).map_err(|e| to_errno(&e))?;
-        Ok(self.handles.adopt(fh, Open::reading(r)))
+        self.client.open_info(info).map_err(|e| to_errno(&e))
     }
 
     /// The read handle of file `ino` on a `no_open` mount, where the kernel
@@ -500,13 +511,8 @@ impl Ctx {
         if let Some(o) = self.unopened.fresh(ino, self.attr_ttl) {
             return Ok(o);
         }
-        let path = lock(&self.inodes).path(ino).ok_or(Errno::ENOENT)?;
-        let info = self.stat_cached(&path).await.map_err(|e| to_errno(&e))?;
-        if info.is_dir {
-            return Err(Errno::EISDIR);
-        }
-        let fp = info.fingerprint.clone();
-        let r = self.client.open_info(info).map_err(|e| to_errno(&e))?;
+        let r = self.file_reader(ino, true).await?;
+        let fp = r.info().fingerprint.clone();
         Ok(self.unopened.get_or_insert(ino, &fp, || Open::reading(r)))
     }
 
@@ -1002,32 +1008,24 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        if fh.0 == 0 && self.opts.no_open {
-            let ctx = self.ctx();
-            return self.spawn(async move {
-                match ctx.unopened(ino.0).await {
-                    Ok(open) => match open.read(offset, size).await {
-                        Ok(b) => reply.data(&b),
-                        Err(e) => reply.error(e),
-                    },
-                    Err(e) => reply.error(e),
-                }
-            });
-        }
+        // Handle 0 on a `no_open` mount: a file the kernel opened by itself.
+        let unopened = fh.0 == 0 && self.opts.no_open;
         let open = self.handles.get(fh.0);
-        if open.is_none() && !self.handles.is_inherited(fh.0) {
+        if !unopened && open.is_none() && !self.handles.is_inherited(fh.0) {
             return reply.error(Errno::EBADF);
         }
         let ctx = self.ctx();
         self.spawn(async move {
             let open = match open {
-                Some(o) => o,
+                Some(o) => Ok(o),
+                None if unopened => ctx.unopened(ino.0).await,
                 // A read handle of an earlier daemon of this mount: open
                 // the file again and carry on.
-                None => match ctx.reopen(ino.0, fh.0).await {
-                    Ok(o) => o,
-                    Err(e) => return reply.error(e),
-                },
+                None => ctx.reopen(ino.0, fh.0).await,
+            };
+            let open = match open {
+                Ok(o) => o,
+                Err(e) => return reply.error(e),
             };
             match open.read(offset, size).await {
                 Ok(b) => reply.data(&b),
