@@ -174,6 +174,11 @@ pub struct MasterConfig {
     pub raft_election_timeout_ms: u64,
     /// Log entries between state snapshots (which also bound the log).
     pub raft_snapshot_every: u64,
+    /// Microseconds a follower gathers linearizable reads before it asks
+    /// the leader for one read index on behalf of all of them (and so the
+    /// shortest time between two such requests). Longer costs each read
+    /// more latency and the leader and follower less CPU per read.
+    pub read_index_gather_us: u64,
     /// Block loads a job keeps in flight on one worker.
     pub job_per_worker: usize,
     /// Block loads a job keeps in flight against one UFS (mount).
@@ -222,6 +227,7 @@ impl Default for MasterConfig {
             raft_heartbeat_ms: 100,
             raft_election_timeout_ms: 600,
             raft_snapshot_every: 50_000,
+            read_index_gather_us: 1000,
             job_per_worker: 8,
             job_per_ufs: 32,
             job_max_running: 4,

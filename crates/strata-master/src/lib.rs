@@ -63,6 +63,7 @@ pub async fn start(config: &Config) -> Result<MasterHandle, MasterError> {
         election_min_ms: mc.raft_election_timeout_ms,
         election_max_ms: mc.raft_election_timeout_ms * 2,
         snapshot_every: mc.raft_snapshot_every,
+        read_index_gather: std::time::Duration::from_micros(mc.read_index_gather_us),
     };
     let store = Arc::new(strata_meta::MetaStore::open(&mc.data_dir)?);
     let raft = raft::start(mc.node_id, &mc.data_dir, store.clone(), &timing).await?;

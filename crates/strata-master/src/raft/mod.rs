@@ -52,10 +52,6 @@ openraft::declare_raft_types!(
 
 pub type Raft = openraft::Raft<TypeConfig>;
 
-/// How long a follower collects reads before asking the leader for a read
-/// index on their behalf.
-const READ_INDEX_GATHER: Duration = Duration::from_millis(1);
-
 /// Timing of elections and heartbeats (milliseconds).
 #[derive(Clone, Debug)]
 pub struct Timing {
@@ -64,6 +60,9 @@ pub struct Timing {
     pub election_max_ms: u64,
     /// Entries between snapshots.
     pub snapshot_every: u64,
+    /// How long a follower collects reads before asking the leader for a
+    /// read index on their behalf.
+    pub read_index_gather: Duration,
 }
 
 impl Timing {
@@ -117,6 +116,7 @@ fn leader_addr(raft: &Raft) -> Option<String> {
 pub struct ReadIndex {
     pub me: String,
     pub lease_ms: u64,
+    gather: Duration,
     /// Connection to the leader for read-index requests (followers).
     leader: std::sync::Mutex<Option<(String, RaftTransportClient<Channel>)>>,
     /// Reads waiting for the next read-index request, and whether a task
@@ -140,6 +140,7 @@ impl ReadIndex {
         ReadIndex {
             me,
             lease_ms: timing.lease_ms(),
+            gather: timing.read_index_gather,
             leader: std::sync::Mutex::new(None),
             waiting: std::sync::Mutex::new((false, Vec::new())),
             last_leader_contact: AtomicU64::new(0),
@@ -289,13 +290,13 @@ impl ReadIndex {
             tokio::spawn(async move {
                 let mut last: Option<tokio::time::Instant> = None;
                 loop {
-                    // Rounds start at most every READ_INDEX_GATHER: reads
+                    // Rounds start at most every `gather`: reads
                     // that arrive meanwhile gather, and one request then
                     // serves them all (which is what lets read capacity
                     // grow with the number of masters); the first read
                     // after a quiet spell goes at once.
                     if let Some(t) = last {
-                        tokio::time::sleep_until(t + READ_INDEX_GATHER).await;
+                        tokio::time::sleep_until(t + me.gather).await;
                     }
                     last = Some(tokio::time::Instant::now());
                     let waiters = {

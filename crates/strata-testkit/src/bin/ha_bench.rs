@@ -1,5 +1,5 @@
 //! `strata-ha-bench failover STRATA_BIN [ROUNDS]` and
-//! `strata-ha-bench follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS] [TASKS]`:
+//! `strata-ha-bench follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS] [TASKS] [PERIOD_MS]`:
 //! benchmarks of the replicated masters that need to kill and confine real
 //! master processes (3 masters and a worker on 127.0.0.1, temp dirs).
 //!
@@ -9,9 +9,10 @@
 //! errors, and a final check of every acknowledged write are reported.
 //!
 //! follower-reads: each master is confined to CPU_PERCENT of one core (its
-//! own cgroup's cpu.max); stat throughput is measured with reads sent to the
-//! leader only and then spread over all masters, in the same run, by TASKS
-//! concurrent stat calls (default 128).
+//! own cgroup's cpu.max, enforced over periods of PERIOD_MS, default 10);
+//! stat throughput is measured with reads sent to the leader only and then
+//! spread over all masters, in the same run, by TASKS concurrent stat calls
+//! (default 128).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,7 +25,7 @@ use strata_testkit::HaCluster;
 
 fn main() -> anyhow::Result<()> {
     let usage = "usage: strata-ha-bench failover STRATA_BIN [ROUNDS] | \
-                 follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS] [TASKS] | \
+                 follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS] [TASKS] [PERIOD_MS] | \
                  gen-namespace MASTER_DATA_DIR FILES [FILES_PER_DIR]";
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("gen-namespace") {
@@ -52,7 +53,11 @@ fn main() -> anyhow::Result<()> {
             let pct: u64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(25);
             let secs: u64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
             let tasks: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(128);
-            rt.block_on(follower_reads(&bin, pct, secs, tasks))
+            let period_ms: u64 = args.get(5).map(|s| s.parse()).transpose()?.unwrap_or(10);
+            if !(1..=1000).contains(&period_ms) {
+                bail!("PERIOD_MS must be 1 to 1000 (cgroup cpu.max periods), not {period_ms}");
+            }
+            rt.block_on(follower_reads(&bin, pct, secs, tasks, period_ms))
         }
         _ => bail!("{usage}"),
     }
@@ -280,12 +285,15 @@ async fn failover(bin: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
 /// `cpu.max`, or v1 `cpu.cfs_quota_us`), removed on drop.
 struct CpuCaps {
     dirs: Vec<PathBuf>,
+    pids: Vec<u32>,
     /// Where processes go back to before a directory is removed.
     parent_procs: PathBuf,
 }
 
 impl CpuCaps {
-    fn new(pids: &[u32], percent: u64) -> anyhow::Result<CpuCaps> {
+    /// Each pid in its own cgroup, held to `percent` of one core over
+    /// periods of `period_ms`.
+    fn new(pids: &[u32], percent: u64, period_ms: u64) -> anyhow::Result<CpuCaps> {
         let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
         let root = if v2 {
             PathBuf::from("/sys/fs/cgroup")
@@ -301,25 +309,80 @@ impl CpuCaps {
         }
         let mut caps = CpuCaps {
             dirs: Vec::new(),
+            pids: pids.to_vec(),
             parent_procs: root.join("cgroup.procs"),
         };
+        // A short period keeps a capped master from running in long bursts
+        // and then stalling every request for the rest of the period.
+        let period = period_ms * 1000;
+        let quota = period * percent / 100;
+        if quota < 1000 {
+            bail!(
+                "{percent}% of a {period_ms} ms period is under 1 ms, the shortest quota \
+                 cgroups accept: use a longer period or a larger share"
+            );
+        }
         for (i, pid) in pids.iter().enumerate() {
             let d = root.join(format!("strata-ha-bench-{}-{i}", std::process::id()));
             std::fs::create_dir(&d).with_context(|| format!("creating {}", d.display()))?;
             caps.dirs.push(d.clone());
             if v2 {
-                std::fs::write(d.join("cpu.max"), format!("{} 10000", percent * 100))?;
+                std::fs::write(d.join("cpu.max"), format!("{quota} {period}"))?;
             } else {
-                // A short period keeps a capped master from running in long
-                // bursts and then stalling every request for the rest.
-                std::fs::write(d.join("cpu.cfs_period_us"), "10000")?;
-                std::fs::write(d.join("cpu.cfs_quota_us"), (percent * 100).to_string())?;
+                std::fs::write(d.join("cpu.cfs_period_us"), period.to_string())?;
+                std::fs::write(d.join("cpu.cfs_quota_us"), quota.to_string())?;
             }
             std::fs::write(d.join("cgroup.procs"), pid.to_string())
                 .with_context(|| format!("moving pid {pid} into {}", d.display()))?;
         }
         Ok(caps)
     }
+
+    /// CPU time used so far by each capped process (µs, from
+    /// `/proc/PID/stat`: user + system time of all its threads).
+    fn usage_us(&self) -> Vec<u64> {
+        let tick_us = 1_000_000 / 100; // USER_HZ
+        self.pids
+            .iter()
+            .map(|p| {
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                // Fields after the command name (which may hold spaces):
+                // utime and stime are the 12th and 13th.
+                let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+                let f: Vec<u64> = rest
+                    .split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                f.iter().sum::<u64>() * tick_us
+            })
+            .collect()
+    }
+}
+
+/// Runs `f` and reports the share of a core each capped master used
+/// meanwhile, so a phase shows whether the masters were held at their cap
+/// or waiting.
+async fn with_cpu_shares<F: std::future::Future<Output = anyhow::Result<f64>>>(
+    caps: &CpuCaps,
+    what: &str,
+    f: F,
+) -> anyhow::Result<f64> {
+    let (before, t) = (caps.usage_us(), Instant::now());
+    let r = f.await?;
+    let secs = t.elapsed().as_secs_f64();
+    let shares: Vec<String> = caps
+        .usage_us()
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| format!("{:.1}%", a.saturating_sub(*b) as f64 / 1e6 / secs * 100.0))
+        .collect();
+    println!(
+        "{what}: {r:.0} stats/s; CPU per master {}",
+        shares.join(" / ")
+    );
+    Ok(r)
 }
 
 impl Drop for CpuCaps {
@@ -382,6 +445,7 @@ async fn follower_reads(
     percent: u64,
     secs: u64,
     tasks: usize,
+    period_ms: u64,
 ) -> anyhow::Result<()> {
     let c = HaCluster::start(bin, 3, 1, Vec::new())?;
     let client = Client::new(&c.master_list(), Default::default())?;
@@ -392,13 +456,17 @@ async fn follower_reads(
         files.push(p);
     }
     let pids: Vec<u32> = c.masters.iter().filter_map(|m| m.pid()).collect();
-    let _caps = CpuCaps::new(&pids, percent)?;
+    let caps = CpuCaps::new(&pids, percent, period_ms)?;
     let addrs = c.master_list();
-    let leader = stat_rate(&addrs, "leader", &files, secs, tasks).await?;
-    let any = stat_rate(&addrs, "any", &files, secs, tasks).await?;
-    let stale = stat_rate(&addrs, "any-stale", &files, secs, tasks).await?;
+    let mut rates = Vec::new();
+    for mode in ["leader", "any", "any-stale"] {
+        let r = stat_rate(&addrs, mode, &files, secs, tasks);
+        rates.push(with_cpu_shares(&caps, mode, r).await?);
+    }
+    let (leader, any, stale) = (rates[0], rates[1], rates[2]);
     println!(
-        "stats/s with each master held to {percent}% of a core, {tasks} calls in flight: \
+        "stats/s with each master held to {percent}% of a core ({period_ms} ms periods), \
+         {tasks} calls in flight: \
          leader only {leader:.0}; \
          all 3 masters (linearizable) {any:.0} = {:.2}x; all 3 (bounded staleness) {stale:.0} = {:.2}x",
         any / leader,
