@@ -245,18 +245,17 @@ impl StrataFs {
         }
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let attr_ttl = opts.attr_ttl;
         Ok(StrataFs {
             client,
             rt,
             inodes: Arc::new(Mutex::new(Inodes::new(root.clone()))),
+            meta: Arc::new(MetaCache::new(opts.attr_ttl)),
             opts: FuseOptions { root, ..opts },
             handles: Arc::new(Handles::default()),
             uid,
             gid,
             fingerprints: Arc::default(),
             notifier: Arc::default(),
-            meta: Arc::new(MetaCache::new(attr_ttl)),
             modes: Arc::default(),
             unopened: Arc::default(),
         })

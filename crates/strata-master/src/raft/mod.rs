@@ -52,7 +52,8 @@ openraft::declare_raft_types!(
 
 pub type Raft = openraft::Raft<TypeConfig>;
 
-/// Timing of elections and heartbeats (milliseconds).
+/// Timing of elections and heartbeats (milliseconds), snapshots, and
+/// follower read gathering.
 #[derive(Clone, Debug)]
 pub struct Timing {
     pub heartbeat_ms: u64,
