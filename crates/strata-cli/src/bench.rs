@@ -500,12 +500,25 @@ async fn gateway(cfg: &Config, b: GatewayBench) -> anyhow::Result<()> {
         format_size(info.size)
     );
     let via = gateway_get;
+    // The same GETs from the leanest client there is: one plain HTTP/1.1
+    // GET of a presigned URL per stream, its body read as the loopback
+    // baseline reads its stream (the S3 SDK row above it splits each
+    // stream into 8 MiB ranged GETs, as S3 SDKs do).
+    let hour = std::time::Duration::from_secs(3600);
+    let plain = match (
+        gw.presign_read(key, hour).await?,
+        direct.presign_read(&info.ufs_path, hour).await?,
+    ) {
+        (Some(g), Some(d)) => Some((Arc::new(g), Arc::new(d))),
+        _ => None,
+    };
     let sample = c
         .open(path)
         .await?
         .read_at(0, (16 << 20).min(info.size))
         .await?;
-    let (mut g, mut d, mut t) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut g, mut d, mut pg, mut pd, mut t) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds.max(1) {
         g.push(run_tasks(&tasks, streams, false, via(gw.clone(), key.to_string())).await?);
         d.push(
@@ -517,28 +530,56 @@ async fn gateway(cfg: &Config, b: GatewayBench) -> anyhow::Result<()> {
             )
             .await?,
         );
+        if let Some((pgw, pdirect)) = &plain {
+            pg.push(run_tasks(&tasks, streams, false, presigned_get(pgw.clone())).await?);
+            pd.push(run_tasks(&tasks, streams, false, presigned_get(pdirect.clone())).await?);
+        }
         t.push(loopback_tcp(info.size, streams.max(1), sample.clone(), false).await?);
     }
     let (g, d, t) = (median(g), median(d), median(t));
     let rate = |r: &RunResult| r.bytes as f64 / r.secs.max(1e-9);
     println!();
     println!(
-        "{:<34} {:>11} {:>10} {:>15}",
+        "{:<48} {:>11} {:>10} {:>15}",
         "run", "MiB/s", "x store", "% loopback TCP"
     );
-    for (name, r) in [
-        ("GET through strata gateway", &g),
-        ("GET from the S3 store behind it", &d),
-        ("loopback TCP (baseline)", &t),
-    ] {
+    let mut rows = vec![
+        ("GET through strata gateway (S3 SDK)", g, 1),
+        ("GET from the S3 store behind it (S3 SDK)", d, 1),
+    ];
+    if plain.is_some() {
+        rows.push(("GET through strata gateway (plain HTTP GET)", median(pg), 2));
+        rows.push((
+            "GET from the S3 store behind it (plain HTTP GET)",
+            median(pd),
+            2,
+        ));
+    }
+    let store_rate = |client: u8| {
+        rows.iter()
+            .find(|r| r.2 == client && r.0.contains("store"))
+            .map_or(1.0, |r| rate(&r.1))
+    };
+    for (name, r, client) in &rows {
         println!(
-            "{:<34} {:>11.1} {:>10.2} {:>14.1}%",
+            "{:<48} {:>11.1} {:>10.2} {:>14.1}%",
             name,
             rate(r) / (1 << 20) as f64,
-            rate(r) / rate(&d),
+            rate(r) / store_rate(*client),
             100.0 * rate(r) / rate(&t)
         );
     }
+    println!(
+        "{:<48} {:>11.1} {:>10} {:>14.1}%",
+        "loopback TCP (baseline)",
+        rate(&t) / (1 << 20) as f64,
+        "",
+        100.0
+    );
+    println!(
+        "(median of {} rounds; x store: against the store read by the same client)",
+        rounds.max(1)
+    );
     if small_objects > 0 {
         small_gets(&c, &info, key, &gw, &direct, small_objects, streams).await?;
     }
@@ -560,6 +601,69 @@ fn gateway_get(
         Box::pin(async move {
             let s = ufs.read_stream(&key, t.off..t.off + t.len).await?;
             anyhow::Ok(s.map(|b| b.map_err(anyhow::Error::from)).boxed())
+        })
+    }
+}
+
+/// Reads a task's range with one plain HTTP/1.1 GET of a presigned URL,
+/// the body read into buffers of up to 1 MiB and dropped, as the loopback
+/// baseline reads its stream.
+fn presigned_get(
+    get: Arc<strata_ufs::PresignedGet>,
+) -> impl Fn(Task) -> TaskFuture + Clone + Send + 'static {
+    move |t: Task| {
+        let get = get.clone();
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            let uri: http::Uri = get
+                .url
+                .parse()
+                .with_context(|| format!("bad URL {}", get.url))?;
+            let authority = uri
+                .authority()
+                .with_context(|| format!("no host in {}", get.url))?
+                .clone();
+            let port = authority.port_u16().unwrap_or(80);
+            let sock = tokio::net::TcpStream::connect((authority.host(), port))
+                .await
+                .with_context(|| format!("cannot connect to {authority}"))?;
+            let _ = sock.set_nodelay(true);
+            let (mut send, conn) = hyper::client::conn::http1::Builder::new()
+                .read_buf_exact_size(Some(1 << 20))
+                .handshake::<_, http_body_util::Empty<Bytes>>(hyper_util::rt::TokioIo::new(sock))
+                .await?;
+            tokio::spawn(conn);
+            let mut req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+                .header(http::header::HOST, authority.as_str())
+                .header(
+                    http::header::RANGE,
+                    format!("bytes={}-{}", t.off, t.off + t.len.max(1) - 1),
+                );
+            for (k, v) in &get.headers {
+                if !k.eq_ignore_ascii_case("host") {
+                    req = req.header(k.as_str(), v.as_str());
+                }
+            }
+            let resp = send
+                .send_request(req.body(http_body_util::Empty::new())?)
+                .await?;
+            if !resp.status().is_success() {
+                bail!("GET {authority}{}: {}", uri.path(), resp.status());
+            }
+            let body = resp.into_body();
+            let s = futures::stream::unfold(body, |mut b| async move {
+                loop {
+                    match b.frame().await? {
+                        Ok(f) => {
+                            if let Ok(d) = f.into_data() {
+                                return Some((Ok(d), b));
+                            }
+                        }
+                        Err(e) => return Some((Err(anyhow::Error::from(e)), b)),
+                    }
+                }
+            });
+            anyhow::Ok(s.boxed())
         })
     }
 }

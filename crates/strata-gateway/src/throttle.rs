@@ -146,6 +146,47 @@ impl<S: AsyncRead + Unpin> AsyncRead for Throttled<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> Throttled<S> {
+    /// How many of the `len` bytes on offer may be written now: all of
+    /// them when no limit is set; otherwise the bytes already reserved, or
+    /// a fresh reservation of up to [`CHUNK`] once any wait for it is over.
+    fn poll_grant(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<usize> {
+        let per_conn = self.limits.per_conn.load(Ordering::Relaxed);
+        if self.own.rate() != per_conn {
+            self.own.set_rate(per_conn);
+        }
+        if self.granted == 0
+            && self.sleep.is_none()
+            && per_conn == 0
+            && self.limits.global.rate() == 0
+        {
+            return Poll::Ready(len);
+        }
+        loop {
+            if let Some(s) = self.sleep.as_mut() {
+                ready!(s.as_mut().poll(cx));
+                self.sleep = None;
+            }
+            if self.granted == 0 {
+                let n = len.min(CHUNK);
+                let wait = self.limits.global.reserve(n).max(self.own.reserve(n));
+                self.granted = n;
+                if !wait.is_zero() {
+                    self.sleep = Some(Box::pin(tokio::time::sleep(wait)));
+                    continue;
+                }
+            }
+            return Poll::Ready(len.min(self.granted));
+        }
+    }
+
+    fn written(&mut self, r: &io::Result<usize>) {
+        if let Ok(w) = r {
+            self.granted = self.granted.saturating_sub(*w);
+        }
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Throttled<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -153,31 +194,44 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Throttled<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let me = &mut *self;
-        let per_conn = me.limits.per_conn.load(Ordering::Relaxed);
-        if me.own.rate() != per_conn {
-            me.own.set_rate(per_conn);
-        }
-        loop {
-            if let Some(s) = me.sleep.as_mut() {
-                ready!(s.as_mut().poll(cx));
-                me.sleep = None;
-            }
-            if me.granted == 0 {
-                let n = buf.len().min(CHUNK);
-                let wait = me.limits.global.reserve(n).max(me.own.reserve(n));
-                me.granted = n;
-                if !wait.is_zero() {
-                    me.sleep = Some(Box::pin(tokio::time::sleep(wait)));
-                    continue;
+        let k = ready!(me.poll_grant(cx, buf.len()));
+        let r = ready!(Pin::new(&mut me.inner).poll_write(cx, &buf[..k]));
+        me.written(&r);
+        Poll::Ready(r)
+    }
+
+    /// Vectored writes pass through (clipped to what the limits allow), so
+    /// the HTTP layer hands body chunks to the socket as they are instead
+    /// of copying them into one buffer first.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let me = &mut *self;
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        let k = ready!(me.poll_grant(cx, len));
+        let r = if k == len {
+            ready!(Pin::new(&mut me.inner).poll_write_vectored(cx, bufs))
+        } else {
+            let mut left = k;
+            let mut clipped = Vec::with_capacity(bufs.len());
+            for b in bufs.iter().filter(|b| !b.is_empty()) {
+                if left == 0 {
+                    break;
                 }
+                let n = b.len().min(left);
+                clipped.push(io::IoSlice::new(&b[..n]));
+                left -= n;
             }
-            let k = buf.len().min(me.granted);
-            let r = ready!(Pin::new(&mut me.inner).poll_write(cx, &buf[..k]));
-            if let Ok(w) = &r {
-                me.granted -= *w;
-            }
-            return Poll::Ready(r);
-        }
+            ready!(Pin::new(&mut me.inner).poll_write_vectored(cx, &clipped))
+        };
+        me.written(&r);
+        Poll::Ready(r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -211,5 +265,50 @@ mod tests {
         assert!((0.9..=1.05).contains(&w), "{w}");
         b.set_rate(0);
         assert!(b.reserve(1 << 30).is_zero());
+    }
+
+    /// Vectored writes keep their bytes in order and their limit, and
+    /// go straight through when no limit is set.
+    #[tokio::test]
+    async fn vectored_writes_are_clipped_to_the_limit() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for rate in [0u64, 1 << 20] {
+            let limits = Arc::new(Limits::new(rate, 0, 0));
+            let (a, mut b) = tokio::io::duplex(1 << 20);
+            let mut w = Throttled::new(a, limits);
+            let bufs: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 100 << 10]).collect();
+            let want: Vec<u8> = bufs.concat();
+            let reader = tokio::spawn(async move {
+                let mut got = Vec::new();
+                b.read_to_end(&mut got).await.map(|_| got)
+            });
+            let started = Instant::now();
+            let mut off = 0;
+            while off < want.len() {
+                // Whatever is left, as up to three slices.
+                let (mut slices, mut at) = (Vec::new(), 0);
+                for buf in &bufs {
+                    let (s, e) = (at, at + buf.len());
+                    at = e;
+                    if e > off {
+                        slices.push(io::IoSlice::new(&buf[off.max(s) - s..]));
+                    }
+                }
+                let n = w.write_vectored(&slices).await.unwrap();
+                assert!(n > 0);
+                if rate > 0 {
+                    assert!(n <= CHUNK, "{n} bytes in one limited write");
+                }
+                off += n;
+            }
+            w.shutdown().await.unwrap();
+            drop(w);
+            assert_eq!(reader.await.unwrap().unwrap(), want);
+            if rate > 0 {
+                // 300 KiB at 1 MiB/s with a 64 KiB burst: at least ~0.23 s.
+                let secs = started.elapsed().as_secs_f64();
+                assert!(secs >= 0.2, "limit beaten: {secs} s");
+            }
+        }
     }
 }

@@ -74,6 +74,22 @@ pub trait UnderStorage: Send + Sync {
     ) -> BoxFuture<'a, Result<(), UfsError>>;
     /// Cheap reachability and credential check used when mounting.
     fn check<'a>(&'a self) -> BoxFuture<'a, Result<(), UfsError>>;
+    /// A GET of `path` that any plain HTTP client can send until `expire`
+    /// has passed (an S3 presigned URL); `None` where the store has none.
+    fn presign_read<'a>(
+        &'a self,
+        _path: &'a str,
+        _expire: std::time::Duration,
+    ) -> BoxFuture<'a, Result<Option<PresignedGet>, UfsError>> {
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// A presigned GET: the URL and the headers to send with it.
+#[derive(Clone, Debug)]
+pub struct PresignedGet {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
 }
 
 pub type Ufs = Arc<dyn UnderStorage>;

@@ -445,6 +445,33 @@ impl UnderStorage for OpendalUfs {
         .boxed()
     }
 
+    fn presign_read<'a>(
+        &'a self,
+        path: &'a str,
+        expire: std::time::Duration,
+    ) -> BoxFuture<'a, Result<Option<crate::PresignedGet>, UfsError>> {
+        async move {
+            if !self.op.info().capability().presign_read {
+                return Ok(None);
+            }
+            let r = self
+                .op
+                .presign_read(path, expire)
+                .await
+                .map_err(|e| self.err(path, e))?;
+            let headers = r
+                .header()
+                .iter()
+                .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
+                .collect();
+            Ok(Some(crate::PresignedGet {
+                url: r.uri().to_string(),
+                headers,
+            }))
+        }
+        .boxed()
+    }
+
     fn writer<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Box<dyn UfsWriter>, UfsError>> {
         async move {
             let w = self
