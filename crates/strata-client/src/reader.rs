@@ -482,8 +482,11 @@ impl Reader {
                 let me = me.clone();
                 me.prewarm(o, until);
                 async move {
-                    if let Some(b) = me.read_local(o, l, crate::short_circuit::read_pages).await {
-                        return Ok(vec![b]);
+                    // Pages on this host are mapped, not copied: a stream's
+                    // frames usually go on to a socket, which copies them.
+                    if let Some(frames) = me.read_local(o, l, crate::short_circuit::map_pages).await
+                    {
+                        return Ok(frames);
                     }
                     me.fetch(o, l).await
                 }
