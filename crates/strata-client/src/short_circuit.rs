@@ -185,11 +185,49 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` are exactly what mmap returned and asked for.
         unsafe { libc::munmap(self.ptr, self.len) };
+        LIVE_MAPS.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Parts at least this long are mapped rather than copied.
 const MAP_MIN: u64 = 256 << 10;
+/// Most mappings alive at once in the process (each page file part is
+/// one; the kernel's default limit is 65 530 per process, which other
+/// allocations need too); beyond it parts are copied.
+const MAX_MAPS: usize = 4096;
+static LIVE_MAPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Maps `len` bytes of `f` from the page-aligned `start`; `None` unless
+/// every page of it is in memory once mapped (a page that would have to
+/// be read from disk later could fail there, and a failed read of a
+/// mapping kills the process where `pread` returns an error).
+fn map_resident(f: &std::fs::File, start: u64, len: usize, page: usize) -> Option<Mapping> {
+    if LIVE_MAPS.fetch_add(1, Ordering::Relaxed) >= MAX_MAPS {
+        LIVE_MAPS.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    // SAFETY: a fresh read-only mapping of `len` bytes of an open file
+    // at a page-aligned offset; the kernel picks the address.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            f.as_raw_fd(),
+            start as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        LIVE_MAPS.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    let m = Mapping { ptr, len };
+    let mut resident = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `resident` has one byte per page of the mapping.
+    let r = unsafe { libc::mincore(ptr, len, resident.as_mut_ptr()) };
+    (r == 0 && resident.iter().all(|b| b & 1 == 1)).then_some(m)
+}
 
 /// The parts as frames that borrow the page cache (a mapping each, set up
 /// at once) instead of copies of it: a stream that hands its frames to a
@@ -209,24 +247,12 @@ pub(crate) fn map_pages(parts: &[Part]) -> Option<Vec<Bytes>> {
         }
         let start = skip - skip % page;
         let len = (skip + take - start) as usize;
-        // SAFETY: a fresh read-only mapping of `len` bytes of an open file
-        // at a page-aligned offset; the kernel picks the address.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                f.as_raw_fd(),
-                start as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
+        let Some(m) = map_resident(f, start, len, page as usize) else {
             out.push(read_pages(std::slice::from_ref(part))?);
             continue;
-        }
+        };
         let delta = (skip - start) as usize;
-        out.push(Bytes::from_owner(Mapping { ptr, len }).slice(delta..));
+        out.push(Bytes::from_owner(m).slice(delta..));
     }
     Some(out)
 }
@@ -254,9 +280,14 @@ mod tests {
         for ((_, skip, take), b) in parts.iter().zip(&frames) {
             assert_eq!(&b[..], &data[*skip as usize..(*skip + *take) as usize]);
         }
-        // Still readable after the file is unlinked (as an evicted page is).
+        // The three long parts are mappings (the short one a copy)...
+        assert_eq!(LIVE_MAPS.load(Ordering::Relaxed), 3);
+        // ...still readable after the file is unlinked (as an evicted page
+        // is), and unmapped when dropped.
         std::fs::remove_file(&path).unwrap();
         assert_eq!(&frames[3][..], &data[..]);
+        drop(frames);
+        assert_eq!(LIVE_MAPS.load(Ordering::Relaxed), 0);
         // A part past the end of the file fails instead of faulting.
         assert!(map_pages(&[(f, 1 << 19, 1 << 20)]).is_none());
     }
