@@ -20,6 +20,8 @@ use tokio::time::Sleep;
 
 /// Most bytes one write takes from the buckets at a time.
 const CHUNK: usize = 64 << 10;
+/// Longest a waiting connection sleeps before looking at the limits again.
+const NAP: Duration = Duration::from_millis(100);
 
 /// A token bucket of `rate` bytes per second (0: unlimited); the rate can
 /// change while it is in use.
@@ -120,7 +122,12 @@ pub struct Throttled<S> {
     own: Bucket,
     /// Bytes already reserved and not yet written.
     granted: usize,
+    /// Until when the connection waits for its bytes, napping in `sleep`.
+    until: Option<tokio::time::Instant>,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The (global, per-connection) rates `until` was computed at: a
+    /// change while waiting recomputes it.
+    sleep_rates: (u64, u64),
 }
 
 impl<S> Throttled<S> {
@@ -131,7 +138,9 @@ impl<S> Throttled<S> {
             limits,
             own,
             granted: 0,
+            until: None,
             sleep: None,
+            sleep_rates: (0, 0),
         }
     }
 }
@@ -156,15 +165,36 @@ impl<S: AsyncWrite + Unpin> Throttled<S> {
             self.own.set_rate(per_conn);
         }
         if self.granted == 0
-            && self.sleep.is_none()
+            && self.until.is_none()
             && per_conn == 0
             && self.limits.global.rate() == 0
         {
             return Poll::Ready(len);
         }
         loop {
-            if let Some(s) = self.sleep.as_mut() {
-                ready!(s.as_mut().poll(cx));
+            let rates = (self.limits.global.rate(), per_conn);
+            if let Some(until) = self.until {
+                if self.sleep_rates != rates {
+                    // The limits changed while waiting: the debt taken at
+                    // the old rates is repaid at the new ones.
+                    let wait = self.limits.global.reserve(0).max(self.own.reserve(0));
+                    self.until = (!wait.is_zero()).then(|| tokio::time::Instant::now() + wait);
+                    self.sleep_rates = rates;
+                    self.sleep = None;
+                    continue;
+                }
+                let now = tokio::time::Instant::now();
+                if now < until {
+                    // Short naps, so that a limit raised or lifted (SIGHUP)
+                    // frees a waiting connection within one of them.
+                    let s = self.sleep.get_or_insert_with(|| {
+                        Box::pin(tokio::time::sleep_until(until.min(now + NAP)))
+                    });
+                    ready!(s.as_mut().poll(cx));
+                    self.sleep = None;
+                    continue;
+                }
+                self.until = None;
                 self.sleep = None;
             }
             if self.granted == 0 {
@@ -172,7 +202,8 @@ impl<S: AsyncWrite + Unpin> Throttled<S> {
                 let wait = self.limits.global.reserve(n).max(self.own.reserve(n));
                 self.granted = n;
                 if !wait.is_zero() {
-                    self.sleep = Some(Box::pin(tokio::time::sleep(wait)));
+                    self.until = Some(tokio::time::Instant::now() + wait);
+                    self.sleep_rates = rates;
                     continue;
                 }
             }
@@ -310,5 +341,33 @@ mod tests {
                 assert!(secs >= 0.2, "limit beaten: {secs} s");
             }
         }
+    }
+
+    /// A connection waiting out a very low limit is freed when the limit
+    /// is lifted, not after the wait computed at the old rate.
+    #[tokio::test]
+    async fn lifting_a_limit_frees_a_waiting_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // 256 KiB at 1 KiB/s would take minutes.
+        let limits = Arc::new(Limits::new(0, 1 << 10, 0));
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut w = Throttled::new(a, limits.clone());
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.map(|_| got.len())
+        });
+        let writer = tokio::spawn(async move {
+            w.write_all(&vec![1u8; 256 << 10]).await?;
+            w.shutdown().await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!writer.is_finished(), "the limit did not hold");
+        limits.set(0, 0, 0);
+        tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .expect("still waiting after the limit was lifted")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reader.await.unwrap().unwrap(), 256 << 10);
     }
 }
