@@ -239,20 +239,16 @@ pub(crate) fn map_pages(parts: &[Part]) -> Option<Vec<Bytes>> {
     let mut out = Vec::with_capacity(parts.len());
     for part in parts {
         let (f, skip, take) = part;
-        // A file shorter than expected would fault when read: copy it
-        // (and fail) instead.
-        if *take < MAP_MIN || f.metadata().ok()?.len() < skip + take {
-            out.push(read_pages(std::slice::from_ref(part))?);
-            continue;
-        }
         let start = skip - skip % page;
-        let len = (skip + take - start) as usize;
-        let Some(m) = map_resident(f, start, len, page as usize) else {
-            out.push(read_pages(std::slice::from_ref(part))?);
-            continue;
-        };
-        let delta = (skip - start) as usize;
-        out.push(Bytes::from_owner(m).slice(delta..));
+        // A file shorter than expected would fault when read: it is
+        // copied (and fails) instead, as are short parts.
+        let mapped = (*take >= MAP_MIN && f.metadata().ok()?.len() >= skip + take)
+            .then(|| map_resident(f, start, (skip + take - start) as usize, page as usize))
+            .flatten();
+        out.push(match mapped {
+            Some(m) => Bytes::from_owner(m).slice((skip - start) as usize..),
+            None => read_pages(std::slice::from_ref(part))?,
+        });
     }
     Some(out)
 }
