@@ -401,3 +401,28 @@ async fn concurrent_stats_share_calls_and_each_gets_its_own_answer() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_master_answers_reads_with_the_writes_acknowledged_before() {
+    let c = cluster(0, &[]);
+    let writer = client(&c);
+    // Reads spread over all three masters (the default, linearizable);
+    // a follower answers only once it has applied what the leader had
+    // committed when the read arrived, so each write is seen by the very
+    // next stat, whichever master answers it.
+    let reader = client(&c);
+    for i in 0..150 {
+        let path = format!("/rw/f{i}");
+        writer
+            .write_file(&path, b"", cache_only())
+            .await
+            .expect("write");
+        for _ in 0..3 {
+            let info = reader
+                .stat(&path)
+                .await
+                .unwrap_or_else(|e| panic!("{path} acknowledged but not seen: {e}"));
+            assert_eq!(info.path, path);
+        }
+    }
+}

@@ -9,7 +9,7 @@ pub mod state_machine;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -113,6 +113,18 @@ fn leader_addr(raft: &Raft) -> Option<String> {
     members(raft).remove(&id)
 }
 
+/// How long a follower waits for the leader's read index.
+const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A follower's read-index stream to the leader at `addr`: asks go out on
+/// `asks` numbered by `seq`; each answer names the ask it answers.
+struct IndexStream {
+    addr: String,
+    asks: tokio::sync::mpsc::Sender<pb::ReadIndexAsk>,
+    answers: tonic::Streaming<pb::ReadIndexResponse>,
+    seq: u64,
+}
+
 /// Leadership and read barriers for one master.
 pub struct ReadIndex {
     pub me: String,
@@ -120,6 +132,12 @@ pub struct ReadIndex {
     gather: Duration,
     /// Connection to the leader for read-index requests (followers).
     leader: std::sync::Mutex<Option<(String, RaftTransportClient<Channel>)>>,
+    /// The open read-index stream to the leader (followers), taken out by
+    /// the one task asking at a time and put back after a good answer.
+    stream: std::sync::Mutex<Option<IndexStream>>,
+    /// The leader does not know `ReadIndexStream` (an older master): ask
+    /// with one call per round instead.
+    unary_only: AtomicBool,
     /// Reads waiting for the next read-index request, and whether a task
     /// is sending them.
     #[allow(clippy::type_complexity)]
@@ -143,6 +161,8 @@ impl ReadIndex {
             lease_ms: timing.lease_ms(),
             gather: timing.read_index_gather,
             leader: std::sync::Mutex::new(None),
+            stream: std::sync::Mutex::new(None),
+            unary_only: AtomicBool::new(false),
             waiting: std::sync::Mutex::new((false, Vec::new())),
             last_leader_contact: AtomicU64::new(0),
             clock: std::time::Instant::now(),
@@ -336,13 +356,71 @@ impl ReadIndex {
                 }
             }
         };
+        if !self.unary_only.load(Ordering::Relaxed) {
+            match self.ask_on_stream(&addr, client.clone()).await {
+                Ok(index) => return Ok(index),
+                Err(Some(s)) if s.code() == tonic::Code::Unimplemented => {
+                    tracing::info!(leader = %addr, "the leader has no read-index stream: one call per round");
+                    self.unary_only.store(true, Ordering::Relaxed);
+                }
+                Err(_) => return Err(self.not_leader(raft)),
+            }
+        }
         let mut req = tonic::Request::new(pb::Empty {});
-        req.set_timeout(Duration::from_secs(2));
+        req.set_timeout(READ_INDEX_TIMEOUT);
         client
             .read_index(req)
             .await
             .map(|r| r.into_inner().index)
             .map_err(|_| self.not_leader(raft))
+    }
+
+    /// One ask on the stream to the leader at `addr` (opened first if there
+    /// is none to it). Any failure drops the stream; the next round opens a
+    /// new one. `Err(Some)` carries the status the stream was refused with.
+    async fn ask_on_stream(
+        &self,
+        addr: &str,
+        mut client: RaftTransportClient<Channel>,
+    ) -> Result<u64, Option<tonic::Status>> {
+        let open = self
+            .stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|s| s.addr == addr);
+        let mut s = match open {
+            Some(s) => s,
+            None => {
+                let (asks, rx) = tokio::sync::mpsc::channel(4);
+                let opened = tokio::time::timeout(
+                    READ_INDEX_TIMEOUT,
+                    client.read_index_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+                )
+                .await
+                .map_err(|_| None)?
+                .map_err(Some)?;
+                IndexStream {
+                    addr: addr.to_string(),
+                    asks,
+                    answers: opened.into_inner(),
+                    seq: 0,
+                }
+            }
+        };
+        s.seq += 1;
+        s.asks
+            .send(pb::ReadIndexAsk { seq: s.seq })
+            .await
+            .map_err(|_| None)?;
+        match tokio::time::timeout(READ_INDEX_TIMEOUT, s.answers.message()).await {
+            Ok(Ok(Some(a))) if a.seq == s.seq => {
+                *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                Ok(a.index)
+            }
+            Ok(Err(status)) => Err(Some(status)),
+            _ => Err(None),
+        }
     }
 
     /// Waits until this master has applied `index` (a follower serving a

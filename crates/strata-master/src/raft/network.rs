@@ -176,6 +176,39 @@ impl pb::raft_transport_server::RaftTransport for Transport {
         _r: tonic::Request<pb::Empty>,
     ) -> Result<tonic::Response<pb::ReadIndexResponse>, tonic::Status> {
         let index = self.reads.leader_read_index(&self.raft).await?;
-        Ok(tonic::Response::new(pb::ReadIndexResponse { index }))
+        Ok(tonic::Response::new(pb::ReadIndexResponse {
+            index,
+            seq: 0,
+        }))
+    }
+
+    type ReadIndexStreamStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::ReadIndexResponse, tonic::Status>> + Send>,
+    >;
+
+    async fn read_index_stream(
+        &self,
+        r: tonic::Request<tonic::Streaming<pb::ReadIndexAsk>>,
+    ) -> Result<tonic::Response<Self::ReadIndexStreamStream>, tonic::Status> {
+        use futures::StreamExt;
+        let (raft, reads) = (self.raft.clone(), self.reads.clone());
+        // Each ask is answered after it arrived, in order; the first
+        // failure (not the leader any more) ends the stream.
+        let answers = r
+            .into_inner()
+            .then(move |ask| {
+                let (raft, reads) = (raft.clone(), reads.clone());
+                async move {
+                    let seq = ask?.seq;
+                    let index = reads.leader_read_index(&raft).await?;
+                    Ok(pb::ReadIndexResponse { index, seq })
+                }
+            })
+            .scan(false, |failed, r: Result<_, tonic::Status>| {
+                let out = (!*failed).then_some(r);
+                *failed = out.as_ref().is_some_and(|r| r.is_err());
+                futures::future::ready(out)
+            });
+        Ok(tonic::Response::new(Box::pin(answers)))
     }
 }
