@@ -1,5 +1,5 @@
 //! `strata-ha-bench failover STRATA_BIN [ROUNDS]` and
-//! `strata-ha-bench follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS] [TASKS] [PERIOD_MS]`:
+//! `strata-ha-bench follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS] [TASKS] [PERIOD_MS] [ROUNDS]`:
 //! benchmarks of the replicated masters that need to kill and confine real
 //! master processes (3 masters and a worker on 127.0.0.1, temp dirs).
 //!
@@ -12,7 +12,9 @@
 //! own cgroup's cpu.max, enforced over periods of PERIOD_MS, default 10);
 //! stat throughput is measured with reads sent to the leader only and then
 //! spread over all masters, in the same run, by TASKS concurrent stat calls
-//! (default 128).
+//! (default 128); the three modes take turns ROUNDS times (default 3), and
+//! each round's ratios and their medians are reported, so that a slow
+//! spell of the machine weighs on one round rather than on one mode.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +27,7 @@ use strata_testkit::HaCluster;
 
 fn main() -> anyhow::Result<()> {
     let usage = "usage: strata-ha-bench failover STRATA_BIN [ROUNDS] | \
-                 follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS] [TASKS] [PERIOD_MS] | \
+                 follower-reads STRATA_BIN [CPU_PERCENT] [SECONDS] [TASKS] [PERIOD_MS] [ROUNDS] | \
                  gen-namespace MASTER_DATA_DIR FILES [FILES_PER_DIR]";
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("gen-namespace") {
@@ -57,9 +59,23 @@ fn main() -> anyhow::Result<()> {
             if !(1..=1000).contains(&period_ms) {
                 bail!("PERIOD_MS must be 1 to 1000 (cgroup cpu.max periods), not {period_ms}");
             }
-            rt.block_on(follower_reads(&bin, pct, secs, tasks, period_ms))
+            let rounds: usize = args.get(6).map(|s| s.parse()).transpose()?.unwrap_or(3);
+            if rounds == 0 {
+                bail!("ROUNDS must be at least 1");
+            }
+            rt.block_on(follower_reads(&bin, pct, secs, tasks, period_ms, rounds))
         }
         _ => bail!("{usage}"),
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
@@ -446,6 +462,7 @@ async fn follower_reads(
     secs: u64,
     tasks: usize,
     period_ms: u64,
+    rounds: usize,
 ) -> anyhow::Result<()> {
     let c = HaCluster::start(bin, 3, 1, Vec::new())?;
     let client = Client::new(&c.master_list(), Default::default())?;
@@ -458,19 +475,30 @@ async fn follower_reads(
     let pids: Vec<u32> = c.masters.iter().filter_map(|m| m.pid()).collect();
     let caps = CpuCaps::new(&pids, percent, period_ms)?;
     let addrs = c.master_list();
-    let mut rates = Vec::new();
-    for mode in ["leader", "any", "any-stale"] {
-        let r = stat_rate(&addrs, mode, &files, secs, tasks);
-        rates.push(with_cpu_shares(&caps, mode, r).await?);
+    let (mut lin, mut stale) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let mut rates = Vec::new();
+        for mode in ["leader", "any", "any-stale"] {
+            let r = stat_rate(&addrs, mode, &files, secs, tasks);
+            rates.push(with_cpu_shares(&caps, mode, r).await?);
+        }
+        let (leader, any, st) = (rates[0], rates[1], rates[2]);
+        lin.push(any / leader);
+        stale.push(st / leader);
+        println!(
+            "round {round}: stats/s with each master held to {percent}% of a core \
+             ({period_ms} ms periods), {tasks} calls in flight: \
+             leader only {leader:.0}; \
+             all 3 masters (linearizable) {any:.0} = {:.2}x; all 3 (bounded staleness) {st:.0} = {:.2}x",
+            any / leader,
+            st / leader
+        );
     }
-    let (leader, any, stale) = (rates[0], rates[1], rates[2]);
     println!(
-        "stats/s with each master held to {percent}% of a core ({period_ms} ms periods), \
-         {tasks} calls in flight: \
-         leader only {leader:.0}; \
-         all 3 masters (linearizable) {any:.0} = {:.2}x; all 3 (bounded staleness) {stale:.0} = {:.2}x",
-        any / leader,
-        stale / leader
+        "median of {rounds} rounds: all 3 masters (linearizable) {:.2}x the leader alone; \
+         all 3 (bounded staleness) {:.2}x",
+        median(&mut lin),
+        median(&mut stale)
     );
     Ok(())
 }
