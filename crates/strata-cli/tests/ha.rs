@@ -426,3 +426,29 @@ async fn every_master_answers_reads_with_the_writes_acknowledged_before() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_sigterm_exits_while_followers_hold_read_streams() {
+    let mut c = cluster(0, &[]);
+    let cl = client(&c);
+    cl.write_file("/t/a", b"", cache_only())
+        .await
+        .expect("write");
+    // Linearizable reads from every master: both followers open their
+    // read-index streams to the leader.
+    for _ in 0..30 {
+        cl.stat("/t/a").await.expect("stat");
+    }
+    let leader =
+        tokio::task::block_in_place(|| c.wait_leader(Duration::from_secs(10))).expect("leader");
+    // The followers' streams must not hold the leader's graceful shutdown
+    // (it ends them as it steps down, long before their 10 s idle limit).
+    let took = tokio::task::block_in_place(|| c.terminate_master(leader, Duration::from_secs(8)))
+        .expect("the leader exits after SIGTERM");
+    eprintln!("leader {leader} exited {took:?} after SIGTERM");
+    // The two left elect a leader and serve reads and writes.
+    cl.mkdir("/t/after", true)
+        .await
+        .expect("write after the leader left");
+    cl.stat("/t/a").await.expect("read after the leader left");
+}

@@ -265,6 +265,33 @@ impl HaCluster {
         Ok(())
     }
 
+    /// Asks a master to stop (SIGTERM, as an orchestrator does) and waits up
+    /// to `limit` for it to exit; returns how long it took. A master still
+    /// running after `limit` is killed and the hang reported.
+    pub fn terminate_master(&mut self, id: u64, limit: Duration) -> anyhow::Result<Duration> {
+        let i = self.index(id)?;
+        let Some(mut c) = self.masters[i].child.take() else {
+            bail!("master {id} is not running");
+        };
+        let t = Instant::now();
+        let st = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()?;
+        if !st.success() {
+            bail!("kill -TERM {} failed", c.id());
+        }
+        while t.elapsed() < limit {
+            if c.try_wait()?.is_some() {
+                return Ok(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        bail!("master {id} did not exit within {limit:?} of SIGTERM");
+    }
+
     /// Starts one more worker and waits until the masters see it live.
     pub fn add_worker(&mut self) -> anyhow::Result<()> {
         self.spawn_worker()?;

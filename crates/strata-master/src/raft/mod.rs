@@ -9,7 +9,7 @@ pub mod state_machine;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -125,6 +125,20 @@ struct IndexStream {
     seq: u64,
 }
 
+impl IndexStream {
+    /// The answer to the last ask, by `deadline`.
+    async fn answer(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<u64, Option<tonic::Status>> {
+        match tokio::time::timeout_at(deadline, self.answers.message()).await {
+            Ok(Ok(Some(a))) if a.seq == self.seq => Ok(a.index),
+            Ok(Err(status)) => Err(Some(status)),
+            _ => Err(None),
+        }
+    }
+}
+
 /// Leadership and read barriers for one master.
 pub struct ReadIndex {
     pub me: String,
@@ -135,9 +149,9 @@ pub struct ReadIndex {
     /// The open read-index stream to the leader (followers), taken out by
     /// the one task asking at a time and put back after a good answer.
     stream: std::sync::Mutex<Option<IndexStream>>,
-    /// The leader does not know `ReadIndexStream` (an older master): ask
-    /// with one call per round instead.
-    unary_only: AtomicBool,
+    /// A leader that does not know `ReadIndexStream` (an older master):
+    /// while it leads, ask it with one call per round instead.
+    unary_leader: std::sync::Mutex<Option<String>>,
     /// Reads waiting for the next read-index request, and whether a task
     /// is sending them.
     #[allow(clippy::type_complexity)]
@@ -162,7 +176,7 @@ impl ReadIndex {
             gather: timing.read_index_gather,
             leader: std::sync::Mutex::new(None),
             stream: std::sync::Mutex::new(None),
-            unary_only: AtomicBool::new(false),
+            unary_leader: std::sync::Mutex::new(None),
             waiting: std::sync::Mutex::new((false, Vec::new())),
             last_leader_contact: AtomicU64::new(0),
             clock: std::time::Instant::now(),
@@ -356,12 +370,17 @@ impl ReadIndex {
                 }
             }
         };
-        if !self.unary_only.load(Ordering::Relaxed) {
+        let unary = {
+            let g = self.unary_leader.lock().unwrap_or_else(|p| p.into_inner());
+            g.as_deref() == Some(addr.as_str())
+        };
+        if !unary {
             match self.ask_on_stream(&addr, client.clone()).await {
                 Ok(index) => return Ok(index),
                 Err(Some(s)) if s.code() == tonic::Code::Unimplemented => {
                     tracing::info!(leader = %addr, "the leader has no read-index stream: one call per round");
-                    self.unary_only.store(true, Ordering::Relaxed);
+                    *self.unary_leader.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(addr.clone());
                 }
                 Err(_) => return Err(self.not_leader(raft)),
             }
@@ -375,52 +394,59 @@ impl ReadIndex {
             .map_err(|_| self.not_leader(raft))
     }
 
-    /// One ask on the stream to the leader at `addr` (opened first if there
-    /// is none to it). Any failure drops the stream; the next round opens a
-    /// new one. `Err(Some)` carries the status the stream was refused with.
+    /// One ask on the stream to the leader at `addr`, answered within
+    /// [`READ_INDEX_TIMEOUT`]. The stream kept from the last round is used
+    /// if it still leads there; if it turns out to have ended meanwhile
+    /// (the leader's idle limit, a restart), a new one is opened for the
+    /// same ask. Any failure drops the stream. `Err(Some)` carries the
+    /// status the leader answered with.
     async fn ask_on_stream(
         &self,
         addr: &str,
         mut client: RaftTransportClient<Channel>,
     ) -> Result<u64, Option<tonic::Status>> {
-        let open = self
+        let deadline = tokio::time::Instant::now() + READ_INDEX_TIMEOUT;
+        let kept = self
             .stream
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .filter(|s| s.addr == addr);
-        let mut s = match open {
-            Some(s) => s,
-            None => {
-                let (asks, rx) = tokio::sync::mpsc::channel(4);
-                let opened = tokio::time::timeout(
-                    READ_INDEX_TIMEOUT,
-                    client.read_index_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
-                )
-                .await
-                .map_err(|_| None)?
-                .map_err(Some)?;
-                IndexStream {
-                    addr: addr.to_string(),
-                    asks,
-                    answers: opened.into_inner(),
-                    seq: 0,
+        if let Some(mut s) = kept {
+            s.seq += 1;
+            // Never full: at most one ask is unanswered at a time.
+            if s.asks.try_send(pb::ReadIndexAsk { seq: s.seq }).is_ok() {
+                match s.answer(deadline).await {
+                    Ok(index) => return Ok(self.keep(s, index)),
+                    Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                    Err(_) => {}
                 }
             }
-        };
-        s.seq += 1;
-        s.asks
-            .send(pb::ReadIndexAsk { seq: s.seq })
-            .await
-            .map_err(|_| None)?;
-        match tokio::time::timeout(READ_INDEX_TIMEOUT, s.answers.message()).await {
-            Ok(Ok(Some(a))) if a.seq == s.seq => {
-                *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-                Ok(a.index)
-            }
-            Ok(Err(status)) => Err(Some(status)),
-            _ => Err(None),
         }
+        // The first ask is queued before the stream opens and goes out
+        // with it.
+        let (asks, rx) = tokio::sync::mpsc::channel(4);
+        let _ = asks.try_send(pb::ReadIndexAsk { seq: 1 });
+        let opened = tokio::time::timeout_at(
+            deadline,
+            client.read_index_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .map_err(|_| None)?
+        .map_err(Some)?;
+        let mut s = IndexStream {
+            addr: addr.to_string(),
+            asks,
+            answers: opened.into_inner(),
+            seq: 1,
+        };
+        let index = s.answer(deadline).await?;
+        Ok(self.keep(s, index))
+    }
+
+    fn keep(&self, s: IndexStream, index: u64) -> u64 {
+        *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+        index
     }
 
     /// Waits until this master has applied `index` (a follower serving a

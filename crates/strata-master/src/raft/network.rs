@@ -123,6 +123,10 @@ impl RaftNetwork<TypeConfig> for Peer {
     }
 }
 
+/// A read-index stream on which no ask came for this long is ended (its
+/// follower asks every millisecond while it serves reads).
+const READ_INDEX_STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The server side: decodes a message, hands it to the local Raft node and
 /// encodes its answer (errors included, so the sender sees Raft's own error).
 pub struct Transport {
@@ -192,23 +196,42 @@ impl pb::raft_transport_server::RaftTransport for Transport {
     ) -> Result<tonic::Response<Self::ReadIndexStreamStream>, tonic::Status> {
         use futures::StreamExt;
         let (raft, reads) = (self.raft.clone(), self.reads.clone());
-        // Each ask is answered after it arrived, in order; the first
-        // failure (not the leader any more) ends the stream.
-        let answers = r
-            .into_inner()
-            .then(move |ask| {
+        // Each ask is answered after it arrived, in order. The stream ends
+        // after the first failure (not the leader), when this master stops
+        // leading or shuts down, and when no ask came for a while (a
+        // follower that became leader or went away): an open stream must
+        // not keep a former leader's connections, or its shutdown, waiting.
+        let stepped_down = {
+            let mut m = raft.server_metrics();
+            async move {
+                while m.borrow().state == openraft::ServerState::Leader {
+                    if m.changed().await.is_err() {
+                        break;
+                    }
+                }
+            }
+        };
+        let answers =
+            futures::stream::unfold((r.into_inner(), false), move |(mut asks, failed)| {
                 let (raft, reads) = (raft.clone(), reads.clone());
                 async move {
-                    let seq = ask?.seq;
-                    let index = reads.leader_read_index(&raft).await?;
-                    Ok(pb::ReadIndexResponse { index, seq })
+                    if failed {
+                        return None;
+                    }
+                    let ask = tokio::time::timeout(READ_INDEX_STREAM_IDLE, asks.next())
+                        .await
+                        .ok()??;
+                    let answer = async {
+                        let seq = ask?.seq;
+                        let index = reads.leader_read_index(&raft).await?;
+                        Ok(pb::ReadIndexResponse { index, seq })
+                    }
+                    .await;
+                    let failed = answer.is_err();
+                    Some((answer, (asks, failed)))
                 }
             })
-            .scan(false, |failed, r: Result<_, tonic::Status>| {
-                let out = (!*failed).then_some(r);
-                *failed = out.as_ref().is_some_and(|r| r.is_err());
-                futures::future::ready(out)
-            });
+            .take_until(stepped_down);
         Ok(tonic::Response::new(Box::pin(answers)))
     }
 }
