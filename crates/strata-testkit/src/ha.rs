@@ -41,7 +41,11 @@ pub struct HaCluster {
 
 /// Sends SIGSTOP (true) or SIGCONT (false) to process `pid`.
 fn pause_pid(pid: u32, pause: bool) -> anyhow::Result<()> {
-    let sig = if pause { "-STOP" } else { "-CONT" };
+    signal_pid(pid, if pause { "-STOP" } else { "-CONT" })
+}
+
+/// Sends `sig` (as `kill` spells it: `-STOP`, `-TERM`, ...) to `pid`.
+fn signal_pid(pid: u32, sig: &str) -> anyhow::Result<()> {
     let st = Command::new("kill")
         .arg(sig)
         .arg(pid.to_string())
@@ -274,13 +278,7 @@ impl HaCluster {
             bail!("master {id} is not running");
         };
         let t = Instant::now();
-        let st = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status()?;
-        if !st.success() {
-            bail!("kill -TERM {} failed", c.id());
-        }
+        signal_pid(c.id(), "-TERM")?;
         while t.elapsed() < limit {
             if c.try_wait()?.is_some() {
                 return Ok(t.elapsed());
