@@ -126,7 +126,6 @@ fn fuse_options(args: &MountArgs) -> FuseOptions {
 
 /// The file system of a daemon: its client, checked against the namespace.
 async fn file_system(cfg: &Config, args: &MountArgs) -> anyhow::Result<StrataFs> {
-    keep_read_buffers();
     let mut cfg = cfg.clone();
     if let Some(d) = &args.local_cache_dir {
         cfg.client.local_cache_dir =
@@ -333,19 +332,6 @@ async fn serve(cfg: &Config, args: &MountArgs, fd: i32) -> anyhow::Result<()> {
     // Until the file system is unmounted (the kernel then ends the session).
     let _ = tokio::task::spawn_blocking(move || session.join()).await;
     Ok(())
-}
-
-/// Every FUSE read-ahead window is a fresh buffer of up to 8 MiB. glibc
-/// serves those from `mmap` or trims them back to the kernel once freed,
-/// so each window was faulted in and zeroed again (a quarter of the
-/// daemon's time in a profile); keeping freed memory for reuse avoids that.
-fn keep_read_buffers() {
-    // SAFETY: mallopt only adjusts allocator parameters; called before the
-    // daemon starts its threads.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
-    }
 }
 
 /// Starts `strata mount --foreground` detached (own session, output to a log
