@@ -435,14 +435,16 @@ async fn a_leader_stopped_with_sigterm_exits_while_followers_hold_read_streams()
         .await
         .expect("write");
     // Linearizable reads from every master: both followers open their
-    // read-index streams to the leader.
+    // read-index streams to the leader, and the client a stat stream to
+    // each master.
     for _ in 0..30 {
         cl.stat("/t/a").await.expect("stat");
     }
     let leader =
         tokio::task::block_in_place(|| c.wait_leader(Duration::from_secs(10))).expect("leader");
-    // The followers' streams must not hold the leader's graceful shutdown
-    // (it ends them as it steps down, long before their 10 s idle limit).
+    // Neither the followers' streams nor the client's must hold the
+    // leader's graceful shutdown (it ends them as it steps down or shuts
+    // down, long before their idle limits).
     let took = tokio::task::block_in_place(|| c.terminate_master(leader, Duration::from_secs(8)))
         .expect("the leader exits after SIGTERM");
     eprintln!("leader {leader} exited {took:?} after SIGTERM");

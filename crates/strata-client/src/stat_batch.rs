@@ -1,12 +1,16 @@
 //! Stats of concurrent callers travel together: a stat joins a queue, and
-//! up to [`MAX_DRIVERS`] background tasks send what is queued as one
-//! `GetFileInfos` call (one read barrier and one RPC for the lot), then
-//! the next lot, until the queue is empty. A lone stat goes out at once as
-//! an ordinary `GetFileInfo`; nothing waits for a batch to fill.
+//! up to [`MAX_DRIVERS`] background tasks send what is queued as one batch
+//! (one read barrier for the lot), then the next lot, until the queue is
+//! empty; nothing waits for a batch to fill. Batches go to a master on a
+//! long-lived `StatStream` kept per master (one message each way instead
+//! of a gRPC call per batch); a master without it gets `GetFileInfos`
+//! calls (or `GetFileInfo`, one path at a time, if it lacks that too).
 
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{Client, ClientError, FileInfo, Result, pb};
 
@@ -20,7 +24,29 @@ type Waiter = (String, oneshot::Sender<Result<FileInfo>>);
 #[derive(Default)]
 pub(crate) struct StatBatcher {
     state: Mutex<State>,
+    /// The open stat stream to each master.
+    streams: Mutex<HashMap<String, Arc<StatStream>>>,
+    /// Masters that answered `Unimplemented` to a stream (older versions).
+    no_stream: Mutex<HashSet<String>>,
 }
+
+type Reply = std::result::Result<pb::StatBatchReply, tonic::Status>;
+
+/// One open `StatStream`: batches out on `tx`, answers matched by seq.
+struct StatStream {
+    tx: mpsc::Sender<pb::StatBatch>,
+    seq: AtomicU64,
+    /// Batches sent and not yet answered; `None` once the stream ended.
+    waiting: Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>,
+}
+
+/// Batches one stream carries unanswered (the master answers up to 32 at
+/// once; the client has at most [`MAX_DRIVERS`] out).
+const STREAM_QUEUE: usize = 64;
+
+/// Why a batch came back without an answer: the stream it went on had
+/// ended (the master's idle limit, a restart); another stream may work.
+const STREAM_ENDED: &str = "the stat stream ended";
 
 #[derive(Default)]
 struct State {
@@ -31,7 +57,7 @@ struct State {
     unsupported: bool,
 }
 
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -79,19 +105,14 @@ impl Client {
                 let n = s.pending.len().min(MAX_BATCH);
                 (s.pending.drain(..n).collect::<Vec<_>>(), s.unsupported)
             };
-            if batch.len() == 1 || unsupported {
+            if unsupported {
                 for (path, tx) in batch {
                     let _ = tx.send(self.stat_one(&path).await);
                 }
                 continue;
             }
-            let req = pb::PathsRequest {
-                paths: batch.iter().map(|(p, _)| p.clone()).collect(),
-            };
-            match self
-                .master_read(req, |mut c, r| async move { c.get_file_infos(r).await })
-                .await
-            {
+            let paths: Vec<String> = batch.iter().map(|(p, _)| p.clone()).collect();
+            match self.stat_many(paths).await {
                 Ok(resp) if resp.results.len() == batch.len() => {
                     for ((_, tx), r) in batch.into_iter().zip(resp.results) {
                         let _ = tx.send(match (r.code, r.info) {
@@ -128,6 +149,85 @@ impl Client {
         }
     }
 
+    /// Stats of `paths` on one master chosen by the read mode (retried
+    /// through failovers like any read): on its stat stream, else as a
+    /// `GetFileInfos` call.
+    async fn stat_many(&self, paths: Vec<String>) -> Result<pb::FileInfosResponse> {
+        let set = &self.inner.masters;
+        let stale = set.read_from() == strata_proto::masters::ReadFrom::AnyStale;
+        set.call_at(false, |addr, c| {
+            let paths = paths.clone();
+            async move {
+                if !lock(&self.inner.stats.no_stream).contains(&addr) {
+                    match self.stat_on_stream(&addr, c.clone(), &paths, stale).await {
+                        Err(s) if s.code() == tonic::Code::Unimplemented => {
+                            tracing::info!(master = %addr, "the master has no stat stream: one call per batch");
+                            lock(&self.inner.stats.no_stream).insert(addr.clone());
+                        }
+                        r => return r,
+                    }
+                }
+                let mut c = c;
+                c.get_file_infos(set.request(pb::PathsRequest { paths }, None))
+                    .await
+            }
+        })
+        .await
+        .map_err(|e| self.call_err(e))
+    }
+
+    /// One batch on the stream to `addr` (opened if there is none). A
+    /// batch that finds its stream ended goes once more on a new one.
+    async fn stat_on_stream(
+        &self,
+        addr: &str,
+        client: crate::MasterClient<tonic::transport::Channel>,
+        paths: &[String],
+        stale: bool,
+    ) -> std::result::Result<tonic::Response<pb::FileInfosResponse>, tonic::Status> {
+        let b = &self.inner.stats;
+        for attempt in 0..2 {
+            let kept = lock(&b.streams).get(addr).cloned();
+            let stream = match kept {
+                Some(s) => s,
+                None => {
+                    let s = StatStream::open(client.clone()).await?;
+                    lock(&b.streams).insert(addr.to_string(), s.clone());
+                    s
+                }
+            };
+            let reply = match stream.send(paths.to_vec(), stale).await {
+                Ok(r) => r,
+                Err(s) => {
+                    // Forget this stream (unless another took its place).
+                    let mut m = lock(&b.streams);
+                    if m.get(addr).is_some_and(|x| Arc::ptr_eq(x, &stream)) {
+                        m.remove(addr);
+                    }
+                    drop(m);
+                    if attempt == 0 && s.message() == STREAM_ENDED {
+                        continue;
+                    }
+                    return Err(s);
+                }
+            };
+            if reply.code != 0 {
+                let mut s = tonic::Status::new(tonic::Code::from(reply.code), reply.message);
+                if !reply.leader.is_empty()
+                    && let Ok(v) = reply.leader.parse()
+                {
+                    s.metadata_mut()
+                        .insert(strata_proto::masters::LEADER_HEADER, v);
+                }
+                return Err(s);
+            }
+            return Ok(tonic::Response::new(pb::FileInfosResponse {
+                results: reply.results,
+            }));
+        }
+        Err(tonic::Status::unavailable(STREAM_ENDED))
+    }
+
     /// One stat as its own call.
     pub(crate) async fn stat_one(&self, path: &str) -> Result<FileInfo> {
         self.master_read(
@@ -137,5 +237,68 @@ impl Client {
             |mut c, r| async move { c.get_file_info(r).await },
         )
         .await
+    }
+}
+
+impl StatStream {
+    /// Opens a stream on `client`'s connection; a task hands each answer to
+    /// the batch waiting for it and, when the stream ends, fails the rest.
+    async fn open(
+        mut client: crate::MasterClient<tonic::transport::Channel>,
+    ) -> std::result::Result<Arc<Self>, tonic::Status> {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let out =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+        let mut answers = client.stat_stream(out).await?.into_inner();
+        let s = Arc::new(StatStream {
+            tx,
+            seq: AtomicU64::new(0),
+            waiting: Mutex::new(Some(HashMap::new())),
+        });
+        let weak = Arc::downgrade(&s);
+        tokio::spawn(async move {
+            let end = loop {
+                match answers.message().await {
+                    Ok(Some(r)) => {
+                        let Some(s) = weak.upgrade() else { return };
+                        let w = lock(&s.waiting).as_mut().and_then(|m| m.remove(&r.seq));
+                        if let Some(w) = w {
+                            let _ = w.send(Ok(r));
+                        }
+                    }
+                    Ok(None) => break tonic::Status::unavailable(STREAM_ENDED),
+                    Err(e) => break e,
+                }
+            };
+            if let Some(s) = weak.upgrade() {
+                let left = lock(&s.waiting).take().unwrap_or_default();
+                for (_, w) in left {
+                    let _ = w.send(Err(end.clone()));
+                }
+            }
+        });
+        Ok(s)
+    }
+
+    async fn send(&self, paths: Vec<String>, stale: bool) -> Reply {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = oneshot::channel();
+        match lock(&self.waiting).as_mut() {
+            Some(m) => m.insert(seq, tx),
+            None => return Err(tonic::Status::unavailable(STREAM_ENDED)),
+        };
+        if self
+            .tx
+            .send(pb::StatBatch { seq, paths, stale })
+            .await
+            .is_err()
+        {
+            if let Some(m) = lock(&self.waiting).as_mut() {
+                m.remove(&seq);
+            }
+            return Err(tonic::Status::unavailable(STREAM_ENDED));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(tonic::Status::unavailable(STREAM_ENDED)))
     }
 }

@@ -70,7 +70,7 @@ pub async fn start(config: &Config) -> Result<MasterHandle, MasterError> {
     let reads = Arc::new(raft::ReadIndex::new(me.clone(), &timing));
     let ns = Arc::new(Namespace::new(config, store, raft.clone(), reads.clone())?);
     let (tx, mut rx) = watch::channel(false);
-    let svc = service::MasterService::new(ns.clone());
+    let svc = service::MasterService::new(ns.clone(), rx.clone());
     let transport = raft::network::Transport {
         raft: raft.clone(),
         reads,

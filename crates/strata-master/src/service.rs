@@ -20,15 +20,18 @@ fn request_id<T>(r: &Request<T>) -> Option<u128> {
 
 pub struct MasterService {
     ns: Arc<Namespace>,
+    /// Becomes true when the master shuts down (ends open streams).
+    shutdown: tokio::sync::watch::Receiver<bool>,
     /// Request ids of membership changes this master completed lately: a
     /// retry of one (its answer was lost) is answered as a success.
     membership_done: std::sync::Mutex<std::collections::VecDeque<u128>>,
 }
 
 impl MasterService {
-    pub fn new(ns: Arc<Namespace>) -> Self {
+    pub fn new(ns: Arc<Namespace>, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
         MasterService {
             ns,
+            shutdown,
             membership_done: Default::default(),
         }
     }
@@ -147,8 +150,69 @@ impl MasterService {
     }
 }
 
-/// Most paths one GetFileInfos call may carry.
+/// Most paths one GetFileInfos call (or one StatStream batch) may carry.
 const MAX_BATCH_PATHS: usize = 1024;
+/// Batches of one StatStream answered at once.
+const STAT_STREAM_DEPTH: usize = 32;
+/// A StatStream with no batch for this long is ended by the master.
+const STAT_STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Each path's stat, or the error a single GetFileInfo would have given.
+async fn stat_paths(ns: &Namespace, paths: &[String]) -> Result<Vec<pb::FileInfoResult>, Status> {
+    if paths.len() > MAX_BATCH_PATHS {
+        return Err(Status::invalid_argument(format!(
+            "{} paths in one stat batch; at most {MAX_BATCH_PATHS}",
+            paths.len()
+        )));
+    }
+    let mut results = Vec::with_capacity(paths.len());
+    for p in paths {
+        let r = match path(p) {
+            Ok(p) => ns.stat(&p).await.map_err(Status::from),
+            Err(e) => Err(e),
+        };
+        results.push(match r {
+            Ok(info) => pb::FileInfoResult {
+                info: Some(info),
+                code: 0,
+                message: String::new(),
+            },
+            Err(s) => pb::FileInfoResult {
+                info: None,
+                code: s.code() as i32,
+                message: s.message().to_string(),
+            },
+        });
+    }
+    Ok(results)
+}
+
+/// One StatStream batch: its read barrier, then its stats.
+async fn stat_batch(ns: &Namespace, b: pb::StatBatch) -> pb::StatBatchReply {
+    let r = match ns.reads.read_barrier(&ns.raft, b.stale).await {
+        Ok(()) => stat_paths(ns, &b.paths).await,
+        Err(e) => Err(Status::from(e)),
+    };
+    match r {
+        Ok(results) => pb::StatBatchReply {
+            seq: b.seq,
+            results,
+            ..Default::default()
+        },
+        Err(s) => pb::StatBatchReply {
+            seq: b.seq,
+            results: Vec::new(),
+            code: s.code() as i32,
+            message: s.message().to_string(),
+            leader: s
+                .metadata()
+                .get(crate::LEADER_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+        },
+    }
+}
 
 #[tonic::async_trait]
 impl Master for MasterService {
@@ -160,33 +224,49 @@ impl Master for MasterService {
 
     async fn get_file_infos(&self, req: Request<pb::PathsRequest>) -> R<pb::FileInfosResponse> {
         self.read(&req).await?;
-        let paths = &req.get_ref().paths;
-        if paths.len() > MAX_BATCH_PATHS {
-            return Err(Status::invalid_argument(format!(
-                "{} paths in one GetFileInfos call; at most {MAX_BATCH_PATHS}",
-                paths.len()
-            )));
-        }
-        let mut results = Vec::with_capacity(paths.len());
-        for p in paths {
-            let r = match path(p) {
-                Ok(p) => self.ns.stat(&p).await.map_err(Status::from),
-                Err(e) => Err(e),
-            };
-            results.push(match r {
-                Ok(info) => pb::FileInfoResult {
-                    info: Some(info),
-                    code: 0,
-                    message: String::new(),
-                },
-                Err(s) => pb::FileInfoResult {
-                    info: None,
-                    code: s.code() as i32,
-                    message: s.message().to_string(),
-                },
-            });
-        }
+        let results = stat_paths(&self.ns, &req.get_ref().paths).await?;
         Ok(Response::new(pb::FileInfosResponse { results }))
+    }
+
+    type StatStreamStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::StatBatchReply, Status>> + Send>>;
+
+    async fn stat_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::StatBatch>>,
+    ) -> R<Self::StatStreamStream> {
+        use futures::StreamExt;
+        let mut batches = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(STAT_STREAM_DEPTH);
+        let ns = self.ns.clone();
+        let mut shutdown = self.shutdown.clone();
+        // Batches are answered concurrently (each after its own read
+        // barrier), at most STAT_STREAM_DEPTH at a time per stream. The
+        // stream ends when the client ends it, when this master shuts down
+        // (an open stream must not hold up its graceful shutdown) and after
+        // STAT_STREAM_IDLE without a batch (a client that went quiet); the
+        // batches already taken are answered first.
+        tokio::spawn(async move {
+            let depth = Arc::new(tokio::sync::Semaphore::new(STAT_STREAM_DEPTH));
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.wait_for(|v| *v) => break,
+                    n = tokio::time::timeout(STAT_STREAM_IDLE, batches.next()) => n,
+                };
+                let Ok(Some(Ok(b))) = next else { break };
+                let Ok(permit) = depth.clone().acquire_owned().await else {
+                    break;
+                };
+                let (ns, tx) = (ns.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _ = tx.send(Ok(stat_batch(&ns, b).await)).await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn list_status(&self, req: Request<pb::PathRequest>) -> R<pb::ListResponse> {

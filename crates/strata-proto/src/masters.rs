@@ -356,12 +356,27 @@ impl MasterSet {
             .is_none_or(|t| t.elapsed() > MEMBERSHIP_REFRESH)
     }
 
+    /// Where reads go.
+    pub fn read_from(&self) -> ReadFrom {
+        self.read_from
+    }
+
     /// Runs `f` against the leader (mutations) or a master chosen by the
     /// read mode, following "not the leader" replies and retrying through
     /// failovers with backoff for up to `retry_for`.
     pub async fn call<T, F, Fut>(&self, write: bool, mut f: F) -> Result<T, CallError>
     where
         F: FnMut(MasterClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.call_at(write, |_, c| f(c)).await
+    }
+
+    /// [`MasterSet::call`], with `f` also given the address of the master
+    /// it is sent to.
+    pub async fn call_at<T, F, Fut>(&self, write: bool, mut f: F) -> Result<T, CallError>
+    where
+        F: FnMut(String, MasterClient<Channel>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let retry_for = if self.reached.load(Ordering::Relaxed) {
@@ -384,7 +399,7 @@ impl MasterSet {
                     status: Status::invalid_argument(format!("invalid master address {addr:?}")),
                 });
             };
-            match f(client).await {
+            match f(addr.clone(), client).await {
                 Ok(r) => {
                     self.reached.store(true, Ordering::Relaxed);
                     if write {
@@ -401,7 +416,7 @@ impl MasterSet {
                         .get(LEADER_HEADER)
                         .and_then(|v| v.to_str().ok())
                         .map(String::from)
-                        .filter(|h| *h != addr);
+                        .filter(|h| !h.is_empty() && *h != addr);
                     match hint {
                         // Told where the leader is: go there at once (but
                         // not round and round while a new leader settles).
