@@ -192,8 +192,12 @@ impl Client {
                 Some(s) => s,
                 None => {
                     let s = StatStream::open(client.clone()).await?;
-                    lock(&b.streams).insert(addr.to_string(), s.clone());
-                    s
+                    // Another batch may have opened one meanwhile: keep
+                    // that one (this one ends when `s` is dropped).
+                    lock(&b.streams)
+                        .entry(addr.to_string())
+                        .or_insert(s)
+                        .clone()
                 }
             };
             let reply = match stream.send(paths.to_vec(), stale).await {

@@ -249,8 +249,14 @@ impl Master for MasterService {
         tokio::spawn(async move {
             let depth = Arc::new(tokio::sync::Semaphore::new(STAT_STREAM_DEPTH));
             loop {
+                let stopping = async {
+                    // A dropped sender is no signal: wait on.
+                    if shutdown.wait_for(|v| *v).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
                 let next = tokio::select! {
-                    _ = shutdown.wait_for(|v| *v) => break,
+                    _ = stopping => break,
                     n = tokio::time::timeout(STAT_STREAM_IDLE, batches.next()) => n,
                 };
                 let Ok(Some(Ok(b))) = next else { break };
