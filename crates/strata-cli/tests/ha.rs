@@ -454,3 +454,144 @@ async fn a_leader_stopped_with_sigterm_exits_while_followers_hold_read_streams()
         .expect("write after the leader left");
     cl.stat("/t/a").await.expect("read after the leader left");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_share_batches_and_each_is_applied_once_through_a_failover() {
+    let mut c = cluster(0, &[]);
+    let cl = client(&c);
+    // Mixed changes at once (more than one batch carries): each gets its
+    // own answer, errors included.
+    for i in 0..20 {
+        cl.write_file(&format!("/mb/old{i}"), b"", cache_only())
+            .await
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for i in 0..700usize {
+        let cl = cl.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = match i % 7 {
+                0 => cl.mkdir(&format!("/mb/d{i}"), false).await.map(|_| ()),
+                1 => cl
+                    .write_file(&format!("/mb/f{i}"), b"", cache_only())
+                    .await
+                    .map(|_| ()),
+                2 => {
+                    let opts = WriteOptions {
+                        overwrite: false,
+                        ..cache_only()
+                    };
+                    cl.write_file(&format!("/mb/old{}", i % 20), b"", opts)
+                        .await
+                        .map(|_| ())
+                }
+                3 => cl
+                    .delete(&format!("/mb/missing{i}"), false)
+                    .await
+                    .map(|_| ()),
+                4 => {
+                    cl.rename(&format!("/mb/missing{i}"), &format!("/mb/to{i}"))
+                        .await
+                }
+                5 => cl
+                    .mkdir(&format!("/mb/old{}/below", i % 20), false)
+                    .await
+                    .map(|_| ()),
+                _ => cl
+                    .mkdir(&format!("/mb/deep{i}/a/b"), true)
+                    .await
+                    .map(|_| ()),
+            };
+            (i, r)
+        }));
+    }
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        match i % 7 {
+            0 | 1 | 6 => r.unwrap_or_else(|e| panic!("change {i}: {e}")),
+            2 => assert!(
+                matches!(r, Err(strata_client::ClientError::AlreadyExists(_))),
+                "create over an existing file {i}: {r:?}"
+            ),
+            3 | 4 => assert!(r.as_ref().is_err_and(|e| e.is_not_found()), "{i}: {r:?}"),
+            _ => assert!(r.is_err(), "mkdir below a file {i}: {r:?}"),
+        }
+    }
+    for i in (0..700).step_by(7) {
+        assert!(cl.stat(&format!("/mb/d{i}")).await.unwrap().is_dir);
+        assert!(!cl.stat(&format!("/mb/f{}", i + 1)).await.unwrap().is_dir);
+        assert!(
+            cl.stat(&format!("/mb/deep{}/a/b", i + 6))
+                .await
+                .unwrap()
+                .is_dir
+        );
+    }
+
+    // Creates, renames and deletes from 48 tasks while the leader is
+    // killed: a batch cut off by the kill is sent again to the new leader,
+    // and a change applied twice would fail (the create finds its file,
+    // the rename or delete finds nothing), so every change must succeed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..48usize {
+        let (cl, stop) = (cl.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let opts = WriteOptions {
+                overwrite: false,
+                ..cache_only()
+            };
+            let (mut kept, mut errors) = (Vec::new(), Vec::new());
+            for i in 0..5000usize {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (f, g) = (format!("/mc/t{t}/f{i}"), format!("/mc/t{t}/g{i}"));
+                let r = async {
+                    cl.write_file(&f, b"", opts).await?;
+                    cl.rename(&f, &g).await?;
+                    if i % 3 == 0 {
+                        cl.delete(&g, false).await?;
+                        Ok::<bool, strata_client::ClientError>(false)
+                    } else {
+                        Ok(true)
+                    }
+                }
+                .await;
+                match r {
+                    Ok(true) => kept.push(g),
+                    Ok(false) => {}
+                    Err(e) => errors.push(format!("{f}: {e}")),
+                }
+            }
+            (t, kept, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let old = leader(&c);
+    c.kill_master(old).expect("kill");
+    let new = tokio::task::block_in_place(|| leader(&c));
+    assert_ne!(new, old);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for task in tasks {
+        let (t, kept, errors) = task.await.unwrap();
+        assert!(errors.is_empty(), "task {t}: {errors:?}");
+        let listed: std::collections::BTreeSet<String> = cl
+            .list(&format!("/mc/t{t}"))
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.path)
+            .collect();
+        let kept: std::collections::BTreeSet<String> = kept.into_iter().collect();
+        assert_eq!(
+            listed, kept,
+            "task {t}: what is listed is what was acknowledged"
+        );
+        total += kept.len();
+    }
+    eprintln!("{total} files created, renamed and kept across the failover");
+    assert!(total > 200, "too little work done ({total})");
+}

@@ -4,10 +4,12 @@
 //! hashing over the live workers. It knows nothing about how workers store
 //! pages or how the master stores the namespace.
 
+mod batch;
 mod conn;
 mod error;
 mod jobs;
 mod local_cache;
+mod mutate_batch;
 mod reader;
 mod short_circuit;
 mod stat_batch;
@@ -64,6 +66,7 @@ pub(crate) struct Inner {
     picks: std::sync::atomic::AtomicU64,
     /// Stats of concurrent callers, sent together.
     stats: stat_batch::StatBatcher,
+    mutations: mutate_batch::MutationBatcher,
 }
 
 /// How long a hot-block report steers reads after it was last received.
@@ -151,6 +154,7 @@ impl Client {
                 hot: Mutex::new(HashMap::new()),
                 picks: std::sync::atomic::AtomicU64::new(0),
                 stats: Default::default(),
+                mutations: Default::default(),
             }),
         })
     }
@@ -240,13 +244,10 @@ impl Client {
 
     pub async fn mkdir(&self, path: &str, recursive: bool) -> Result<FileInfo> {
         let p = parse_path(path)?;
-        self.master_write(
-            pb::MkdirRequest {
-                path: p.to_string(),
-                recursive,
-            },
-            |mut c, r| async move { c.create_directory(r).await },
-        )
+        self.mutate_info(pb::mutation::Op::Mkdir(pb::MkdirRequest {
+            path: p.to_string(),
+            recursive,
+        }))
         .await
     }
 
@@ -255,14 +256,13 @@ impl Client {
     pub async fn delete(&self, path: &str, recursive: bool) -> Result<u64> {
         let p = parse_path(path)?;
         let r = self
-            .master_write(
-                pb::DeleteRequest {
-                    path: p.to_string(),
-                    recursive,
-                },
-                |mut c, r| async move { c.delete(r).await },
-            )
-            .await?;
+            .mutate(pb::mutation::Op::Delete(pb::DeleteRequest {
+                path: p.to_string(),
+                recursive,
+            }))
+            .await?
+            .deleted
+            .unwrap_or_default();
         for id in r.unpersisted_cache_ids {
             if let Some(id) = CacheId::from_hex(&id) {
                 self.free_everywhere(id).await;
@@ -273,13 +273,10 @@ impl Client {
 
     pub async fn rename(&self, src: &str, dst: &str) -> Result<()> {
         let (s, d) = (parse_path(src)?, parse_path(dst)?);
-        self.master_write(
-            pb::RenameRequest {
-                src: s.to_string(),
-                dst: d.to_string(),
-            },
-            |mut c, r| async move { c.rename(r).await },
-        )
+        self.mutate(pb::mutation::Op::Rename(pb::RenameRequest {
+            src: s.to_string(),
+            dst: d.to_string(),
+        }))
         .await
         .map(|_| ())
     }
@@ -540,9 +537,7 @@ impl Client {
         if data.is_empty() && opts.write_type == WriteType::MustCache {
             // Nothing for a worker to hold: one call to the master.
             let req = writer::create_request(path, &opts, true)?;
-            return self
-                .master_write(req, |mut c, r| async move { c.create_file(r).await })
-                .await;
+            return self.mutate_info(pb::mutation::Op::CreateFile(req)).await;
         }
         let mut w = self.create(path, opts).await?;
         if let Err(e) = w.write(data).await {

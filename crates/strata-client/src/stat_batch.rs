@@ -1,17 +1,17 @@
-//! Stats of concurrent callers travel together: a stat joins a queue, and
-//! up to [`MAX_DRIVERS`] background tasks send what is queued as one batch
-//! (one read barrier for the lot), then the next lot, until the queue is
-//! empty; nothing waits for a batch to fill. Batches go to a master on a
+//! Stats of concurrent callers travel together ([`crate::batch`]): up to
+//! [`MAX_DRIVERS`] batches in flight, each with one read barrier for the
+//! lot. Batches go to a master on a
 //! long-lived `StatStream` kept per master (one message each way instead
 //! of a gRPC call per batch); a master without it gets `GetFileInfos`
 //! calls (or `GetFileInfo`, one path at a time, if it lacks that too).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::batch::Queue;
 use crate::{Client, ClientError, FileInfo, Result, pb};
 
 /// Batches in flight at once (and so tasks sending them).
@@ -19,11 +19,12 @@ const MAX_DRIVERS: usize = 8;
 /// Most stats in one call (the master accepts up to 1024).
 const MAX_BATCH: usize = 512;
 
-type Waiter = (String, oneshot::Sender<Result<FileInfo>>);
-
 #[derive(Default)]
 pub(crate) struct StatBatcher {
-    state: Mutex<State>,
+    queue: Queue<String, FileInfo>,
+    /// The masters do not know GetFileInfos (an older version): stat one
+    /// path at a time.
+    unsupported: AtomicBool,
     /// The open stat stream to each master.
     streams: Mutex<HashMap<String, Arc<StatStream>>>,
     /// Masters that answered `Unimplemented` to a stream (older versions).
@@ -48,64 +49,26 @@ const STREAM_QUEUE: usize = 64;
 /// ended (the master's idle limit, a restart); another stream may work.
 const STREAM_ENDED: &str = "the stat stream ended";
 
-#[derive(Default)]
-struct State {
-    pending: Vec<Waiter>,
-    drivers: usize,
-    /// The masters do not know GetFileInfos (an older version): stat one
-    /// path at a time.
-    unsupported: bool,
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Gives a driver's slot back even if its task panics.
-struct Slot<'a>(&'a StatBatcher);
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        lock(&self.0.state).drivers -= 1;
-    }
 }
 
 impl Client {
     /// Queues a stat of the (already normalised) `path`.
     pub(crate) async fn stat_batched(&self, path: String) -> Result<FileInfo> {
-        let (tx, rx) = oneshot::channel();
-        let start = {
-            let mut s = lock(&self.inner.stats.state);
-            s.pending.push((path, tx));
-            let start = s.drivers < MAX_DRIVERS;
-            if start {
-                s.drivers += 1;
-            }
-            start
-        };
+        let (rx, start) = self.inner.stats.queue.push(path, MAX_DRIVERS);
         if start {
-            // A task of its own: a caller that stops waiting must not
-            // strand the stats of others.
             let c = self.clone();
             tokio::spawn(async move { c.drive_stats().await });
         }
-        rx.await
-            .unwrap_or_else(|_| Err(ClientError::Other("a batched stat was dropped".into())))
+        crate::batch::answer(rx, "stat").await
     }
 
     async fn drive_stats(&self) {
         let b = &self.inner.stats;
-        let _slot = Slot(b);
-        loop {
-            let (batch, unsupported) = {
-                let mut s = lock(&b.state);
-                if s.pending.is_empty() {
-                    return;
-                }
-                let n = s.pending.len().min(MAX_BATCH);
-                (s.pending.drain(..n).collect::<Vec<_>>(), s.unsupported)
-            };
-            if unsupported {
+        let mut driver = b.queue.driver();
+        while let Some(batch) = driver.next(MAX_BATCH) {
+            if b.unsupported.load(Ordering::Relaxed) {
                 for (path, tx) in batch {
                     let _ = tx.send(self.stat_one(&path).await);
                 }
@@ -139,7 +102,7 @@ impl Client {
                     // each stat on its own gets its own precise answer.
                     let text = e.to_string().to_ascii_lowercase();
                     if text.contains("unimplemented") || text.contains("not implemented") {
-                        lock(&b.state).unsupported = true;
+                        b.unsupported.store(true, Ordering::Relaxed);
                     }
                     for (path, tx) in batch {
                         let _ = tx.send(self.stat_one(&path).await);

@@ -89,7 +89,7 @@ impl Writer {
             )));
         }
         let info = client
-            .master_write(req, |mut c, r| async move { c.create_file(r).await })
+            .mutate_info(pb::mutation::Op::CreateFile(req))
             .await?;
         let cache_id = CacheId::for_inode(info.id, info.generation);
         let mode = match opts.write_type {
@@ -267,7 +267,7 @@ impl Writer {
             xattrs: self.xattrs.take().unwrap_or_default(),
         };
         self.client
-            .master_write(req, |mut c, r| async move { c.complete_file(r).await })
+            .mutate_info(pb::mutation::Op::CompleteFile(req))
             .await
     }
 

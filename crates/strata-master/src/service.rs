@@ -65,18 +65,14 @@ impl MasterService {
     ) -> Result<(Option<u128>, Option<strata_meta::Output>), Status> {
         self.ns.reads.ensure_leader(&self.ns.raft).await?;
         let rid = request_id(r);
-        let replayed = match rid {
-            Some(id) => self.ns.replayed(id)?,
-            None => None,
-        };
-        Ok((rid, replayed))
+        Ok((rid, self.replayed(rid)?))
     }
 
-    async fn replayed_info(&self, out: strata_meta::Output) -> R<pb::FileInfo> {
+    async fn replayed_info(&self, out: strata_meta::Output) -> Result<pb::FileInfo, Status> {
         let id = out
             .inode
             .ok_or_else(|| Status::internal("replayed call recorded no inode"))?;
-        Ok(Response::new(self.ns.stat_inode(id).await?))
+        Ok(self.ns.stat_inode(id).await?)
     }
 
     fn masters(&self) -> pb::MasterList {
@@ -147,6 +143,113 @@ impl MasterService {
         >,
     ) -> Status {
         Status::from(raft::write_error(&self.ns.reads, &self.ns.raft, e))
+    }
+}
+
+/// Most mutations one `Mutate` call may carry.
+const MAX_BATCH_MUTATIONS: usize = 1024;
+
+// Each namespace mutation, as a single call and as a member of a `Mutate`
+// batch applies it (the caller has checked that this master leads).
+impl MasterService {
+    /// The output of request `rid` if it was applied already.
+    fn replayed(&self, rid: Option<u128>) -> Result<Option<strata_meta::Output>, Status> {
+        match rid {
+            Some(id) => Ok(self.ns.replayed(id)?),
+            None => Ok(None),
+        }
+    }
+
+    async fn mkdir(&self, rid: Option<u128>, r: pb::MkdirRequest) -> Result<pb::FileInfo, Status> {
+        if let Some(out) = self.replayed(rid)? {
+            return self.replayed_info(out).await;
+        }
+        let p = path(&r.path)?;
+        Ok(REQUEST_ID
+            .scope(rid, self.ns.mkdir(&p, r.recursive))
+            .await?)
+    }
+
+    async fn create(
+        &self,
+        rid: Option<u128>,
+        r: pb::CreateFileRequest,
+    ) -> Result<pb::FileInfo, Status> {
+        if let Some(out) = self.replayed(rid)? {
+            return self.replayed_info(out).await;
+        }
+        let p = path(&r.path)?;
+        let wt = pb::WriteType::try_from(r.write_type).unwrap_or(pb::WriteType::MustCache);
+        Ok(REQUEST_ID
+            .scope(
+                rid,
+                self.ns
+                    .create_file(&p, wt, r.overwrite, r.recursive, r.complete_empty),
+            )
+            .await?)
+    }
+
+    async fn complete(
+        &self,
+        rid: Option<u128>,
+        r: pb::CompleteFileRequest,
+    ) -> Result<pb::FileInfo, Status> {
+        if let Some(out) = self.replayed(rid)? {
+            return self.replayed_info(out).await;
+        }
+        Ok(REQUEST_ID.scope(rid, self.ns.complete_file(r)).await?)
+    }
+
+    async fn remove(
+        &self,
+        rid: Option<u128>,
+        r: pb::DeleteRequest,
+    ) -> Result<pb::DeleteResponse, Status> {
+        if let Some(out) = self.replayed(rid)? {
+            return Ok(Namespace::delete_response(&out.removed));
+        }
+        let p = path(&r.path)?;
+        Ok(REQUEST_ID
+            .scope(rid, self.ns.delete(&p, r.recursive))
+            .await?)
+    }
+
+    async fn move_path(&self, rid: Option<u128>, r: pb::RenameRequest) -> Result<(), Status> {
+        if self.replayed(rid)?.is_none() {
+            let (src, dst) = (path(&r.src)?, path(&r.dst)?);
+            REQUEST_ID.scope(rid, self.ns.rename(&src, &dst)).await?;
+        }
+        Ok(())
+    }
+
+    /// One member of a `Mutate` batch.
+    async fn mutation(&self, m: pb::Mutation) -> Result<pb::MutationResult, Status> {
+        use pb::mutation::Op;
+        let rid = match m.request_id.len() {
+            0 => None,
+            16 => Some(u128::from_be_bytes(
+                m.request_id[..].try_into().expect("16 bytes"),
+            )),
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "a request id of {n} bytes; it has 16"
+                )));
+            }
+        };
+        let mut out = pb::MutationResult::default();
+        match m.op {
+            Some(Op::Mkdir(r)) => out.info = Some(self.mkdir(rid, r).await?),
+            Some(Op::CreateFile(r)) => out.info = Some(self.create(rid, r).await?),
+            Some(Op::CompleteFile(r)) => out.info = Some(self.complete(rid, r).await?),
+            Some(Op::Delete(r)) => out.deleted = Some(self.remove(rid, r).await?),
+            Some(Op::Rename(r)) => self.move_path(rid, r).await?,
+            None => {
+                return Err(Status::invalid_argument(
+                    "a mutation without an operation (a newer client?)",
+                ));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -284,68 +387,62 @@ impl Master for MasterService {
     }
 
     async fn create_directory(&self, req: Request<pb::MkdirRequest>) -> R<pb::FileInfo> {
-        let (rid, replayed) = self.write(&req).await?;
-        if let Some(out) = replayed {
-            return self.replayed_info(out).await;
-        }
-        let r = req.into_inner();
-        let p = path(&r.path)?;
-        let info = REQUEST_ID
-            .scope(rid, self.ns.mkdir(&p, r.recursive))
-            .await?;
-        Ok(Response::new(info))
+        self.ns.reads.ensure_leader(&self.ns.raft).await?;
+        let rid = request_id(&req);
+        Ok(Response::new(self.mkdir(rid, req.into_inner()).await?))
     }
 
     async fn create_file(&self, req: Request<pb::CreateFileRequest>) -> R<pb::FileInfo> {
-        let (rid, replayed) = self.write(&req).await?;
-        if let Some(out) = replayed {
-            return self.replayed_info(out).await;
-        }
-        let r = req.into_inner();
-        let p = path(&r.path)?;
-        let wt = pb::WriteType::try_from(r.write_type).unwrap_or(pb::WriteType::MustCache);
-        let info = REQUEST_ID
-            .scope(
-                rid,
-                self.ns
-                    .create_file(&p, wt, r.overwrite, r.recursive, r.complete_empty),
-            )
-            .await?;
-        Ok(Response::new(info))
+        self.ns.reads.ensure_leader(&self.ns.raft).await?;
+        let rid = request_id(&req);
+        Ok(Response::new(self.create(rid, req.into_inner()).await?))
     }
 
     async fn complete_file(&self, req: Request<pb::CompleteFileRequest>) -> R<pb::FileInfo> {
-        let (rid, replayed) = self.write(&req).await?;
-        if let Some(out) = replayed {
-            return self.replayed_info(out).await;
-        }
-        let info = REQUEST_ID
-            .scope(rid, self.ns.complete_file(req.into_inner()))
-            .await?;
-        Ok(Response::new(info))
+        self.ns.reads.ensure_leader(&self.ns.raft).await?;
+        let rid = request_id(&req);
+        Ok(Response::new(self.complete(rid, req.into_inner()).await?))
     }
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> R<pb::DeleteResponse> {
-        let (rid, replayed) = self.write(&req).await?;
-        if let Some(out) = replayed {
-            return Ok(Response::new(Namespace::delete_response(&out.removed)));
-        }
-        let r = req.into_inner();
-        let p = path(&r.path)?;
-        let resp = REQUEST_ID
-            .scope(rid, self.ns.delete(&p, r.recursive))
-            .await?;
-        Ok(Response::new(resp))
+        self.ns.reads.ensure_leader(&self.ns.raft).await?;
+        let rid = request_id(&req);
+        Ok(Response::new(self.remove(rid, req.into_inner()).await?))
     }
 
     async fn rename(&self, req: Request<pb::RenameRequest>) -> R<pb::Empty> {
-        let (rid, replayed) = self.write(&req).await?;
-        if replayed.is_none() {
-            let r = req.into_inner();
-            let (src, dst) = (path(&r.src)?, path(&r.dst)?);
-            REQUEST_ID.scope(rid, self.ns.rename(&src, &dst)).await?;
-        }
+        self.ns.reads.ensure_leader(&self.ns.raft).await?;
+        let rid = request_id(&req);
+        self.move_path(rid, req.into_inner()).await?;
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn mutate(&self, req: Request<pb::MutationBatch>) -> R<pb::MutationBatchReply> {
+        let batch = req.into_inner().mutations;
+        if batch.len() > MAX_BATCH_MUTATIONS {
+            return Err(Status::invalid_argument(format!(
+                "{} mutations in one batch; at most {MAX_BATCH_MUTATIONS}",
+                batch.len()
+            )));
+        }
+        self.ns.reads.ensure_leader(&self.ns.raft).await?;
+        // All at once, so that their commands share Raft rounds.
+        let done = futures::future::join_all(batch.into_iter().map(|m| self.mutation(m))).await;
+        let mut results = Vec::with_capacity(done.len());
+        for r in done {
+            results.push(match r {
+                Ok(r) => r,
+                // Leadership lost midway: the whole batch goes to the new
+                // leader (each mutation's request id makes that safe).
+                Err(s) if strata_proto::masters::is_failover(&s) => return Err(s),
+                Err(s) => pb::MutationResult {
+                    code: s.code() as i32,
+                    message: s.message().to_string(),
+                    ..Default::default()
+                },
+            });
+        }
+        Ok(Response::new(pb::MutationBatchReply { results }))
     }
 
     async fn mount(&self, req: Request<pb::MountRequest>) -> R<pb::MountInfo> {
@@ -547,7 +644,7 @@ impl Master for MasterService {
     async fn set_attributes(&self, req: Request<pb::SetAttributesRequest>) -> R<pb::FileInfo> {
         let (rid, replayed) = self.write(&req).await?;
         if let Some(out) = replayed {
-            return self.replayed_info(out).await;
+            return Ok(Response::new(self.replayed_info(out).await?));
         }
         let info = REQUEST_ID
             .scope(rid, self.ns.set_attributes(req.into_inner()))
