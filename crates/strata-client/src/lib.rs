@@ -199,8 +199,18 @@ impl Client {
         F: Fn(MasterClient<Channel>, tonic::Request<M>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.master_write_as(self.inner.masters.request_id(), msg, f)
+            .await
+    }
+
+    /// [`Client::master_write`] with the request id `rid`.
+    pub(crate) async fn master_write_as<M, T, F, Fut>(&self, rid: u128, msg: M, f: F) -> Result<T>
+    where
+        M: Clone,
+        F: Fn(MasterClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
         let set = &self.inner.masters;
-        let rid = set.request_id();
         set.call(true, |c| f(c, set.request(msg.clone(), Some(rid))))
             .await
             .map_err(|e| self.call_err(e))

@@ -29,7 +29,7 @@ impl Client {
     /// its own), in a batch with those of concurrent callers.
     pub(crate) async fn mutate(&self, op: Op) -> Result<pb::MutationResult> {
         let m = pb::Mutation {
-            request_id: self.inner.masters.request_id().to_be_bytes().to_vec(),
+            request_id: strata_proto::masters::request_id_bytes(self.inner.masters.request_id()),
             op: Some(op),
         };
         let b = &self.inner.mutations;
@@ -122,54 +122,40 @@ impl Client {
 
     /// One mutation as its own call, with its request id in the header.
     async fn mutate_one(&self, m: pb::Mutation) -> Result<pb::MutationResult> {
-        let set = &self.inner.masters;
-        let rid = <[u8; 16]>::try_from(&m.request_id[..])
-            .map(u128::from_be_bytes)
-            .unwrap_or_else(|_| set.request_id());
+        let rid = strata_proto::masters::request_id_from_bytes(&m.request_id)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| self.inner.masters.request_id());
         let mut out = pb::MutationResult::default();
-        let r = match m.op {
-            Some(Op::Mkdir(r)) => set
-                .call(true, |mut c| {
-                    let r = set.request(r.clone(), Some(rid));
-                    async move { c.create_directory(r).await }
-                })
-                .await
-                .map(|i| out.info = Some(i)),
-            Some(Op::CreateFile(r)) => set
-                .call(true, |mut c| {
-                    let r = set.request(r.clone(), Some(rid));
-                    async move { c.create_file(r).await }
-                })
-                .await
-                .map(|i| out.info = Some(i)),
-            Some(Op::CompleteFile(r)) => set
-                .call(true, |mut c| {
-                    let r = set.request(r.clone(), Some(rid));
-                    async move { c.complete_file(r).await }
-                })
-                .await
-                .map(|i| out.info = Some(i)),
-            Some(Op::Delete(r)) => set
-                .call(true, |mut c| {
-                    let r = set.request(r.clone(), Some(rid));
-                    async move { c.delete(r).await }
-                })
-                .await
-                .map(|d| out.deleted = Some(d)),
-            Some(Op::Rename(r)) => set
-                .call(true, |mut c| {
-                    let r = set.request(r.clone(), Some(rid));
-                    async move { c.rename(r).await }
-                })
-                .await
-                .map(|_| ()),
+        match m.op {
+            Some(Op::Mkdir(r)) => {
+                let call = |mut c: MasterClient, r| async move { c.create_directory(r).await };
+                out.info = Some(self.master_write_as(rid, r, call).await?);
+            }
+            Some(Op::CreateFile(r)) => {
+                let call = |mut c: MasterClient, r| async move { c.create_file(r).await };
+                out.info = Some(self.master_write_as(rid, r, call).await?);
+            }
+            Some(Op::CompleteFile(r)) => {
+                let call = |mut c: MasterClient, r| async move { c.complete_file(r).await };
+                out.info = Some(self.master_write_as(rid, r, call).await?);
+            }
+            Some(Op::Delete(r)) => {
+                let call = |mut c: MasterClient, r| async move { c.delete(r).await };
+                out.deleted = Some(self.master_write_as(rid, r, call).await?);
+            }
+            Some(Op::Rename(r)) => {
+                let call = |mut c: MasterClient, r| async move { c.rename(r).await };
+                self.master_write_as(rid, r, call).await?;
+            }
             None => {
                 return Err(ClientError::Other(
                     "a namespace change without an operation".into(),
                 ));
             }
-        };
-        r.map_err(|e| self.call_err(e))?;
+        }
         Ok(out)
     }
 }
+
+type MasterClient = crate::MasterClient<tonic::transport::Channel>;

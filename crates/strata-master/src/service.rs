@@ -58,13 +58,19 @@ impl MasterService {
     }
 
     /// Before a mutation: this master must be the ready leader. Returns the
-    /// request id and, if that request was applied already, its output.
+    /// request id.
+    async fn lead<T>(&self, r: &Request<T>) -> Result<Option<u128>, Status> {
+        self.ns.reads.ensure_leader(&self.ns.raft).await?;
+        Ok(request_id(r))
+    }
+
+    /// [`MasterService::lead`], and the output of the request if it was
+    /// applied already.
     async fn write<T>(
         &self,
         r: &Request<T>,
     ) -> Result<(Option<u128>, Option<strata_meta::Output>), Status> {
-        self.ns.reads.ensure_leader(&self.ns.raft).await?;
-        let rid = request_id(r);
+        let rid = self.lead(r).await?;
         Ok((rid, self.replayed(rid)?))
     }
 
@@ -225,17 +231,8 @@ impl MasterService {
     /// One member of a `Mutate` batch.
     async fn mutation(&self, m: pb::Mutation) -> Result<pb::MutationResult, Status> {
         use pb::mutation::Op;
-        let rid = match m.request_id.len() {
-            0 => None,
-            16 => Some(u128::from_be_bytes(
-                m.request_id[..].try_into().expect("16 bytes"),
-            )),
-            n => {
-                return Err(Status::invalid_argument(format!(
-                    "a request id of {n} bytes; it has 16"
-                )));
-            }
-        };
+        let rid = strata_proto::masters::request_id_from_bytes(&m.request_id)
+            .map_err(Status::invalid_argument)?;
         let mut out = pb::MutationResult::default();
         match m.op {
             Some(Op::Mkdir(r)) => out.info = Some(self.mkdir(rid, r).await?),
@@ -387,32 +384,27 @@ impl Master for MasterService {
     }
 
     async fn create_directory(&self, req: Request<pb::MkdirRequest>) -> R<pb::FileInfo> {
-        self.ns.reads.ensure_leader(&self.ns.raft).await?;
-        let rid = request_id(&req);
+        let rid = self.lead(&req).await?;
         Ok(Response::new(self.mkdir(rid, req.into_inner()).await?))
     }
 
     async fn create_file(&self, req: Request<pb::CreateFileRequest>) -> R<pb::FileInfo> {
-        self.ns.reads.ensure_leader(&self.ns.raft).await?;
-        let rid = request_id(&req);
+        let rid = self.lead(&req).await?;
         Ok(Response::new(self.create(rid, req.into_inner()).await?))
     }
 
     async fn complete_file(&self, req: Request<pb::CompleteFileRequest>) -> R<pb::FileInfo> {
-        self.ns.reads.ensure_leader(&self.ns.raft).await?;
-        let rid = request_id(&req);
+        let rid = self.lead(&req).await?;
         Ok(Response::new(self.complete(rid, req.into_inner()).await?))
     }
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> R<pb::DeleteResponse> {
-        self.ns.reads.ensure_leader(&self.ns.raft).await?;
-        let rid = request_id(&req);
+        let rid = self.lead(&req).await?;
         Ok(Response::new(self.remove(rid, req.into_inner()).await?))
     }
 
     async fn rename(&self, req: Request<pb::RenameRequest>) -> R<pb::Empty> {
-        self.ns.reads.ensure_leader(&self.ns.raft).await?;
-        let rid = request_id(&req);
+        let rid = self.lead(&req).await?;
         self.move_path(rid, req.into_inner()).await?;
         Ok(Response::new(pb::Empty {}))
     }
@@ -524,8 +516,7 @@ impl Master for MasterService {
     }
 
     async fn add_master(&self, req: Request<pb::AddMasterRequest>) -> R<pb::MasterList> {
-        self.ns.reads.ensure_leader(&self.ns.raft).await?;
-        let rid = request_id(&req);
+        let rid = self.lead(&req).await?;
         if self.membership_retry(rid) {
             return Ok(Response::new(self.masters()));
         }
@@ -579,8 +570,7 @@ impl Master for MasterService {
     }
 
     async fn remove_master(&self, req: Request<pb::RemoveMasterRequest>) -> R<pb::MasterList> {
-        self.ns.reads.ensure_leader(&self.ns.raft).await?;
-        let rid = request_id(&req);
+        let rid = self.lead(&req).await?;
         if self.membership_retry(rid) {
             return Ok(Response::new(self.masters()));
         }

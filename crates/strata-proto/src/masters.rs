@@ -18,6 +18,21 @@ use crate::pb::master_client::MasterClient;
 pub const LEADER_HEADER: &str = "x-strata-leader";
 /// Request metadata: the id of a mutating call (32 hex digits).
 pub const REQUEST_ID_HEADER: &str = "x-strata-request-id";
+/// A request id as a `Mutate` batch member carries it: 16 bytes, big-endian.
+pub fn request_id_bytes(id: u128) -> Vec<u8> {
+    id.to_be_bytes().to_vec()
+}
+
+/// The request id of a `Mutate` batch member: `None` when it has none
+/// (empty), an error when it is not 16 bytes.
+pub fn request_id_from_bytes(b: &[u8]) -> Result<Option<u128>, String> {
+    match <[u8; 16]>::try_from(b) {
+        Ok(a) => Ok(Some(u128::from_be_bytes(a))),
+        Err(_) if b.is_empty() => Ok(None),
+        Err(_) => Err(format!("a request id of {} bytes; it has 16", b.len())),
+    }
+}
+
 /// Request metadata: `stale` lets any master answer a read from its own
 /// state without confirming it is current.
 pub const READ_HEADER: &str = "x-strata-read";
