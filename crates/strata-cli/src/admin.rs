@@ -42,6 +42,12 @@ fn print_masters(l: &strata_client::MasterList) {
         l.last_applied,
         l.inodes
     );
+    if l.lease_reads + l.read_index_reads > 0 {
+        println!(
+            "linearizable read calls answered by this master as a follower: {} under a read lease, {} after asking for a read index",
+            l.lease_reads, l.read_index_reads
+        );
+    }
     println!("{:<6} {:<24} {:<10}", "id", "address", "role");
     for m in &l.masters {
         println!("{:<6} {:<24} {:<10}", m.id, m.addr, m.role);

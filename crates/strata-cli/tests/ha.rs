@@ -427,6 +427,100 @@ async fn every_master_answers_reads_with_the_writes_acknowledged_before() {
     }
 }
 
+/// Linearizable read calls master `addr` answered as a follower: under a
+/// read lease, and after asking the leader for a read index.
+async fn follower_reads(addr: &str) -> (u64, u64) {
+    let mut m = strata_proto::pb::master_client::MasterClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let l = m
+        .list_masters(strata_proto::pb::Empty {})
+        .await
+        .expect("list masters")
+        .into_inner();
+    (l.lease_reads, l.read_index_reads)
+}
+
+/// Stats `path` from every master in turn for a little longer than the
+/// leader waits after a write before it grants read leases again.
+async fn read_for_a_while(reader: &Client, path: &str) {
+    let t = Instant::now();
+    for _ in 0..5000 {
+        if t.elapsed() > Duration::from_millis(250) {
+            break;
+        }
+        reader.stat(path).await.expect("stat");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_answer_under_read_leases_and_see_each_write_acknowledged_before() {
+    let mut c = cluster(0, &[]);
+    let writer = client(&c);
+    let reader = client(&c);
+    writer
+        .write_file("/lease/f0", b"", cache_only())
+        .await
+        .expect("write");
+    let leader_id = tokio::task::block_in_place(|| leader(&c));
+    let followers: Vec<(u64, String)> = c
+        .masters
+        .iter()
+        .filter(|m| m.id != leader_id)
+        .map(|m| (m.id, m.addr.clone()))
+        .collect();
+    // Reads spread over the masters while nothing is written: the
+    // followers get read leases and answer from their own state. Then a
+    // write: the leader withdraws the leases before it logs it, so the very
+    // next stats, whichever master answers them, see it.
+    for i in 1..=25 {
+        read_for_a_while(&reader, &format!("/lease/f{}", i - 1)).await;
+        let path = format!("/lease/f{i}");
+        writer
+            .write_file(&path, b"", cache_only())
+            .await
+            .expect("write");
+        for _ in 0..3 {
+            reader
+                .stat(&path)
+                .await
+                .unwrap_or_else(|e| panic!("{path} acknowledged but not seen: {e}"));
+        }
+    }
+    for (id, addr) in &followers {
+        let (leased, asked) = follower_reads(addr).await;
+        eprintln!("follower {id}: {leased} read calls under a lease, {asked} by read index");
+        assert!(
+            leased > 0,
+            "follower {id} answered no read under a lease ({asked} by read index)"
+        );
+    }
+    // A follower holding a lease is stopped: the next write waits for its
+    // lease to run out (it cannot give it back), no longer; once it runs
+    // again it answers reads with that write.
+    read_for_a_while(&reader, "/lease/f0").await;
+    let (stopped, _) = followers[0].clone();
+    c.pause_master(stopped, true).expect("stop");
+    let t = Instant::now();
+    writer
+        .write_file("/lease/while-stopped", b"", cache_only())
+        .await
+        .expect("write while a lease holder is stopped");
+    let took = t.elapsed();
+    c.pause_master(stopped, false).expect("cont");
+    eprintln!("write with a stopped lease holder took {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "a write waited {took:?} for a stopped follower's lease"
+    );
+    for _ in 0..6 {
+        reader
+            .stat("/lease/while-stopped")
+            .await
+            .expect("the write is seen by every master");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_stopped_with_sigterm_exits_while_followers_hold_read_streams() {
     let mut c = cluster(0, &[]);

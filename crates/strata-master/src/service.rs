@@ -1,6 +1,7 @@
 //! The gRPC face of the master: decode, call [`Namespace`], map errors once.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use strata_common::NsPath;
 use strata_proto::pb::{self, master_server::Master};
@@ -111,6 +112,8 @@ impl MasterService {
             term: m.current_term,
             last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             inodes: self.ns.store.inode_count().unwrap_or(0),
+            lease_reads: self.ns.reads.lease_reads.load(Ordering::Relaxed),
+            read_index_reads: self.ns.reads.read_index_reads.load(Ordering::Relaxed),
         }
     }
 
@@ -552,6 +555,7 @@ impl Master for MasterService {
             None => {
                 // As a learner first: it receives the log (or a snapshot)
                 // and only counts towards the quorum once it has caught up.
+                let _writing = self.ns.reads.leases.quiesce().await;
                 self.ns
                     .raft
                     .add_learner(r.id, openraft::BasicNode::new(&r.addr), true)
@@ -559,11 +563,13 @@ impl Master for MasterService {
                     .map_err(|e| self.raft_err(e))?;
             }
         }
+        let writing = self.ns.reads.leases.quiesce().await;
         self.ns
             .raft
             .change_membership(openraft::ChangeMembers::AddVoterIds([r.id].into()), false)
             .await
             .map_err(|e| self.raft_err(e))?;
+        drop(writing);
         tracing::info!(id = r.id, addr = %r.addr, "master added");
         self.membership_changed(rid);
         Ok(Response::new(self.masters()))
@@ -586,11 +592,13 @@ impl Master for MasterService {
                 "cannot remove the last master; add its replacement first",
             ));
         }
+        let writing = self.ns.reads.leases.quiesce().await;
         self.ns
             .raft
             .change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
             .await
             .map_err(|e| self.raft_err(e))?;
+        drop(writing);
         tracing::info!(id, "master removed");
         self.membership_changed(rid);
         Ok(Response::new(self.masters()))

@@ -3,6 +3,7 @@
 //! ([`network`]), and what the service needs from Raft: is this master the
 //! leader, where is the leader, and when may a read be answered.
 
+pub mod lease;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
@@ -113,28 +114,144 @@ fn leader_addr(raft: &Raft) -> Option<String> {
     members(raft).remove(&id)
 }
 
+/// The shortest read lease worth granting (what is left of the leader's
+/// own lease after the time since its last quorum acknowledgement).
+const MIN_LEASE_MS: u64 = 20;
+
+/// As leader: the highest log index a majority of every voter set has (the
+/// commit index), or what this master has applied if higher. A follower
+/// applies an entry once it learns the entry is committed, which may be
+/// before the leader has applied it itself: a read on the leader must then
+/// wait for it too, or it could miss what a read on that follower saw.
+fn committed(m: &openraft::RaftMetrics<u64, BasicNode>) -> u64 {
+    let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+    let Some(matched) = &m.replication else {
+        return applied;
+    };
+    let mut commit = u64::MAX;
+    for voters in m.membership_config.membership().get_joint_config() {
+        let mut have: Vec<u64> = voters
+            .iter()
+            .map(|v| {
+                matched
+                    .get(v)
+                    .copied()
+                    .flatten()
+                    .map(|l| l.index)
+                    .unwrap_or(0)
+            })
+            .collect();
+        if have.is_empty() {
+            continue;
+        }
+        have.sort_unstable_by(|a, b| b.cmp(a));
+        commit = commit.min(have[voters.len() / 2]);
+    }
+    if commit == u64::MAX {
+        applied
+    } else {
+        commit.max(applied)
+    }
+}
+
 /// How long a follower waits for the leader's read index.
 const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The ask on the wire: its number, when it was sent, and where its
+/// answer goes.
+type Pending = Option<(
+    u64,
+    std::time::Instant,
+    tokio::sync::oneshot::Sender<pb::ReadIndexResponse>,
+)>;
+
 /// A follower's read-index stream to the leader at `addr`: asks go out on
-/// `asks` numbered by `seq`; each answer names the ask it answers.
+/// `asks` numbered by `seq`; a task reads what comes back (answers, and
+/// withdrawals of leases, which may come at any time) until it ends.
 struct IndexStream {
     addr: String,
     asks: tokio::sync::mpsc::Sender<pb::ReadIndexAsk>,
-    answers: tonic::Streaming<pb::ReadIndexResponse>,
+    pending: Arc<std::sync::Mutex<Pending>>,
+    reader: tokio::task::JoinHandle<()>,
     seq: u64,
+    /// This master's number for the stream (leases name the stream that
+    /// granted them).
+    no: u64,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl IndexStream {
-    /// The answer to the last ask, by `deadline`.
-    async fn answer(
-        &mut self,
-        deadline: tokio::time::Instant,
-    ) -> Result<u64, Option<tonic::Status>> {
-        match tokio::time::timeout_at(deadline, self.answers.message()).await {
-            Ok(Ok(Some(a))) if a.seq == self.seq => Ok(a.index),
-            Ok(Err(status)) => Err(Some(status)),
-            _ => Err(None),
+    /// Sends the next ask; its answer arrives on the returned channel
+    /// (closed if the stream ends first).
+    fn ask(&mut self) -> Option<tokio::sync::oneshot::Receiver<pb::ReadIndexResponse>> {
+        self.seq += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *lock(&self.pending) = Some((self.seq, std::time::Instant::now(), tx));
+        // Never full: at most one ask is unanswered at a time.
+        self.asks.try_send(wanting_lease(self.seq)).ok()?;
+        Some(rx)
+    }
+}
+
+fn wanting_lease(seq: u64) -> pb::ReadIndexAsk {
+    pb::ReadIndexAsk {
+        seq,
+        want_lease: true,
+        given_back: 0,
+    }
+}
+
+/// Reads a stream's answers until it ends: hands each answer to its ask
+/// (recording the lease it grants first), and gives back withdrawn leases.
+async fn read_answers(
+    mut answers: tonic::Streaming<pb::ReadIndexResponse>,
+    pending: Arc<std::sync::Mutex<Pending>>,
+    held: Arc<std::sync::Mutex<Option<lease::Held>>>,
+    asks: tokio::sync::mpsc::WeakSender<pb::ReadIndexAsk>,
+    no: u64,
+) {
+    // The last ask whose lease was withdrawn: a withdrawal can overtake the
+    // answer that grants the lease (both are sent by different tasks on the
+    // leader), and that lease must then not be taken up.
+    let mut withdrawn = 0;
+    while let Ok(Some(a)) = answers.message().await {
+        if a.withdraw > 0 {
+            withdrawn = withdrawn.max(a.withdraw);
+            {
+                let mut h = lock(&held);
+                if h.is_some_and(|h| h.stream == no && h.seq <= a.withdraw) {
+                    *h = None;
+                }
+            }
+            let Some(asks) = asks.upgrade() else { return };
+            let back = pb::ReadIndexAsk {
+                seq: 0,
+                want_lease: false,
+                given_back: a.withdraw,
+            };
+            if asks.send(back).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let mut p = lock(&pending);
+        if p.as_ref().is_some_and(|(seq, ..)| *seq == a.seq)
+            && let Some((seq, sent, tx)) = p.take()
+        {
+            if a.lease_ms > 0 && seq > withdrawn {
+                *lock(&held) = Some(lease::Held {
+                    until: sent + lease::follower_length(a.lease_ms),
+                    length: lease::follower_length(a.lease_ms),
+                    term: a.term,
+                    index: a.index,
+                    seq,
+                    stream: no,
+                });
+            }
+            let _ = tx.send(a);
         }
     }
 }
@@ -166,6 +283,18 @@ pub struct ReadIndex {
     /// Term in which this master, as leader, has applied everything
     /// committed before it took over (so its store can be read and checked).
     ready_term: AtomicU64,
+    /// Read leases this master granted as leader.
+    pub leases: lease::Leases,
+    /// The read lease this master holds as a follower.
+    held: Arc<std::sync::Mutex<Option<lease::Held>>>,
+    /// A renewal of the held lease is on its way.
+    renewing: std::sync::atomic::AtomicBool,
+    /// Numbers this master's read-index streams.
+    streams: AtomicU64,
+    /// Linearizable read calls served as a follower: under a lease, and
+    /// after asking for a read index.
+    pub lease_reads: AtomicU64,
+    pub read_index_reads: AtomicU64,
 }
 
 impl ReadIndex {
@@ -182,6 +311,12 @@ impl ReadIndex {
             clock: std::time::Instant::now(),
             stale_bound_ms: timing.election_min_ms,
             ready_term: AtomicU64::new(0),
+            leases: lease::Leases::default(),
+            held: Arc::new(std::sync::Mutex::new(None)),
+            renewing: std::sync::atomic::AtomicBool::new(false),
+            streams: AtomicU64::new(0),
+            lease_reads: AtomicU64::new(0),
+            read_index_reads: AtomicU64::new(0),
         }
     }
 
@@ -235,20 +370,18 @@ impl ReadIndex {
     }
 
     /// As leader: the index a linearizable read must see applied. Within
-    /// the lease that is what this master has applied (every acknowledged
-    /// write is); otherwise a quorum round confirms leadership first.
+    /// the lease that is what a majority has in its log (every write
+    /// acknowledged or seen by a read anywhere is committed, so at or
+    /// below it); otherwise a quorum round confirms leadership first.
     pub async fn leader_read_index(&self, raft: &Raft) -> Result<u64, MasterError> {
         self.ensure_leader(raft).await?;
-        let (applied, acked_ms) = {
+        let (index, acked_ms) = {
             let m = raft.metrics();
             let m = m.borrow();
-            (
-                m.last_applied.map(|l| l.index).unwrap_or(0),
-                m.millis_since_quorum_ack,
-            )
+            (committed(&m), m.millis_since_quorum_ack)
         };
         if acked_ms.is_some_and(|ms| ms < self.lease_ms) {
-            return Ok(applied);
+            return Ok(index);
         }
         tracing::debug!(
             ?acked_ms,
@@ -264,6 +397,62 @@ impl ReadIndex {
             .max(applied.map(|l| l.index).unwrap_or(0)))
     }
 
+    /// As leader: answers a follower's ask on read-index stream `stream`,
+    /// with a read lease if it wants one and one can be granted (see
+    /// [`lease`]).
+    pub async fn answer(
+        &self,
+        raft: &Raft,
+        stream: u64,
+        ask: &pb::ReadIndexAsk,
+        answers: tokio::sync::mpsc::WeakSender<Result<pb::ReadIndexResponse, tonic::Status>>,
+    ) -> Result<pb::ReadIndexResponse, MasterError> {
+        let index = self.leader_read_index(raft).await?;
+        let mut answer = pb::ReadIndexResponse {
+            index,
+            seq: ask.seq,
+            ..Default::default()
+        };
+        if !ask.want_lease {
+            return Ok(answer);
+        }
+        let (term, acked_ms) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (m.current_term, m.millis_since_quorum_ack)
+        };
+        // What is left of this leader's own lease, less what the ask took
+        // to arrive is counted by the follower (it counts from before it
+        // asked).
+        let Some(left) = acked_ms.and_then(|ms| self.lease_ms.checked_sub(ms)) else {
+            return Ok(answer);
+        };
+        if left < MIN_LEASE_MS {
+            return Ok(answer);
+        }
+        let quiescent = || {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+            (m.state == ServerState::Leader
+                && m.current_term == term
+                && m.last_log_index.unwrap_or(0) == applied)
+                .then_some(applied)
+        };
+        if let Some(i) = self.leases.grant(
+            stream,
+            ask.seq,
+            Duration::from_millis(left),
+            answers,
+            quiescent,
+        ) {
+            answer.index = answer.index.max(i);
+            answer.lease_ms = left;
+            answer.term = term;
+        }
+        Ok(answer)
+    }
+
     /// Records that a leader's append (or heartbeat) just arrived.
     pub fn leader_contact(&self) {
         self.last_leader_contact
@@ -274,16 +463,22 @@ impl ReadIndex {
     /// the read began is visible) unless `stale`: then a follower that heard
     /// from the leader within the election timeout answers from its own
     /// state (it lags by at most that plus its apply delay); one that did
-    /// not falls back to the linearizable path.
+    /// not falls back to the linearizable path. A follower holding a read
+    /// lease answers linearizable reads from its own state too.
     pub async fn read_barrier(
         self: &Arc<Self>,
         raft: &Raft,
         stale: bool,
     ) -> Result<(), MasterError> {
-        let (state, leader) = {
+        let (state, leader, term, applied) = {
             let m = raft.metrics();
             let m = m.borrow();
-            (m.state, m.current_leader)
+            (
+                m.state,
+                m.current_leader,
+                m.current_term,
+                m.last_applied.map(|l| l.index).unwrap_or(0),
+            )
         };
         if stale && leader.is_some() {
             let since = (self.clock.elapsed().as_millis() as u64)
@@ -294,19 +489,33 @@ impl ReadIndex {
         }
         let index = if state == ServerState::Leader {
             self.leader_read_index(raft).await?
+        } else if let Some(index) = self.leased(raft, term) {
+            self.lease_reads.fetch_add(1, Ordering::Relaxed);
+            index
         } else {
+            self.read_index_reads.fetch_add(1, Ordering::Relaxed);
             self.coalesced_read_index(raft).await?
         };
-        let applied = raft
-            .metrics()
-            .borrow()
-            .last_applied
-            .map(|l| l.index)
-            .unwrap_or(0);
         if applied < index {
             self.wait_applied(raft, index).await?;
         }
         Ok(())
+    }
+
+    /// The index to have applied if this follower holds a read lease good
+    /// for a read beginning now (renewed once half of it has passed).
+    fn leased(self: &Arc<Self>, raft: &Raft, term: u64) -> Option<u64> {
+        let h = (*lock(&self.held))?;
+        let now = std::time::Instant::now();
+        if h.term != term || now >= h.until {
+            return None;
+        }
+        if h.until - now < h.length / 2 && !self.renewing.swap(true, Ordering::AcqRel) {
+            // The answer is not waited for: the lease still holds.
+            let (tx, _) = tokio::sync::oneshot::channel();
+            self.enqueue(raft, tx);
+        }
+        Some(h.index)
     }
 
     /// A read index from the leader, shared by every read that arrived
@@ -315,50 +524,62 @@ impl ReadIndex {
     /// request already on the wire (its answer could predate the read).
     async fn coalesced_read_index(self: &Arc<Self>, raft: &Raft) -> Result<u64, MasterError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let start_driver = {
-            let mut g = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-            g.1.push(tx);
-            !std::mem::replace(&mut g.0, true)
-        };
-        if start_driver {
-            let (me, raft) = (self.clone(), raft.clone());
-            tokio::spawn(async move {
-                let mut last: Option<tokio::time::Instant> = None;
-                loop {
-                    // Rounds start at most every `gather`: reads
-                    // that arrive meanwhile gather, and one request then
-                    // serves them all (which is what lets read capacity
-                    // grow with the number of masters); the first read
-                    // after a quiet spell goes at once.
-                    if let Some(t) = last {
-                        tokio::time::sleep_until(t + me.gather).await;
-                    }
-                    last = Some(tokio::time::Instant::now());
-                    let waiters = {
-                        let mut g = me.waiting.lock().unwrap_or_else(|p| p.into_inner());
-                        if g.1.is_empty() {
-                            g.0 = false;
-                            return;
-                        }
-                        std::mem::take(&mut g.1)
-                    };
-                    let r = me.ask_leader(&raft).await.map_err(|e| e.to_string());
-                    for w in waiters {
-                        let _ = w.send(r.clone());
-                    }
-                }
-            });
-        }
+        self.enqueue(raft, tx);
         match rx.await {
             Ok(Ok(i)) => Ok(i),
             _ => Err(self.not_leader(raft)),
         }
     }
 
+    /// Queues a read for the next read-index round, starting the task that
+    /// runs rounds if none is running.
+    fn enqueue(
+        self: &Arc<Self>,
+        raft: &Raft,
+        tx: tokio::sync::oneshot::Sender<Result<u64, String>>,
+    ) {
+        let start_driver = {
+            let mut g = lock(&self.waiting);
+            g.1.push(tx);
+            !std::mem::replace(&mut g.0, true)
+        };
+        if !start_driver {
+            return;
+        }
+        let (me, raft) = (self.clone(), raft.clone());
+        tokio::spawn(async move {
+            let mut last: Option<tokio::time::Instant> = None;
+            loop {
+                // Rounds start at most every `gather`: reads
+                // that arrive meanwhile gather, and one request then
+                // serves them all (which is what lets read capacity
+                // grow with the number of masters); the first read
+                // after a quiet spell goes at once.
+                if let Some(t) = last {
+                    tokio::time::sleep_until(t + me.gather).await;
+                }
+                last = Some(tokio::time::Instant::now());
+                let waiters = {
+                    let mut g = lock(&me.waiting);
+                    if g.1.is_empty() {
+                        g.0 = false;
+                        return;
+                    }
+                    std::mem::take(&mut g.1)
+                };
+                let r = me.ask_leader(&raft).await.map_err(|e| e.to_string());
+                me.renewing.store(false, Ordering::Release);
+                for w in waiters {
+                    let _ = w.send(r.clone());
+                }
+            }
+        });
+    }
+
     async fn ask_leader(&self, raft: &Raft) -> Result<u64, MasterError> {
         let addr = leader_addr(raft).ok_or_else(|| self.not_leader(raft))?;
         let mut client = {
-            let mut g = self.leader.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = lock(&self.leader);
             match &*g {
                 Some((a, c)) if *a == addr => c.clone(),
                 _ => {
@@ -370,17 +591,13 @@ impl ReadIndex {
                 }
             }
         };
-        let unary = {
-            let g = self.unary_leader.lock().unwrap_or_else(|p| p.into_inner());
-            g.as_deref() == Some(addr.as_str())
-        };
+        let unary = lock(&self.unary_leader).as_deref() == Some(addr.as_str());
         if !unary {
             match self.ask_on_stream(&addr, client.clone()).await {
                 Ok(index) => return Ok(index),
                 Err(Some(s)) if s.code() == tonic::Code::Unimplemented => {
                     tracing::info!(leader = %addr, "the leader has no read-index stream: one call per round");
-                    *self.unary_leader.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(addr.clone());
+                    *lock(&self.unary_leader) = Some(addr.clone());
                 }
                 Err(_) => return Err(self.not_leader(raft)),
             }
@@ -406,27 +623,31 @@ impl ReadIndex {
         mut client: RaftTransportClient<Channel>,
     ) -> Result<u64, Option<tonic::Status>> {
         let deadline = tokio::time::Instant::now() + READ_INDEX_TIMEOUT;
-        let kept = self
-            .stream
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let kept = lock(&self.stream)
             .take()
-            .filter(|s| s.addr == addr);
-        if let Some(mut s) = kept {
-            s.seq += 1;
-            // Never full: at most one ask is unanswered at a time.
-            if s.asks.try_send(pb::ReadIndexAsk { seq: s.seq }).is_ok() {
-                match s.answer(deadline).await {
-                    Ok(index) => return Ok(self.keep(s, index)),
-                    Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
-                    Err(_) => {}
-                }
+            .filter(|s| s.addr == addr && !s.reader.is_finished());
+        if let Some(mut s) = kept
+            && let Some(rx) = s.ask()
+        {
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(a)) => return Ok(self.keep(s, a.index)),
+                Err(_) => return Err(None),
+                // The stream ended: ask again on a new one.
+                Ok(Err(_)) => {}
             }
         }
         // The first ask is queued before the stream opens and goes out
         // with it.
-        let (asks, rx) = tokio::sync::mpsc::channel(4);
-        let _ = asks.try_send(pb::ReadIndexAsk { seq: 1 });
+        let (asks, rx) = tokio::sync::mpsc::channel(16);
+        let mut s = IndexStream {
+            addr: addr.to_string(),
+            asks,
+            pending: Arc::new(std::sync::Mutex::new(None)),
+            reader: tokio::spawn(async {}),
+            seq: 0,
+            no: self.streams.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        let answer = s.ask().ok_or(None)?;
         let opened = tokio::time::timeout_at(
             deadline,
             client.read_index_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
@@ -434,18 +655,21 @@ impl ReadIndex {
         .await
         .map_err(|_| None)?
         .map_err(Some)?;
-        let mut s = IndexStream {
-            addr: addr.to_string(),
-            asks,
-            answers: opened.into_inner(),
-            seq: 1,
-        };
-        let index = s.answer(deadline).await?;
-        Ok(self.keep(s, index))
+        s.reader = tokio::spawn(read_answers(
+            opened.into_inner(),
+            s.pending.clone(),
+            self.held.clone(),
+            s.asks.downgrade(),
+            s.no,
+        ));
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(a)) => Ok(self.keep(s, a.index)),
+            _ => Err(None),
+        }
     }
 
     fn keep(&self, s: IndexStream, index: u64) -> u64 {
-        *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+        *lock(&self.stream) = Some(s);
         index
     }
 
@@ -507,7 +731,12 @@ impl Proposer {
                 let (raft, reads) = (raft.clone(), reads.clone());
                 tokio::spawn(async move {
                     let (items, senders): (Vec<Item>, Vec<_>) = batch.into_iter().unzip();
-                    match raft.client_write(Request { items }).await {
+                    // Followers' read leases are withdrawn first, and none
+                    // is granted until the entry is applied.
+                    let writing = reads.leases.quiesce().await;
+                    let written = raft.client_write(Request { items }).await;
+                    drop(writing);
+                    match written {
                         Ok(r) => {
                             let mut outs = r.data.into_iter();
                             for s in senders {

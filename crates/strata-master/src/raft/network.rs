@@ -164,6 +164,16 @@ impl pb::raft_transport_server::RaftTransport for Transport {
         r: tonic::Request<pb::RaftBytes>,
     ) -> Result<tonic::Response<pb::RaftBytes>, tonic::Status> {
         let req: VoteRequest<u64> = decode(r)?;
+        // A leader may give its vote to a candidate and step down at once
+        // (openraft refuses votes for the election timeout only on
+        // followers). The read leases it granted are withdrawn first, or
+        // a holder could answer from its state while the new leader
+        // already commits writes; none is granted until the vote is cast.
+        let _no_leases = if self.raft.metrics().borrow().state == openraft::ServerState::Leader {
+            Some(self.reads.leases.quiesce().await)
+        } else {
+            None
+        };
         encode(&self.raft.vote(req).await)
     }
 
@@ -182,56 +192,61 @@ impl pb::raft_transport_server::RaftTransport for Transport {
         let index = self.reads.leader_read_index(&self.raft).await?;
         Ok(tonic::Response::new(pb::ReadIndexResponse {
             index,
-            seq: 0,
+            ..Default::default()
         }))
     }
 
-    type ReadIndexStreamStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<pb::ReadIndexResponse, tonic::Status>> + Send>,
-    >;
+    type ReadIndexStreamStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::ReadIndexResponse, tonic::Status>>;
 
     async fn read_index_stream(
         &self,
         r: tonic::Request<tonic::Streaming<pb::ReadIndexAsk>>,
     ) -> Result<tonic::Response<Self::ReadIndexStreamStream>, tonic::Status> {
-        use futures::StreamExt;
         let (raft, reads) = (self.raft.clone(), self.reads.clone());
+        let stream = reads.leases.stream();
+        // Answers, and lease withdrawals sent by writes (which hold only a
+        // weak sender: the stream ends when this task does).
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut asks = r.into_inner();
+        let mut server = raft.server_metrics();
         // Each ask is answered after it arrived, in order. The stream ends
         // after the first failure (not the leader), when this master stops
-        // leading or shuts down, and when no ask came for a while (a
+        // leading or shuts down, and when nothing came for a while (a
         // follower that became leader or went away): an open stream must
         // not keep a former leader's connections, or its shutdown, waiting.
-        let stepped_down = {
-            let mut m = raft.server_metrics();
-            async move {
-                while m.borrow().state == openraft::ServerState::Leader {
-                    if m.changed().await.is_err() {
-                        break;
-                    }
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            loop {
+                if server.borrow().state != openraft::ServerState::Leader {
+                    break;
+                }
+                let next = tokio::select! {
+                    next = tokio::time::timeout(READ_INDEX_STREAM_IDLE, asks.next()) => next,
+                    changed = server.changed() => match changed {
+                        Ok(()) => continue,
+                        Err(_) => break,
+                    },
+                };
+                let Ok(Some(Ok(ask))) = next else { break };
+                if ask.given_back > 0 {
+                    reads.leases.given_back(stream, ask.given_back);
+                }
+                if ask.seq == 0 {
+                    continue;
+                }
+                let answer = reads
+                    .answer(&raft, stream, &ask, tx.downgrade())
+                    .await
+                    .map_err(tonic::Status::from);
+                let failed = answer.is_err();
+                if tx.send(answer).await.is_err() || failed {
+                    break;
                 }
             }
-        };
-        let answers =
-            futures::stream::unfold((r.into_inner(), false), move |(mut asks, failed)| {
-                let (raft, reads) = (raft.clone(), reads.clone());
-                async move {
-                    if failed {
-                        return None;
-                    }
-                    let ask = tokio::time::timeout(READ_INDEX_STREAM_IDLE, asks.next())
-                        .await
-                        .ok()??;
-                    let answer = async {
-                        let seq = ask?.seq;
-                        let index = reads.leader_read_index(&raft).await?;
-                        Ok(pb::ReadIndexResponse { index, seq })
-                    }
-                    .await;
-                    let failed = answer.is_err();
-                    Some((answer, (asks, failed)))
-                }
-            })
-            .take_until(stepped_down);
-        Ok(tonic::Response::new(Box::pin(answers)))
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
     }
 }

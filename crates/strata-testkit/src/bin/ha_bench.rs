@@ -357,24 +357,24 @@ impl CpuCaps {
     /// CPU time used so far by each capped process (µs, from
     /// `/proc/PID/stat`: user + system time of all its threads).
     fn usage_us(&self) -> Vec<u64> {
-        let tick_us = 1_000_000 / 100; // USER_HZ
-        self.pids
-            .iter()
-            .map(|p| {
-                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-                // Fields after the command name (which may hold spaces):
-                // utime and stime are the 12th and 13th.
-                let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-                let f: Vec<u64> = rest
-                    .split_whitespace()
-                    .skip(11)
-                    .take(2)
-                    .filter_map(|v| v.parse().ok())
-                    .collect();
-                f.iter().sum::<u64>() * tick_us
-            })
-            .collect()
+        self.pids.iter().map(|p| cpu_us(&p.to_string())).collect()
     }
+}
+
+/// User + system CPU time of process `pid` ("self" for this one), in µs.
+fn cpu_us(pid: &str) -> u64 {
+    let tick_us = 1_000_000 / 100; // USER_HZ
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() * tick_us
 }
 
 /// Runs `f` and reports the share of a core each capped master used
@@ -385,9 +385,10 @@ async fn with_cpu_shares<F: std::future::Future<Output = anyhow::Result<f64>>>(
     what: &str,
     f: F,
 ) -> anyhow::Result<f64> {
-    let (before, t) = (caps.usage_us(), Instant::now());
+    let (before, client, t) = (caps.usage_us(), cpu_us("self"), Instant::now());
     let r = f.await?;
     let secs = t.elapsed().as_secs_f64();
+    let client = cpu_us("self").saturating_sub(client) as f64 / 1e6 / secs * 100.0;
     let shares: Vec<String> = caps
         .usage_us()
         .iter()
@@ -395,7 +396,7 @@ async fn with_cpu_shares<F: std::future::Future<Output = anyhow::Result<f64>>>(
         .map(|(a, b)| format!("{:.1}%", a.saturating_sub(*b) as f64 / 1e6 / secs * 100.0))
         .collect();
     println!(
-        "{what}: {r:.0} stats/s; CPU per master {}",
+        "{what}: {r:.0} stats/s; CPU per master {}; client {client:.0}% of a core",
         shares.join(" / ")
     );
     Ok(r)
