@@ -73,7 +73,7 @@ pub async fn start(config: &Config) -> Result<MasterHandle, MasterError> {
     let svc = service::MasterService::new(ns.clone(), rx.clone());
     let transport = raft::network::Transport {
         raft: raft.clone(),
-        reads,
+        reads: reads.clone(),
     };
     // Small gRPC replies must not wait for Nagle's algorithm: without
     // TCP_NODELAY on each accepted socket a metadata call costs ~40 ms.
@@ -105,7 +105,7 @@ pub async fn start(config: &Config) -> Result<MasterHandle, MasterError> {
             .await
     });
     tracing::info!(%addr, node_id = mc.node_id, "master serving");
-    bootstrap(&raft, config, &me).await?;
+    bootstrap(&raft, &reads, config, &me).await?;
     tokio::spawn(log_leader_changes(raft.clone()));
     jobs::JobRunner::start(ns.clone(), config, &me)?;
     Ok(MasterHandle {
@@ -120,7 +120,12 @@ pub async fn start(config: &Config) -> Result<MasterHandle, MasterError> {
 /// Forms the cluster on first start: the initial members (or this master
 /// alone) unless it waits to be added. A single master that restarts at a
 /// new address updates its own entry.
-async fn bootstrap(raft: &raft::Raft, config: &Config, me: &str) -> Result<(), MasterError> {
+async fn bootstrap(
+    raft: &raft::Raft,
+    reads: &Arc<raft::ReadIndex>,
+    config: &Config,
+    me: &str,
+) -> Result<(), MasterError> {
     use openraft::BasicNode;
     use std::collections::BTreeMap;
     let id = config.master.node_id;
@@ -131,7 +136,7 @@ async fn bootstrap(raft: &raft::Raft, config: &Config, me: &str) -> Result<(), M
     if initialized {
         let members = raft::members(raft);
         if members.len() == 1 && members.get(&id).is_some_and(|a| a != me) {
-            let raft = raft.clone();
+            let (raft, reads) = (raft.clone(), reads.clone());
             let me = me.to_string();
             tokio::spawn(async move {
                 let _ = raft
@@ -139,6 +144,7 @@ async fn bootstrap(raft: &raft::Raft, config: &Config, me: &str) -> Result<(), M
                     .current_leader(id, "own address update")
                     .await;
                 let nodes = BTreeMap::from([(id, BasicNode::new(&me))]);
+                let _writing = reads.leases.quiesce().await;
                 if let Err(e) = raft
                     .change_membership(openraft::ChangeMembers::SetNodes(nodes), true)
                     .await

@@ -555,21 +555,25 @@ impl Master for MasterService {
             None => {
                 // As a learner first: it receives the log (or a snapshot)
                 // and only counts towards the quorum once it has caught up.
-                let _writing = self.ns.reads.leases.quiesce().await;
-                self.ns
-                    .raft
-                    .add_learner(r.id, openraft::BasicNode::new(&r.addr), true)
-                    .await
-                    .map_err(|e| self.raft_err(e))?;
+                let (raft, node, id) = (
+                    self.ns.raft.clone(),
+                    openraft::BasicNode::new(&r.addr),
+                    r.id,
+                );
+                raft::with_leases_withdrawn(&self.ns.reads, async move {
+                    raft.add_learner(id, node, true).await
+                })
+                .await?
+                .map_err(|e| self.raft_err(e))?;
             }
         }
-        let writing = self.ns.reads.leases.quiesce().await;
-        self.ns
-            .raft
-            .change_membership(openraft::ChangeMembers::AddVoterIds([r.id].into()), false)
-            .await
-            .map_err(|e| self.raft_err(e))?;
-        drop(writing);
+        let (raft, id) = (self.ns.raft.clone(), r.id);
+        raft::with_leases_withdrawn(&self.ns.reads, async move {
+            raft.change_membership(openraft::ChangeMembers::AddVoterIds([id].into()), false)
+                .await
+        })
+        .await?
+        .map_err(|e| self.raft_err(e))?;
         tracing::info!(id = r.id, addr = %r.addr, "master added");
         self.membership_changed(rid);
         Ok(Response::new(self.masters()))
@@ -592,13 +596,13 @@ impl Master for MasterService {
                 "cannot remove the last master; add its replacement first",
             ));
         }
-        let writing = self.ns.reads.leases.quiesce().await;
-        self.ns
-            .raft
-            .change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
-            .await
-            .map_err(|e| self.raft_err(e))?;
-        drop(writing);
+        let raft = self.ns.raft.clone();
+        raft::with_leases_withdrawn(&self.ns.reads, async move {
+            raft.change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
+                .await
+        })
+        .await?
+        .map_err(|e| self.raft_err(e))?;
         tracing::info!(id, "master removed");
         self.membership_changed(rid);
         Ok(Response::new(self.masters()))

@@ -54,10 +54,25 @@ struct LeaderState {
 }
 
 /// The leader's side: leases granted, and writes waiting for them.
-#[derive(Default)]
 pub struct Leases {
     state: Mutex<LeaderState>,
     confirmed: tokio::sync::Notify,
+    /// Leases live in memory only: a master that restarts (and may lead
+    /// again in the same term, openraft keeps its vote) cannot withdraw
+    /// those it granted before, so it writes nothing and casts no vote
+    /// until any of them would have run out.
+    not_before: Instant,
+}
+
+impl Leases {
+    /// `longest`: the longest lease this master grants.
+    pub fn new(longest: Duration) -> Self {
+        Leases {
+            state: Mutex::default(),
+            confirmed: tokio::sync::Notify::new(),
+            not_before: Instant::now() + longest + Duration::from_millis(50),
+        }
+    }
 }
 
 /// Held while a proposal is in flight: no lease is granted meanwhile.
@@ -101,6 +116,8 @@ impl Leases {
             return None;
         }
         let index = quiescent()?;
+        let now = Instant::now();
+        s.granted.retain(|_, g| g.until > now);
         s.granted.insert(
             stream,
             Granted {
@@ -124,13 +141,14 @@ impl Leases {
         }
     }
 
-    /// Before a proposal: stops granting, withdraws every lease and waits
-    /// until each is given back or has run out.
+    /// Before a proposal or a vote: stops granting, withdraws every lease
+    /// and waits until each is given back or has run out.
     pub async fn quiesce(&self) -> Writing<'_> {
         self.lock().writing += 1;
         // From here on no lease is granted; dropping the guard (also when
         // this future is dropped) allows it again.
         let writing = Writing(self);
+        tokio::time::sleep_until(self.not_before.into()).await;
         loop {
             let notified = self.confirmed.notified();
             tokio::pin!(notified);

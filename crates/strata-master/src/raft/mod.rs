@@ -183,6 +183,14 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl Drop for IndexStream {
+    fn drop(&mut self) {
+        // A lease it carried stays held until it runs out: the leader,
+        // which cannot withdraw it any more, waits for that too.
+        self.reader.abort();
+    }
+}
+
 impl IndexStream {
     /// Sends the next ask; its answer arrives on the returned channel
     /// (closed if the stream ends first).
@@ -311,7 +319,7 @@ impl ReadIndex {
             clock: std::time::Instant::now(),
             stale_bound_ms: timing.election_min_ms,
             ready_term: AtomicU64::new(0),
-            leases: lease::Leases::default(),
+            leases: lease::Leases::new(Duration::from_millis(timing.lease_ms())),
             held: Arc::new(std::sync::Mutex::new(None)),
             renewing: std::sync::atomic::AtomicBool::new(false),
             streams: AtomicU64::new(0),
@@ -682,6 +690,23 @@ impl ReadIndex {
             .map(drop)
             .map_err(|e| MasterError::Raft(format!("waiting to apply index {index}: {e}")))
     }
+}
+
+/// Runs `change` (a membership change: it appends log entries) with every
+/// follower read lease withdrawn first and none granted until it is done.
+/// It runs as its own task, so a caller that goes away (a timed-out call)
+/// cannot end the wait while openraft still appends the change.
+pub async fn with_leases_withdrawn<T: Send + 'static>(
+    reads: &Arc<ReadIndex>,
+    change: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, MasterError> {
+    let reads = reads.clone();
+    tokio::spawn(async move {
+        let _writing = reads.leases.quiesce().await;
+        change.await
+    })
+    .await
+    .map_err(|e| MasterError::Raft(format!("membership change did not finish: {e}")))
 }
 
 /// Maps a failed write to the error the client acts on.

@@ -164,16 +164,14 @@ impl pb::raft_transport_server::RaftTransport for Transport {
         r: tonic::Request<pb::RaftBytes>,
     ) -> Result<tonic::Response<pb::RaftBytes>, tonic::Status> {
         let req: VoteRequest<u64> = decode(r)?;
-        // A leader may give its vote to a candidate and step down at once
-        // (openraft refuses votes for the election timeout only on
-        // followers). The read leases it granted are withdrawn first, or
-        // a holder could answer from its state while the new leader
-        // already commits writes; none is granted until the vote is cast.
-        let _no_leases = if self.raft.metrics().borrow().state == openraft::ServerState::Leader {
-            Some(self.reads.leases.quiesce().await)
-        } else {
-            None
-        };
+        // A leader (or one that has just stepped down, or restarted) may
+        // give its vote to a candidate at once: openraft refuses votes for
+        // the election timeout only while the vote it holds is a leader's
+        // it heard from. Its vote can decide the election, so the read
+        // leases it granted are withdrawn (or run out) first, or a holder
+        // could answer from its state while the new leader already commits
+        // writes; none is granted until the vote is cast.
+        let _no_leases = self.reads.leases.quiesce().await;
         encode(&self.raft.vote(req).await)
     }
 
