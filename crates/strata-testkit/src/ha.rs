@@ -39,6 +39,27 @@ pub struct HaCluster {
     next_id: u64,
 }
 
+/// Passes a child's stderr through to this process's and keeps its last
+/// lines, returned when the child's stderr closes.
+fn tee_stderr(child: &mut Child) -> std::thread::JoinHandle<Vec<String>> {
+    let err = child.stderr.take();
+    std::thread::spawn(move || {
+        let mut last = std::collections::VecDeque::new();
+        let Some(err) = err else {
+            return Vec::new();
+        };
+        for line in std::io::BufRead::lines(std::io::BufReader::new(err)) {
+            let Ok(l) = line else { break };
+            eprintln!("{l}");
+            if last.len() == 20 {
+                last.pop_front();
+            }
+            last.push_back(l);
+        }
+        last.into()
+    })
+}
+
 /// Sends SIGSTOP (true) or SIGCONT (false) to process `pid`.
 fn pause_pid(pid: u32, pause: bool) -> anyhow::Result<()> {
     signal_pid(pid, if pause { "-STOP" } else { "-CONT" })
@@ -128,9 +149,21 @@ impl HaCluster {
                 cmd.arg("--join");
             }
         }
-        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().context("spawning strata master")?;
-        wait_line(&mut child, &["listening on"], Duration::from_secs(30))?;
+        let stderr = tee_stderr(&mut child);
+        if let Err(e) = wait_line(&mut child, &["listening on"], Duration::from_secs(30)) {
+            // A master that refuses to start says why on stderr: the error
+            // carries it (after the process has exited and it was read).
+            let _ = child.kill();
+            let _ = child.wait();
+            let said = stderr.join().unwrap_or_default();
+            return Err(e.context(format!(
+                "master {} said: {}",
+                self.masters[i].id,
+                said.join("\n")
+            )));
+        }
         self.masters[i].child = Some(child);
         self.masters[i].stopped = false;
         Ok(())
