@@ -144,16 +144,25 @@ impl MasterService {
     }
 
     /// A failed membership change, mapped like any failed write.
-    fn raft_err(
-        &self,
-        e: openraft::error::RaftError<
-            u64,
-            openraft::error::ClientWriteError<u64, openraft::BasicNode>,
-        >,
-    ) -> Status {
+    fn raft_err(&self, e: WriteError) -> Status {
         Status::from(raft::write_error(&self.ns.reads, &self.ns.raft, e))
     }
+
+    /// A membership change (it appends to the log), with every follower
+    /// read lease withdrawn first: see [`raft::with_leases_withdrawn`].
+    async fn change_members<T: Send + 'static>(
+        &self,
+        change: impl std::future::Future<Output = Result<T, WriteError>> + Send + 'static,
+    ) -> Result<T, Status> {
+        raft::with_leases_withdrawn(&self.ns.reads, change)
+            .await?
+            .map_err(|e| self.raft_err(e))
+    }
 }
+
+/// How openraft reports a failed write (or membership change).
+type WriteError =
+    openraft::error::RaftError<u64, openraft::error::ClientWriteError<u64, openraft::BasicNode>>;
 
 /// Most mutations one `Mutate` call may carry.
 const MAX_BATCH_MUTATIONS: usize = 1024;
@@ -560,20 +569,16 @@ impl Master for MasterService {
                     openraft::BasicNode::new(&r.addr),
                     r.id,
                 );
-                raft::with_leases_withdrawn(&self.ns.reads, async move {
-                    raft.add_learner(id, node, true).await
-                })
-                .await?
-                .map_err(|e| self.raft_err(e))?;
+                self.change_members(async move { raft.add_learner(id, node, true).await })
+                    .await?;
             }
         }
         let (raft, id) = (self.ns.raft.clone(), r.id);
-        raft::with_leases_withdrawn(&self.ns.reads, async move {
+        self.change_members(async move {
             raft.change_membership(openraft::ChangeMembers::AddVoterIds([id].into()), false)
                 .await
         })
-        .await?
-        .map_err(|e| self.raft_err(e))?;
+        .await?;
         tracing::info!(id = r.id, addr = %r.addr, "master added");
         self.membership_changed(rid);
         Ok(Response::new(self.masters()))
@@ -597,12 +602,11 @@ impl Master for MasterService {
             ));
         }
         let raft = self.ns.raft.clone();
-        raft::with_leases_withdrawn(&self.ns.reads, async move {
+        self.change_members(async move {
             raft.change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
                 .await
         })
-        .await?
-        .map_err(|e| self.raft_err(e))?;
+        .await?;
         tracing::info!(id, "master removed");
         self.membership_changed(rid);
         Ok(Response::new(self.masters()))

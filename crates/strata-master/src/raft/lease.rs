@@ -73,22 +73,9 @@ impl Leases {
             not_before: Instant::now() + longest + Duration::from_millis(50),
         }
     }
-}
 
-/// Held while a proposal is in flight: no lease is granted meanwhile.
-pub struct Writing<'a>(&'a Leases);
-
-impl Drop for Writing<'_> {
-    fn drop(&mut self) {
-        let mut s = self.0.lock();
-        s.writing -= 1;
-        s.last_write = Some(Instant::now());
-    }
-}
-
-impl Leases {
     fn lock(&self) -> std::sync::MutexGuard<'_, LeaderState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        super::lock(&self.state)
     }
 
     /// A number for a new read-index stream.
@@ -121,7 +108,7 @@ impl Leases {
         s.granted.insert(
             stream,
             Granted {
-                until: Instant::now() + length,
+                until: now + length,
                 seq,
                 answers,
                 withdrawing: false,
@@ -178,15 +165,16 @@ impl Leases {
             let _ = tokio::time::timeout_at(wait_until.into(), notified).await;
         }
     }
+}
 
-    /// Leases currently granted (for tests and metrics).
-    pub fn granted(&self) -> usize {
-        let now = Instant::now();
-        self.lock()
-            .granted
-            .values()
-            .filter(|g| g.until > now)
-            .count()
+/// Held while a proposal is in flight: no lease is granted meanwhile.
+pub struct Writing<'a>(&'a Leases);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.writing -= 1;
+        s.last_write = Some(Instant::now());
     }
 }
 

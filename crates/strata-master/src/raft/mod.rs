@@ -128,30 +128,20 @@ fn committed(m: &openraft::RaftMetrics<u64, BasicNode>) -> u64 {
     let Some(matched) = &m.replication else {
         return applied;
     };
-    let mut commit = u64::MAX;
-    for voters in m.membership_config.membership().get_joint_config() {
-        let mut have: Vec<u64> = voters
-            .iter()
-            .map(|v| {
-                matched
-                    .get(v)
-                    .copied()
-                    .flatten()
-                    .map(|l| l.index)
-                    .unwrap_or(0)
-            })
-            .collect();
-        if have.is_empty() {
-            continue;
-        }
-        have.sort_unstable_by(|a, b| b.cmp(a));
-        commit = commit.min(have[voters.len() / 2]);
-    }
-    if commit == u64::MAX {
-        applied
-    } else {
-        commit.max(applied)
-    }
+    let index = |v: &u64| matched.get(v).copied().flatten().map_or(0, |l| l.index);
+    m.membership_config
+        .membership()
+        .get_joint_config()
+        .iter()
+        .filter(|voters| !voters.is_empty())
+        .map(|voters| {
+            let mut have: Vec<u64> = voters.iter().map(index).collect();
+            have.sort_unstable_by(|a, b| b.cmp(a));
+            // What the (n/2 + 1)-th highest holds: a majority has it.
+            have[voters.len() / 2]
+        })
+        .min()
+        .map_or(applied, |commit| commit.max(applied))
 }
 
 /// How long a follower waits for the leader's read index.
@@ -172,7 +162,8 @@ struct IndexStream {
     addr: String,
     asks: tokio::sync::mpsc::Sender<pb::ReadIndexAsk>,
     pending: Arc<std::sync::Mutex<Pending>>,
-    reader: tokio::task::JoinHandle<()>,
+    /// Reads the answers (once the stream is open).
+    reader: Option<tokio::task::JoinHandle<()>>,
     seq: u64,
     /// This master's number for the stream (leases name the stream that
     /// granted them).
@@ -187,7 +178,9 @@ impl Drop for IndexStream {
     fn drop(&mut self) {
         // A lease it carried stays held until it runs out: the leader,
         // which cannot withdraw it any more, waits for that too.
-        self.reader.abort();
+        if let Some(r) = &self.reader {
+            r.abort();
+        }
     }
 }
 
@@ -198,17 +191,14 @@ impl IndexStream {
         self.seq += 1;
         let (tx, rx) = tokio::sync::oneshot::channel();
         *lock(&self.pending) = Some((self.seq, std::time::Instant::now(), tx));
+        let ask = pb::ReadIndexAsk {
+            seq: self.seq,
+            want_lease: true,
+            given_back: 0,
+        };
         // Never full: at most one ask is unanswered at a time.
-        self.asks.try_send(wanting_lease(self.seq)).ok()?;
+        self.asks.try_send(ask).ok()?;
         Some(rx)
-    }
-}
-
-fn wanting_lease(seq: u64) -> pb::ReadIndexAsk {
-    pb::ReadIndexAsk {
-        seq,
-        want_lease: true,
-        given_back: 0,
     }
 }
 
@@ -633,7 +623,7 @@ impl ReadIndex {
         let deadline = tokio::time::Instant::now() + READ_INDEX_TIMEOUT;
         let kept = lock(&self.stream)
             .take()
-            .filter(|s| s.addr == addr && !s.reader.is_finished());
+            .filter(|s| s.addr == addr && s.reader.as_ref().is_some_and(|r| !r.is_finished()));
         if let Some(mut s) = kept
             && let Some(rx) = s.ask()
         {
@@ -651,7 +641,7 @@ impl ReadIndex {
             addr: addr.to_string(),
             asks,
             pending: Arc::new(std::sync::Mutex::new(None)),
-            reader: tokio::spawn(async {}),
+            reader: None,
             seq: 0,
             no: self.streams.fetch_add(1, Ordering::Relaxed) + 1,
         };
@@ -663,13 +653,13 @@ impl ReadIndex {
         .await
         .map_err(|_| None)?
         .map_err(Some)?;
-        s.reader = tokio::spawn(read_answers(
+        s.reader = Some(tokio::spawn(read_answers(
             opened.into_inner(),
             s.pending.clone(),
             self.held.clone(),
             s.asks.downgrade(),
             s.no,
-        ));
+        )));
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(a)) => Ok(self.keep(s, a.index)),
             _ => Err(None),
