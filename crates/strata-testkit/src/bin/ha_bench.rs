@@ -12,9 +12,10 @@
 //! own cgroup's cpu.max, enforced over periods of PERIOD_MS, default 10);
 //! stat throughput is measured with reads sent to the leader only and then
 //! spread over all masters, in the same run, by TASKS concurrent stat calls
-//! (default 128); the three modes take turns ROUNDS times (default 3), and
-//! each round's ratios and their medians are reported, so that a slow
-//! spell of the machine weighs on one round rather than on one mode.
+//! (default 128). Each of ROUNDS rounds (default 3) gives every mode
+//! SECONDS seconds in one-second slices, the modes taking turns, so that a
+//! slow spell of the machine weighs on all three rather than on one; each
+//! round's ratios and their medians are reported.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -377,29 +378,35 @@ fn cpu_us(pid: &str) -> u64 {
     f.iter().sum::<u64>() * tick_us
 }
 
-/// Runs `f` and reports the share of a core each capped master used
-/// meanwhile, so a phase shows whether the masters were held at their cap
-/// or waiting.
-async fn with_cpu_shares<F: std::future::Future<Output = anyhow::Result<f64>>>(
-    caps: &CpuCaps,
-    what: &str,
-    f: F,
-) -> anyhow::Result<f64> {
-    let (before, client, t) = (caps.usage_us(), cpu_us("self"), Instant::now());
-    let r = f.await?;
-    let secs = t.elapsed().as_secs_f64();
-    let client = cpu_us("self").saturating_sub(client) as f64 / 1e6 / secs * 100.0;
-    let shares: Vec<String> = caps
-        .usage_us()
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| format!("{:.1}%", a.saturating_sub(*b) as f64 / 1e6 / secs * 100.0))
-        .collect();
-    println!(
-        "{what}: {r:.0} stats/s; CPU per master {}; client {client:.0}% of a core",
-        shares.join(" / ")
-    );
-    Ok(r)
+/// What one read mode achieved over its slices of a round: calls, wall
+/// time, and CPU time of each master and of this process.
+#[derive(Default)]
+struct Phase {
+    ops: u64,
+    secs: f64,
+    masters_us: Vec<u64>,
+    client_us: u64,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.secs.max(1e-9)
+    }
+
+    fn report(&self, what: &str) {
+        let share = |us: u64| us as f64 / 1e6 / self.secs.max(1e-9) * 100.0;
+        let shares: Vec<String> = self
+            .masters_us
+            .iter()
+            .map(|u| format!("{:.1}%", share(*u)))
+            .collect();
+        println!(
+            "{what}: {:.0} stats/s; CPU per master {}; client {:.0}% of a core",
+            self.rate(),
+            shares.join(" / "),
+            share(self.client_us)
+        );
+    }
 }
 
 impl Drop for CpuCaps {
@@ -415,29 +422,27 @@ impl Drop for CpuCaps {
     }
 }
 
-async fn stat_rate(
-    addrs: &str,
-    read_from: &str,
+/// Runs `tasks` concurrent stat loops on `client` for `secs` seconds and adds
+/// the calls, time and CPU used to `phase` (a failed stat fails the run).
+async fn stat_slice(
+    caps: &CpuCaps,
+    client: &Client,
     files: &[String],
-    secs: u64,
+    secs: f64,
     tasks: usize,
-) -> anyhow::Result<f64> {
-    let cfg = strata_common::config::ClientConfig {
-        read_from: read_from.into(),
-        ..Default::default()
-    };
-    let client = Client::new(addrs, cfg)?;
-    client.stat(&files[0]).await?;
+    phase: &mut Phase,
+) -> anyhow::Result<()> {
     let ops = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let until = Instant::now() + Duration::from_secs(secs);
+    let (masters, me, t) = (caps.usage_us(), cpu_us("self"), Instant::now());
+    let until = t + Duration::from_secs_f64(secs);
     let n = tasks;
-    let mut tasks = Vec::new();
-    for t in 0..n {
+    let mut handles = Vec::new();
+    for k in 0..n {
         let (client, ops, errors, files) =
             (client.clone(), ops.clone(), errors.clone(), files.to_vec());
-        tasks.push(tokio::spawn(async move {
-            let mut i = t;
+        handles.push(tokio::spawn(async move {
+            let mut i = k;
             while Instant::now() < until {
                 match client.stat(&files[i % files.len()]).await {
                     Ok(_) => ops.fetch_add(1, Ordering::Relaxed),
@@ -447,14 +452,22 @@ async fn stat_rate(
             }
         }));
     }
-    for t in tasks {
-        t.await?;
+    for h in handles {
+        h.await?;
     }
+    phase.secs += t.elapsed().as_secs_f64();
+    phase.client_us += cpu_us("self").saturating_sub(me);
+    let used = caps.usage_us();
+    phase.masters_us.resize(used.len(), 0);
+    for (i, (a, b)) in used.iter().zip(&masters).enumerate() {
+        phase.masters_us[i] += a.saturating_sub(*b);
+    }
+    phase.ops += ops.load(Ordering::Relaxed);
     let e = errors.load(Ordering::Relaxed);
     if e > 0 {
-        bail!("{e} stats failed (reads from {read_from})");
+        bail!("{e} stats failed");
     }
-    Ok(ops.load(Ordering::Relaxed) as f64 / secs as f64)
+    Ok(())
 }
 
 async fn follower_reads(
@@ -476,19 +489,40 @@ async fn follower_reads(
     let pids: Vec<u32> = c.masters.iter().filter_map(|m| m.pid()).collect();
     let caps = CpuCaps::new(&pids, percent, period_ms)?;
     let addrs = c.master_list();
+    const MODES: [&str; 3] = ["leader", "any", "any-stale"];
+    let mut clients = Vec::new();
+    for mode in MODES {
+        let cfg = strata_common::config::ClientConfig {
+            read_from: mode.into(),
+            ..Default::default()
+        };
+        let client = Client::new(&addrs, cfg)?;
+        client.stat(&files[0]).await?;
+        clients.push(client);
+    }
     let (mut lin, mut stale) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let mut rates = Vec::new();
-        for mode in ["leader", "any", "any-stale"] {
-            let r = stat_rate(&addrs, mode, &files, secs, tasks);
-            rates.push(with_cpu_shares(&caps, mode, r).await?);
+        // The modes take turns in slices of a second (each slice's turn
+        // order rotated), so a slow spell of the machine falls on all three
+        // rather than on one.
+        let mut phases: [Phase; 3] = Default::default();
+        for slice in 0..secs as usize {
+            for k in 0..MODES.len() {
+                let m = (slice + k) % MODES.len();
+                stat_slice(&caps, &clients[m], &files, 1.0, tasks, &mut phases[m])
+                    .await
+                    .with_context(|| format!("reads from {}", MODES[m]))?;
+            }
         }
-        let (leader, any, st) = (rates[0], rates[1], rates[2]);
+        for (mode, p) in MODES.iter().zip(&phases) {
+            p.report(mode);
+        }
+        let (leader, any, st) = (phases[0].rate(), phases[1].rate(), phases[2].rate());
         lin.push(any / leader);
         stale.push(st / leader);
         println!(
             "round {round}: stats/s with each master held to {percent}% of a core \
-             ({period_ms} ms periods), {tasks} calls in flight: \
+             ({period_ms} ms periods), {tasks} calls in flight, modes alternating each second: \
              leader only {leader:.0}; \
              all 3 masters (linearizable) {any:.0} = {:.2}x; all 3 (bounded staleness) {st:.0} = {:.2}x",
             any / leader,
