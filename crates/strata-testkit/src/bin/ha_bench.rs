@@ -56,6 +56,11 @@ fn main() -> anyhow::Result<()> {
             let pct: u64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(25);
             let secs: u64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
             let tasks: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(128);
+            if secs == 0 {
+                bail!(
+                    "SECONDS must be at least 1 (each mode reads for that many one-second slices)"
+                );
+            }
             let period_ms: u64 = args.get(5).map(|s| s.parse()).transpose()?.unwrap_or(10);
             if !(1..=1000).contains(&period_ms) {
                 bail!("PERIOD_MS must be 1 to 1000 (cgroup cpu.max periods), not {period_ms}");
@@ -427,7 +432,7 @@ impl Drop for CpuCaps {
 async fn stat_slice(
     caps: &CpuCaps,
     client: &Client,
-    files: &[String],
+    files: &Arc<[String]>,
     secs: f64,
     tasks: usize,
     phase: &mut Phase,
@@ -440,7 +445,7 @@ async fn stat_slice(
     let mut handles = Vec::new();
     for k in 0..n {
         let (client, ops, errors, files) =
-            (client.clone(), ops.clone(), errors.clone(), files.to_vec());
+            (client.clone(), ops.clone(), errors.clone(), files.clone());
         handles.push(tokio::spawn(async move {
             let mut i = k;
             while Instant::now() < until {
@@ -500,6 +505,7 @@ async fn follower_reads(
         client.stat(&files[0]).await?;
         clients.push(client);
     }
+    let files: Arc<[String]> = files.into();
     let (mut lin, mut stale) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
         // The modes take turns in slices of a second (each slice's turn
