@@ -196,7 +196,9 @@ impl IndexStream {
             want_lease: true,
             given_back: 0,
         };
-        // Never full: at most one ask is unanswered at a time.
+        // At most one ask is unanswered at a time, beside a few leases
+        // given back: the channel is full only if the stream has stalled,
+        // and then the ask fails (the caller opens a new stream or retries).
         self.asks.try_send(ask).ok()?;
         Some(rx)
     }
@@ -240,9 +242,10 @@ async fn read_answers(
             && let Some((seq, sent, tx)) = p.take()
         {
             if a.lease_ms > 0 && seq > withdrawn {
+                let length = lease::follower_length(a.lease_ms);
                 *lock(&held) = Some(lease::Held {
-                    until: sent + lease::follower_length(a.lease_ms),
-                    length: lease::follower_length(a.lease_ms),
+                    until: sent + length,
+                    length,
                     term: a.term,
                     index: a.index,
                     seq,
