@@ -182,7 +182,7 @@ pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
                 // (after `fusermount3 -uz`, even if another file system is
                 // mounted at the same path since).
                 if session.guard.is_finished() || !is_mounted(&args.mountpoint) {
-                    let _ = tokio::task::spawn_blocking(move || session.join()).await;
+                    let _ = tokio::task::spawn_blocking(move || strata_fuse::join_unmounted(session)).await;
                     println!("{} was unmounted", args.mountpoint.display());
                     return Ok(());
                 }
@@ -216,7 +216,9 @@ async fn supervise(args: &MountArgs) -> anyhow::Result<()> {
         run_daemons(args, dev.as_raw_fd(), &state).await
     }
     .await;
-    if is_mounted(&args.mountpoint) {
+    // Only a supervisor that gives up unmounts here (on success the mount
+    // is gone already, and the path may hold a new mount by now).
+    if result.is_err() && is_mounted(&args.mountpoint) {
         let _ = strata_fuse::restart::unmount(&args.mountpoint);
     }
     let _ = std::fs::remove_dir_all(&state);

@@ -565,6 +565,61 @@ async fn mount_point_must_exist_and_be_empty_and_daemon_mode_works() {
     assert!(mp.join("s3").is_dir());
     ok(env.cluster.cli(&["umount", mp.to_str().unwrap()]).unwrap());
     assert!(!is_mounted(&mp));
+
+    // Mounted again at once at the same path: the old daemon, which
+    // notices its unmount only later (here: held stopped until the new
+    // mount is up), must leave the new mount alone.
+    let log = dir.path().join("mount.log");
+    let mount_daemon = || {
+        let out = ok(env
+            .cluster
+            .cli(&[
+                "mount",
+                mp.to_str().unwrap(),
+                "--log",
+                log.to_str().unwrap(),
+            ])
+            .unwrap());
+        let pid = out
+            .split("daemon pid ")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse::<u32>().ok());
+        pid.unwrap_or_else(|| panic!("no daemon pid in {out:?}"))
+    };
+    let old = mount_daemon();
+    signal(old, libc::SIGSTOP);
+    ok(env.cluster.cli(&["umount", mp.to_str().unwrap()]).unwrap());
+    let new = mount_daemon();
+    signal(old, libc::SIGCONT);
+    let gone = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gone(old) {
+        assert!(
+            Instant::now() < deadline,
+            "the old daemon {old} did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        is_mounted(&mp),
+        "the new mount was unmounted by the old daemon"
+    );
+    assert!(mp.join("s3").is_dir());
+    assert!(!gone(new));
+    ok(env.cluster.cli(&["umount", mp.to_str().unwrap()]).unwrap());
+    assert!(!is_mounted(&mp));
     drop(guard);
 }
 

@@ -403,6 +403,21 @@ impl StrataFs {
     }
 }
 
+/// Waits for the session of a mount that was unmounted from outside
+/// (`strata umount`, `fusermount3 -u`, `umount -l`) to end, without the
+/// unmount `fuser` does when a session is dropped: that unmounts whatever
+/// is mounted at the path *now*, which after a quick `strata umount` and
+/// `strata mount` at the same path is the new mount (fuser 0.18 takes its
+/// own, already disconnected device for still mounted). The process exits
+/// right after, which releases the device.
+pub fn join_unmounted(session: fuser::BackgroundSession) {
+    let session = std::mem::ManuallyDrop::new(session);
+    // SAFETY: `guard` is read out exactly once and `session` is never
+    // dropped or used again, so nothing is dropped twice.
+    let guard = unsafe { std::ptr::read(&session.guard) };
+    let _ = guard.join();
+}
+
 /// The mount options of a Strata mount (besides `allow_other`, which
 /// `fuser` derives from its ACL setting).
 fn mount_option_list(opts: &FuseOptions) -> Vec<fuser::MountOption> {
