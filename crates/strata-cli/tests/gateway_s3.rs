@@ -801,6 +801,15 @@ show("utf8", raw("PUT", "/gwbucket/a%FFb", b"x"))
 show("dotdot", raw("PUT", "/gwbucket/a/../../escape", b"x"))
 show("range", raw("GET", "/gwbucket/keep.txt", b"", {{"Range": "bytes=10-20"}}))
 show("ok", raw("GET", "/gwbucket/keep.txt"))
+post = s3.generate_presigned_post(B, "posted.txt")
+bnd = "strataformboundary"
+part = lambda name, v, extra="": ("--" + bnd + '\r\nContent-Disposition: form-data; name="' + name + '"' + extra + "\r\n\r\n").encode() + v + b"\r\n"
+form = b"".join(part(k, v.encode()) for k, v in post["fields"].items()) + part("file", b"form", '; filename="x"') + ("--" + bnd + "--\r\n").encode()
+req = urllib.request.Request(post["url"], data=form, method="POST", headers={{"Content-Type": "multipart/form-data; boundary=" + bnd}})
+try:
+    show("formpost", (urllib.request.urlopen(req).status, ""))
+except urllib.error.HTTPError as e:
+    show("formpost", (e.code, e.read().decode(errors="replace")))
 print("left", [o["Key"] for o in s3.list_objects_v2(Bucket=B).get("Contents", [])])
 "#
         ),
@@ -821,6 +830,7 @@ print("left", [o["Key"] for o in s3.list_objects_v2(Bucket=B).get("Contents", []
         ("dotdot", "400 InvalidArgument"),
         ("range", "416 InvalidRange"),
         ("ok", "200 -"),
+        ("formpost", "501 NotImplemented"),
         ("left", "['keep.txt']"),
     ] {
         assert_eq!(line(k), format!("{k} {v}"), "{out}");

@@ -96,6 +96,7 @@ fn is_write(op: &str) -> bool {
     matches!(
         op,
         "PutObject"
+            | "PostObject"
             | "CopyObject"
             | "DeleteObject"
             | "DeleteObjects"

@@ -1185,12 +1185,40 @@ fn header_bytes(h: &http::HeaderMap) -> usize {
 }
 
 fn header_too_large() -> http::Response<s3s::Body> {
-    let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error>\
-               <Code>RequestHeaderSectionTooLarge</Code>\
-               <Message>Your request header section exceeds the maximum allowed size \
-               (8 KiB).</Message></Error>";
-    let mut r = http::Response::new(s3s::Body::from(xml.to_string()));
-    *r.status_mut() = http::StatusCode::BAD_REQUEST;
+    error_response(
+        http::StatusCode::BAD_REQUEST,
+        "RequestHeaderSectionTooLarge",
+        "Your request header section exceeds the maximum allowed size (8 KiB).",
+    )
+}
+
+/// A browser-form upload (`POST /bucket` with `multipart/form-data`).
+/// It is refused before the S3 layer, which would otherwise read the whole
+/// form into memory before checking the key's permissions.
+fn is_form_upload(parts: &http::request::Parts) -> bool {
+    parts.method == http::Method::POST
+        && parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("multipart/form-data")
+            })
+}
+
+fn error_response(
+    status: http::StatusCode,
+    code: &str,
+    message: &str,
+) -> http::Response<s3s::Body> {
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>\
+         <Message>{message}</Message></Error>"
+    );
+    let mut r = http::Response::new(s3s::Body::from(xml));
+    *r.status_mut() = status;
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/xml"),
@@ -1298,6 +1326,13 @@ pub async fn serve(
             let body = drain::Tracked::new(body);
             let resp = if header_bytes(&parts.headers) > MAX_HEADER_BYTES {
                 Ok(header_too_large())
+            } else if is_form_upload(&parts) {
+                Ok(error_response(
+                    http::StatusCode::NOT_IMPLEMENTED,
+                    "NotImplemented",
+                    "POST object (browser form) uploads are not supported by this gateway; \
+                     use PUT (PutObject) or a multipart upload.",
+                ))
             } else {
                 let req = http::Request::from_parts(parts, s3s::Body::http_body(body.clone()));
                 s3.call(req).await

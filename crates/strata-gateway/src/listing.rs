@@ -22,6 +22,10 @@ pub fn page(
     max_keys: usize,
 ) -> Page {
     let mut out = Page::default();
+    if max_keys == 0 {
+        // An empty page that is not truncated (as S3 answers max-keys=0).
+        return out;
+    }
     let mut count = 0;
     let start = keys.partition_point(|k| k.as_str() < prefix);
     for (i, key) in keys.iter().enumerate().skip(start) {
@@ -82,6 +86,9 @@ mod tests {
         assert_eq!(p.objects, [3]);
         assert_eq!(p.common_prefixes, ["a/", "c/"]);
         assert_eq!(p.next, None);
+        // max-keys=0: nothing, and not truncated.
+        assert_eq!(page(&k, "", Some("/"), None, 0), Page::default());
+        assert_eq!(page(&k, "", None, None, 0).next, None);
         let p = page(&k, "a/", Some("/"), None, 1000);
         assert_eq!(p.objects, [0, 1]);
         assert_eq!(p.common_prefixes, ["a/b/"]);
