@@ -1363,3 +1363,86 @@ async fn a_killed_daemon_is_replaced_without_a_remount() {
     }
     assert!(daemons_of(supervisor).is_empty());
 }
+
+/// Closes a descriptor and returns close(2)'s error, which dropping a
+/// `File` would ignore (a FUSE file reports a failed commit there).
+fn close(f: std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: closing a descriptor we own, exactly once.
+    match unsafe { libc::close(f.into_raw_fd()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_rewritten_appended_or_replaced_while_open_for_writing() {
+    if !fuse_available() {
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    let m = Mount::start(&env.cluster, &[]);
+    let c = client(&env.cluster);
+    let d = m.path().join("s3");
+    let open = |name: &str, append: bool| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(d.join(name))
+            .unwrap()
+    };
+    let read_sdk = |path: &'static str| {
+        let c = c.clone();
+        async move {
+            let r = c.open(path).await.map_err(|e| e.to_string())?;
+            let b = r.read_at(0, r.len()).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(String::from_utf8_lossy(&b).into_owned())
+        }
+    };
+
+    // A file being rewritten: other clients read its last complete
+    // version (here the empty file the O_TRUNC open left, as on a local
+    // disk) until the writer closes it, then the new one.
+    std::fs::write(d.join("v.txt"), b"version one").unwrap();
+    let mut w = open("v.txt", false);
+    w.write_all(b"version two, longer").unwrap();
+    assert_eq!(read_sdk("/s3/v.txt").await.unwrap(), "");
+    close(w).unwrap();
+    assert_eq!(read_sdk("/s3/v.txt").await.unwrap(), "version two, longer");
+
+    // A file renamed over one still open for writing: the renamed file
+    // stays, and the writer's close succeeds (it wrote to an unlinked file).
+    std::fs::write(d.join("dst.txt"), b"old dst").unwrap();
+    std::fs::write(d.join("src.txt"), b"from src").unwrap();
+    let mut w = open("dst.txt", false);
+    w.write_all(b"written to the replaced file").unwrap();
+    std::fs::rename(d.join("src.txt"), d.join("dst.txt")).unwrap();
+    close(w).unwrap();
+    assert_eq!(std::fs::read(d.join("dst.txt")).unwrap(), b"from src");
+    assert_eq!(read_sdk("/s3/dst.txt").await.unwrap(), "from src");
+    assert!(!d.join("src.txt").exists());
+
+    // Two appenders at once on one mount: both closes succeed and both
+    // appends are kept, in order (they write through one handle).
+    std::fs::write(d.join("log"), b"original line\n").unwrap();
+    let mut a = open("log", true);
+    a.write_all(b"from A\n").unwrap();
+    let mut b = open("log", true);
+    b.write_all(b"from B\n").unwrap();
+    close(a).unwrap();
+    close(b).unwrap();
+    let got = String::from_utf8(std::fs::read(d.join("log")).unwrap()).unwrap();
+    assert_eq!(got, "original line\nfrom A\nfrom B\n");
+    assert_eq!(read_sdk("/s3/log").await.unwrap(), got);
+
+    // Unlinking a file that is being rewritten removes it for good: the
+    // writer's close does not bring either version back.
+    std::fs::write(d.join("gone.txt"), b"old").unwrap();
+    let mut w = open("gone.txt", false);
+    w.write_all(b"new").unwrap();
+    std::fs::remove_file(d.join("gone.txt")).unwrap();
+    close(w).unwrap();
+    assert!(!d.join("gone.txt").exists());
+    assert!(c.stat("/s3/gone.txt").await.unwrap_err().is_not_found());
+}

@@ -1113,3 +1113,53 @@ print("body", s3.get_object(Bucket="gwbucket", Key="m/obj")["Body"].read().decod
         assert!(out.lines().any(|l| l == want), "no {want:?} in {out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_overwrite_takes_effect_only_when_it_completes() {
+    if !python_has_boto3() {
+        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    mount_gw_bucket(&env);
+    let gw = GatewayProc::start(&env.cluster.master_addr);
+    let out = boto3(
+        &gw.endpoint,
+        r#"
+import http.client, time, urllib.parse
+B = "gwbucket"
+s3.put_object(Bucket=B, Key="obj", Body=b"old version")
+def get():
+    try:
+        return s3.get_object(Bucket=B, Key="obj")["Body"].read().decode()
+    except botocore.exceptions.ClientError as e:
+        return e.response["Error"]["Code"]
+def listed():
+    return [(o["Key"], o["Size"]) for o in s3.list_objects_v2(Bucket=B).get("Contents", [])]
+# A PUT refused for a wrong Content-MD5 leaves the old object.
+print("baddigest", code(lambda: s3.put_object(Bucket=B, Key="obj", Body=b"new", ContentMD5="1B2M2Y8AsgTpgAmY7PhCfg==")), get())
+# A PUT in progress (half its body sent): GET, HEAD and LIST show the old object.
+url = s3.generate_presigned_url("put_object", Params={"Bucket": B, "Key": "obj"}, ExpiresIn=60)
+u = urllib.parse.urlsplit(url)
+slow = http.client.HTTPConnection(u.hostname, u.port)
+slow.putrequest("PUT", u.path + "?" + u.query, skip_accept_encoding=True)
+slow.putheader("Content-Length", str(1 << 20))
+slow.endheaders()
+slow.send(b"a" * (1 << 19))
+time.sleep(1.0)
+print("during", get(), s3.head_object(Bucket=B, Key="obj")["ContentLength"], listed())
+# Another PUT completes meanwhile; then the slow one's client goes away.
+s3.put_object(Bucket=B, Key="obj", Body=b"second writer")
+slow.sock.close()
+slow.close()
+time.sleep(1.5)
+print("after", get(), listed())
+"#,
+    );
+    eprintln!("{out}");
+    assert!(out.contains("baddigest BadDigest old version"), "{out}");
+    assert!(out.contains("during old version 11 [('obj', 11)]"), "{out}");
+    assert!(out.contains("after second writer [('obj', 13)]"), "{out}");
+    let c = client(&env.cluster);
+    assert_eq!(c.stat("/gwbucket/obj").await.unwrap().size, 13);
+}

@@ -269,6 +269,7 @@ impl Client {
             .mutate(pb::mutation::Op::Delete(pb::DeleteRequest {
                 path: p.to_string(),
                 recursive,
+                unfinished_id: 0,
             }))
             .await?
             .deleted
@@ -279,6 +280,27 @@ impl Client {
             }
         }
         Ok(r.inodes_removed)
+    }
+
+    /// Removes the unfinished file `id` (a write being abandoned; `path`
+    /// is where it was written, for messages), and nothing if it has
+    /// completed or is gone: never what `path` holds by now.
+    pub async fn delete_unfinished(&self, path: &str, id: u64) -> Result<()> {
+        let r = self
+            .mutate(pb::mutation::Op::Delete(pb::DeleteRequest {
+                path: path.to_string(),
+                recursive: false,
+                unfinished_id: id,
+            }))
+            .await?
+            .deleted
+            .unwrap_or_default();
+        for id in r.unpersisted_cache_ids {
+            if let Some(id) = CacheId::from_hex(&id) {
+                self.free_everywhere(id).await;
+            }
+        }
+        Ok(())
     }
 
     pub async fn rename(&self, src: &str, dst: &str) -> Result<()> {

@@ -273,7 +273,12 @@ impl Writer {
 
     async fn abort_ref(&mut self) {
         self.sinks.clear();
-        let _ = self.client.delete(&self.info.path, false).await;
+        // This write's own version only: by now the path may hold another
+        // writer's file, or (for a rewrite) the old version, which stays.
+        let _ = self
+            .client
+            .delete_unfinished(&self.info.path, self.info.id)
+            .await;
         let _ = self.client.free_everywhere(self.cache_id).await;
     }
 

@@ -366,7 +366,11 @@ impl Open {
         if let Kind::Write(state) = &self.kind {
             let mut s = state.lock().await;
             s.unlinked = true;
-            s.writer = None;
+            // Its unfinished version goes too (for a file being rewritten
+            // it is not the one the name shows, which the caller removes).
+            if let Some(w) = s.writer.take() {
+                w.abort().await;
+            }
             s.staged = None;
             s.base = None;
         }
@@ -446,7 +450,6 @@ impl WriteState {
         if let Some(w) = self.writer.take() {
             w.close().await.map_err(|e| to_errno(&e))?;
         }
-        self.base = None;
         let file = temp_file().map_err(|e| {
             tracing::warn!(path = %self.path, error = %e, "cannot create a staging file in $TMPDIR");
             io_errno(&e)
@@ -466,6 +469,8 @@ impl WriteState {
                 pos += chunk.len() as u64;
             }
         }
+        // The old bytes an append kept are in the staged copy now.
+        self.base = None;
         self.staged = Some(Staged {
             file,
             len: at,
@@ -506,7 +511,10 @@ impl WriteState {
     /// first (objects cannot be appended to in place).
     async fn start_append(&mut self) -> Result<(), Errno> {
         let ctx = self.ctx.clone().ok_or(Errno::EBADF)?;
-        let base = self.base.take().unwrap_or(0);
+        // `base` stays until the new version holds the old bytes: a
+        // failure here leaves the file as it was, and the next write tries
+        // again.
+        let base = self.base.unwrap_or(0);
         let old = if base > 0 {
             Some(
                 ctx.client
@@ -522,12 +530,22 @@ impl WriteState {
             .await
             .map_err(|e| to_errno(&e))?;
         if let Some(r) = old {
-            let mut s = r.stream_range(0, base);
-            while let Some(chunk) = s.next().await {
-                let chunk = chunk.map_err(|e| to_errno(&e))?;
-                w.write(&chunk).await.map_err(|e| to_errno(&e))?;
+            let copied = async {
+                let mut s = r.stream_range(0, base);
+                while let Some(chunk) = s.next().await {
+                    let chunk = chunk.map_err(|e| to_errno(&e))?;
+                    w.write(&chunk).await.map_err(|e| to_errno(&e))?;
+                }
+                Ok::<(), Errno>(())
+            }
+            .await;
+            if let Err(e) = copied {
+                // Only the unfinished new version goes; the old stays.
+                w.abort().await;
+                return Err(e);
             }
         }
+        self.base = None;
         self.writer = Some(w);
         Ok(())
     }
@@ -542,6 +560,13 @@ pub async fn open_writer(
     truncate: bool,
     _append: bool,
 ) -> Result<u64, Errno> {
+    // Another descriptor of this mount is writing the file: this one
+    // writes through the same handle (the kernel places its writes,
+    // appends included, after what the other wrote), and each close
+    // commits what both wrote so far.
+    if !truncate && let Some(w) = ctx.handles.writers_of(ino).into_iter().next() {
+        return Ok(ctx.handles.insert_shared(w));
+    }
     let size = if truncate {
         0
     } else {
@@ -649,6 +674,16 @@ impl Handles {
         true
     }
 
+    /// A second descriptor writing through the open write handle `open`.
+    pub fn insert_shared(&self, open: Arc<Open>) -> u64 {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        lock(&self.map).insert(fh, open);
+        if let Some(j) = self.journal.get() {
+            lock(j).writer_opened(fh);
+        }
+        fh
+    }
+
     pub fn insert(&self, open: Open) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(w) = open.written_counter() {
@@ -667,9 +702,18 @@ impl Handles {
     }
 
     pub fn remove(&self, fh: u64) -> Option<Arc<Open>> {
-        let o = lock(&self.map).remove(&fh)?;
+        let (o, shared) = {
+            let mut m = lock(&self.map);
+            let o = m.remove(&fh)?;
+            let shared = m.values().any(|x| Arc::ptr_eq(x, &o));
+            (o, shared)
+        };
         if matches!(o.kind, Kind::Write(_)) {
-            lock(&self.writing).remove(&o.ino);
+            // The size written so far stays known while another
+            // descriptor still writes through the same handle.
+            if !shared {
+                lock(&self.writing).remove(&o.ino);
+            }
             if let Some(j) = self.journal.get() {
                 lock(j).writer_closed(fh);
             }

@@ -899,8 +899,26 @@ impl Filesystem for StrataFs {
                         Errno::ENOTDIR
                     });
                 }
-                if let Err(e) = ctx.client.delete(&dst, false).await {
-                    return reply.error(to_errno(&e));
+                // Handles still writing the replaced file write to an
+                // unlinked file from now on: closing them must not bring
+                // their version back over the renamed one.
+                let mut writing = false;
+                if !existing.is_dir {
+                    let dst_ino = lock(&ctx.inodes).ino_of(&dst);
+                    for w in dst_ino
+                        .map(|i| ctx.handles.writers_of(i))
+                        .unwrap_or_default()
+                    {
+                        writing = true;
+                        w.mark_unlinked().await;
+                    }
+                }
+                match ctx.client.delete(&dst, false).await {
+                    // A new file still being written went with its writer.
+                    Err(e) if !(writing && e.is_not_found()) => {
+                        return reply.error(to_errno(&e));
+                    }
+                    _ => {}
                 }
             }
             match ctx.client.rename(&src, &dst).await {
@@ -1422,19 +1440,22 @@ impl StrataFs {
             // A file still open for writing: its handles stop committing
             // (after any commit in progress), so closing them cannot bring
             // the file back.
+            let mut writing = false;
             if !dir {
                 let ino = lock(&ctx.inodes).ino_of(&path);
                 for w in ino.map(|i| ctx.handles.writers_of(i)).unwrap_or_default() {
+                    writing = true;
                     w.mark_unlinked().await;
                 }
             }
             match ctx.client.delete(&path, false).await {
-                Ok(_) => {
+                // A new file still being written went with its writer.
+                Err(e) if !(writing && e.is_not_found()) => reply.error(to_errno(&e)),
+                _ => {
                     ctx.meta.forget(&path);
                     lock(&ctx.inodes).unlinked(&path);
                     reply.ok()
                 }
-                Err(e) => reply.error(to_errno(&e)),
             }
         });
     }

@@ -111,7 +111,35 @@ impl Namespace {
     /// A file or directory's info by inode (to answer a replayed call).
     pub async fn stat_inode(&self, id: u64) -> Result<pb::FileInfo, MasterError> {
         let p = self.path_of(id)?;
-        self.stat(&p).await
+        let info = self.stat(&p).await?;
+        if info.id == id {
+            return Ok(info);
+        }
+        // The new version of a file being rewritten: the name still shows
+        // the old one.
+        let (pr, _) = self.resolve_parent(&p).await?;
+        let ino = self.store.inode(id)?.ok_or_else(|| MasterError::NotFound {
+            path: format!("inode {id}"),
+        })?;
+        let r = self.child_resolved(&pr, ino)?;
+        Ok(self.file_info(&r))
+    }
+
+    /// Removes an abandoned write: inode `id` if it is still an unfinished
+    /// file, else nothing (it completed, or something else removed it). A
+    /// writer that fails removes its own version this way, never what the
+    /// path holds by then (another writer's file, or the old version of a
+    /// file it was rewriting).
+    pub async fn delete_unfinished(&self, id: u64) -> Result<pb::DeleteResponse, MasterError> {
+        match self.store.inode(id)? {
+            Some(i) if !i.is_dir && !i.complete => {}
+            _ => return Ok(Self::delete_response(&[])),
+        }
+        match self.apply_final(Command::Delete { id }).await {
+            Ok(out) => Ok(Self::delete_response(&out.removed)),
+            Err(MasterError::Meta(MetaError::NoInode(_))) => Ok(Self::delete_response(&[])),
+            Err(e) => Err(e),
+        }
     }
 
     /// A mount's info by its mount point's inode (to answer a replayed call).

@@ -226,6 +226,11 @@ impl MasterService {
         if let Some(out) = self.replayed(rid)? {
             return Ok(Namespace::delete_response(&out.removed));
         }
+        if r.unfinished_id != 0 {
+            return Ok(REQUEST_ID
+                .scope(rid, self.ns.delete_unfinished(r.unfinished_id))
+                .await?);
+        }
         let p = path(&r.path)?;
         Ok(REQUEST_ID
             .scope(rid, self.ns.delete(&p, r.recursive))

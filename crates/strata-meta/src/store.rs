@@ -349,10 +349,22 @@ impl<'t> Tables<'t> {
             is_mount_point: false,
         };
         self.put(&ino)?;
-        self.children
-            .insert((parent.id, name), id)
-            .map_err(|e| self.store.err(e))?;
+        self.link(&ino)?;
         Ok(ino)
+    }
+
+    /// Puts `ino` under its name in its parent directory.
+    fn link(&mut self, ino: &Inode) -> Result<(), MetaError> {
+        self.children
+            .insert((ino.parent, ino.name.as_str()), ino.id)
+            .map_err(|e| self.store.err(e))?;
+        Ok(())
+    }
+
+    /// True if `ino` is what its parent lists under its name (false for
+    /// the new version of a file being rewritten, until it is complete).
+    fn is_linked(&self, ino: &Inode) -> Result<bool, MetaError> {
+        Ok(self.child(ino.parent, &ino.name)? == Some(ino.id))
     }
 
     /// Removes `id` and its subtree; returns what was removed.
@@ -363,9 +375,12 @@ impl<'t> Tables<'t> {
                 self.remove_tree(c, removed)?;
             }
         }
-        self.children
-            .remove((ino.parent, ino.name.as_str()))
-            .map_err(|e| self.store.err(e))?;
+        // A new version not yet in place is not listed under the name.
+        if self.is_linked(&ino)? {
+            self.children
+                .remove((ino.parent, ino.name.as_str()))
+                .map_err(|e| self.store.err(e))?;
+        }
         self.inodes.remove(id).map_err(|e| self.store.err(e))?;
         self.drop_attrs(id)?;
         removed.push(ino);
@@ -410,22 +425,40 @@ impl<'t> Tables<'t> {
                 overwrite,
             } => {
                 let p = self.dir(*parent)?;
-                let mut generation = 1;
                 let mut xattrs = Default::default();
-                if let Some(old) = self.child(p.id, name)? {
+                let f = if let Some(old) = self.child(p.id, name)? {
                     let o = self.get(old)?;
                     if !*overwrite || o.is_dir {
                         return Err(MetaError::Exists(name.clone()));
                     }
-                    generation = o.generation + 1;
                     // Rewriting a file (O_TRUNC) keeps its extended
                     // attributes; an S3 PUT replaces them at completion.
                     xattrs = self.attrs_of(old)?.xattrs;
-                    self.remove_tree(old, &mut out.removed)?;
-                }
-                let mut f = self.create(&p, name, false, *mtime_ms, *persist, false, None)?;
-                f.generation = generation;
-                self.put(&f)?;
+                    // The new version is written beside the old one, which
+                    // stays what the name shows (to readers, listings and
+                    // stats) until the new one is complete and takes its
+                    // place; a write that fails leaves the old one as it was.
+                    let f = Inode {
+                        id: self.next_id(NEXT_INODE)?,
+                        parent: p.id,
+                        name: name.clone(),
+                        is_dir: false,
+                        size: 0,
+                        mtime_ms: *mtime_ms,
+                        mode: o.mode,
+                        fingerprint: String::new(),
+                        persist: *persist,
+                        complete: false,
+                        generation: o.generation + 1,
+                        mount_id: p.mount_id,
+                        synced_ms: None,
+                        is_mount_point: false,
+                    };
+                    self.put(&f)?;
+                    f
+                } else {
+                    self.create(&p, name, false, *mtime_ms, *persist, false, None)?
+                };
                 out.inode = Some(f.id);
                 if !xattrs.is_empty() {
                     let a = crate::Attrs {
@@ -452,7 +485,7 @@ impl<'t> Tables<'t> {
                     .inode
                     .ok_or_else(|| MetaError::Invalid(format!("{name}: not created")))?;
                 let generation = self.get(id)?.generation;
-                self.apply(&Command::CompleteFile {
+                let done = self.apply(&Command::CompleteFile {
                     id,
                     generation,
                     size: 0,
@@ -460,6 +493,7 @@ impl<'t> Tables<'t> {
                     mtime_ms: *mtime_ms,
                     xattrs: None,
                 })?;
+                out.removed.extend(done.removed);
             }
             Command::CompleteFile {
                 id,
@@ -477,6 +511,19 @@ impl<'t> Tables<'t> {
                 }
                 if let Some(x) = xattrs {
                     crate::xattr::check_xattr_set(x)?;
+                }
+                if !self.is_linked(&f)? {
+                    // A new version written beside the old one: it takes
+                    // the name now, replacing whatever file holds it (the
+                    // last writer to complete wins, as with S3).
+                    self.dir(f.parent)?;
+                    if let Some(cur) = self.child(f.parent, &f.name)? {
+                        if self.get(cur)?.is_dir {
+                            return Err(MetaError::Exists(f.name.clone()));
+                        }
+                        self.remove_tree(cur, &mut out.removed)?;
+                    }
+                    self.link(&f)?;
                 }
                 f.size = *size;
                 f.fingerprint = fingerprint.clone();
@@ -801,6 +848,68 @@ mod tests {
             .is_err()
         );
         assert_eq!(s.children(ROOT_ID).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_rewritten_file_keeps_its_old_version_until_the_new_one_is_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MetaStore::open(dir.path()).unwrap();
+        let create = |overwrite| Command::CreateFile {
+            parent: ROOT_ID,
+            name: "f".into(),
+            mtime_ms: 1,
+            persist: PersistState::NotPersisted,
+            overwrite,
+        };
+        let complete = |id: u64, generation: u64, size: u64| Command::CompleteFile {
+            id,
+            generation,
+            size,
+            fingerprint: String::new(),
+            mtime_ms: 2,
+            xattrs: None,
+        };
+        let at_name = || s.lookup(ROOT_ID, "f").unwrap().map(|i| (i.id, i.size));
+        let v1 = s.apply(&create(false)).unwrap().inode.unwrap();
+        // A brand-new file is listed while it is written.
+        assert_eq!(at_name(), Some((v1, 0)));
+        s.apply(&complete(v1, 1, 10)).unwrap();
+        // Two rewrites start; the name still shows version 1.
+        let a = s.apply(&create(true)).unwrap();
+        let b = s.apply(&create(true)).unwrap();
+        let (a, b) = (a.inode.unwrap(), b.inode.unwrap());
+        assert!(s.apply(&create(false)).is_err());
+        assert_eq!(at_name(), Some((v1, 10)));
+        assert_eq!(s.children(ROOT_ID).unwrap().len(), 1);
+        // The first to complete takes the name (version 1 goes)...
+        let out = s.apply(&complete(b, 2, 20)).unwrap();
+        assert_eq!(out.removed.iter().map(|i| i.id).collect::<Vec<_>>(), [v1]);
+        assert_eq!(at_name(), Some((b, 20)));
+        // ...a rewrite that fails is dropped without touching it...
+        let c = s.apply(&create(true)).unwrap().inode.unwrap();
+        s.apply(&Command::Delete { id: c }).unwrap();
+        assert_eq!(at_name(), Some((b, 20)));
+        assert!(s.inode(c).unwrap().is_none());
+        // ...and the last to complete wins.
+        s.apply(&complete(a, 2, 30)).unwrap();
+        assert_eq!(at_name(), Some((a, 30)));
+        assert!(s.inode(b).unwrap().is_none());
+        assert_eq!(s.children(ROOT_ID).unwrap().len(), 1);
+        // A new version whose directory went away cannot complete.
+        let d = mkdir(&s, ROOT_ID, "d");
+        let mk = |name: &str| Command::CreateFile {
+            parent: d,
+            name: name.into(),
+            mtime_ms: 1,
+            persist: PersistState::NotPersisted,
+            overwrite: true,
+        };
+        let x1 = s.apply(&mk("x")).unwrap().inode.unwrap();
+        s.apply(&complete(x1, 1, 1)).unwrap();
+        let x2 = s.apply(&mk("x")).unwrap().inode.unwrap();
+        s.apply(&Command::Delete { id: d }).unwrap();
+        assert!(s.apply(&complete(x2, 2, 1)).is_err());
+        s.apply(&Command::Delete { id: x2 }).unwrap();
     }
 
     #[test]
