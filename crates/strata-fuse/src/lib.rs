@@ -565,9 +565,19 @@ impl Ctx {
         &self,
         path: &str,
     ) -> Result<strata_client::Writer, strata_client::ClientError> {
+        self.new_file(path, true).await
+    }
+
+    /// A writer for `path`; without `overwrite`, an existing file (made
+    /// meanwhile by another host, say) is `EEXIST`.
+    async fn new_file(
+        &self,
+        path: &str,
+        overwrite: bool,
+    ) -> Result<strata_client::Writer, strata_client::ClientError> {
         let opts = WriteOptions {
             write_type: self.write_type,
-            overwrite: true,
+            overwrite,
             recursive: false,
             priority: 0,
         };
@@ -590,10 +600,7 @@ impl Ctx {
     /// that a concurrent write holds while it waits for us. The kernel call
     /// blocks, so it runs off the async runtime.
     fn invalidate(&self, ino: u64) {
-        lock(&self.fingerprints).remove(&ino);
-        if let Some(p) = lock(&self.inodes).path(ino) {
-            self.meta.forget(&p);
-        }
+        self.forget_cached(ino);
         if ino == 0 {
             return;
         }
@@ -603,6 +610,14 @@ impl Ctx {
                 let _ = n.inval_inode(INodeNo(ino), -1, 0);
             }
         });
+    }
+
+    /// Drops the mount's own cached metadata and page fingerprint of `ino`.
+    fn forget_cached(&self, ino: u64) {
+        lock(&self.fingerprints).remove(&ino);
+        if let Some(p) = lock(&self.inodes).path(ino) {
+            self.meta.forget(&p);
+        }
     }
 
     fn attr(&self, ino: u64, info: &FileInfo) -> FileAttr {
@@ -699,7 +714,12 @@ impl Filesystem for StrataFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.unopened.forget(ino.0);
-        lock(&self.inodes).forget(ino.0, nlookup);
+        let mut inodes = lock(&self.inodes);
+        inodes.forget(ino.0, nlookup);
+        // A forgotten number is not used again for that name.
+        if inodes.path(ino.0).is_none() {
+            lock(&self.fingerprints).remove(&ino.0);
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -1182,9 +1202,12 @@ impl Filesystem for StrataFs {
         name: &OsStr,
         mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
+        // O_CREAT|O_EXCL: the kernel found no such name, but another host
+        // may have created it since; it must not be replaced.
+        let exclusive = flags & libc::O_EXCL != 0;
         let ctx = self.ctx();
         let path = match self.child_path(parent, name) {
             Ok(p) => p,
@@ -1199,7 +1222,7 @@ impl Filesystem for StrataFs {
             if let Err(e) = ctx.modes.begin_cached(counted).await {
                 return reply.error(e);
             }
-            match ctx.new_version(&path).await {
+            match ctx.new_file(&path, !exclusive).await {
                 Ok(w) => {
                     let ino = lock(&ctx.inodes).ino_for(&path, true);
                     if mode & 0o7777 != 0 {
@@ -1413,6 +1436,11 @@ impl StrataFs {
             let res = open.commit().await;
             if let Some(fh) = release {
                 ctx.handles.remove(fh);
+            }
+            if changed {
+                // Before the reply: an open or stat right after `close`
+                // must not be served the old version's cached metadata.
+                ctx.forget_cached(open.ino);
             }
             match res {
                 Ok(()) => reply.ok(),

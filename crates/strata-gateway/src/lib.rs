@@ -105,10 +105,11 @@ impl Gateway {
             Some(None) => return Err(ClientError::NotFound(format!("{path}: not found"))),
             None => {}
         }
+        let epoch = self.meta.epoch();
         let r = self.client.stat(path).await;
         match &r {
-            Ok(i) => self.meta.put_stat(path, Some(i.clone())),
-            Err(e) if e.is_not_found() => self.meta.put_stat(path, None),
+            Ok(i) => self.meta.put_stat(path, Some(i.clone()), epoch),
+            Err(e) if e.is_not_found() => self.meta.put_stat(path, None, epoch),
             Err(_) => {}
         }
         r
@@ -301,6 +302,7 @@ impl Gateway {
         if let Some(l) = self.meta.list(bucket) {
             return Ok(l);
         }
+        let epoch = self.meta.epoch();
         let files = self
             .client
             .list_files_recursive(&root)
@@ -316,7 +318,7 @@ impl Gateway {
             .collect();
         objs.sort_by(|a, b| a.0.cmp(&b.0));
         let objs = Arc::new(objs);
-        self.meta.put_list(bucket, objs.clone());
+        self.meta.put_list(bucket, objs.clone(), epoch);
         Ok(objs)
     }
 
@@ -832,7 +834,6 @@ impl S3 for Gateway {
         let quiet = input.delete.quiet.unwrap_or(false);
         let (mut deleted, mut errors) = (Vec::new(), Vec::new());
         for o in input.delete.objects {
-            self.changed(&input.bucket, Some(&o.key));
             let res = match ns_path(&input.bucket, Some(&o.key)) {
                 Ok(path) => match self.client.delete(&path, false).await {
                     Ok(_) => Ok(()),
@@ -841,6 +842,8 @@ impl S3 for Gateway {
                 },
                 Err(e) => Err(e),
             };
+            // After the delete: a listing fetched meanwhile is not kept.
+            self.changed(&input.bucket, Some(&o.key));
             match res {
                 Ok(()) if quiet => {}
                 Ok(()) => deleted.push(DeletedObject {

@@ -7,6 +7,7 @@
 //! gateway also drop the entries they touch at once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,9 @@ struct Maps {
 pub struct MetaCache {
     ttl: Duration,
     maps: Mutex<Maps>,
+    /// Bumped by every invalidation: an answer fetched before one (a slow
+    /// listing across a write) is not stored.
+    epoch: AtomicU64,
 }
 
 /// Entries kept before the oldest are dropped wholesale.
@@ -41,6 +45,7 @@ impl MetaCache {
         let c = Arc::new(MetaCache {
             ttl,
             maps: Mutex::new(Maps::default()),
+            epoch: AtomicU64::new(0),
         });
         if !ttl.is_zero() {
             let weak = Arc::downgrade(&c);
@@ -75,8 +80,14 @@ impl MetaCache {
 
     pub fn clear(&self) {
         let mut m = self.lock();
+        self.epoch.fetch_add(1, Ordering::Relaxed);
         m.stats.clear();
         m.lists.clear();
+    }
+
+    /// Taken before fetching what `put_stat` / `put_list` will store.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
     }
 
     /// `Some(answer)` when cached and fresh.
@@ -86,11 +97,16 @@ impl MetaCache {
         (at.elapsed() < self.ttl).then(|| v.clone())
     }
 
-    pub fn put_stat(&self, path: &str, v: Option<FileInfo>) {
+    /// Stores a stat fetched at `epoch` (nothing if the cache was
+    /// invalidated since).
+    pub fn put_stat(&self, path: &str, v: Option<FileInfo>, epoch: u64) {
         if self.ttl.is_zero() {
             return;
         }
         let mut m = self.lock();
+        if self.epoch() != epoch {
+            return;
+        }
         if m.stats.len() >= MAX_STATS {
             m.stats.clear();
         }
@@ -103,17 +119,22 @@ impl MetaCache {
         (at.elapsed() < self.ttl).then(|| v.clone())
     }
 
-    pub fn put_list(&self, bucket: &str, v: Listing) {
-        if !self.ttl.is_zero() {
-            self.lock()
-                .lists
-                .insert(bucket.to_string(), (Instant::now(), v));
+    /// Stores a listing fetched at `epoch` (nothing if the cache was
+    /// invalidated since).
+    pub fn put_list(&self, bucket: &str, v: Listing, epoch: u64) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut m = self.lock();
+        if self.epoch() == epoch {
+            m.lists.insert(bucket.to_string(), (Instant::now(), v));
         }
     }
 
     /// A write through this gateway changed `path` in `bucket`.
     pub fn invalidate(&self, bucket: &str, path: &str) {
         let mut m = self.lock();
+        self.epoch.fetch_add(1, Ordering::Relaxed);
         m.stats.remove(path);
         m.lists.remove(bucket);
     }
@@ -127,6 +148,7 @@ mod tests {
         MetaCache {
             ttl,
             maps: Mutex::new(Maps::default()),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -139,9 +161,10 @@ mod tests {
             ..Default::default()
         };
         assert!(c.stat("/b/k").is_none());
-        c.put_stat("/b/k", Some(info.clone()));
-        c.put_stat("/b/missing", None);
-        c.put_list("b", Arc::new(vec![("k".into(), info)]));
+        let e = c.epoch();
+        c.put_stat("/b/k", Some(info.clone()), e);
+        c.put_stat("/b/missing", None, e);
+        c.put_list("b", Arc::new(vec![("k".into(), info.clone())]), e);
         assert_eq!(c.stat("/b/k").unwrap().unwrap().size, 3);
         assert!(c.stat("/b/missing").unwrap().is_none());
         assert_eq!(c.list("b").unwrap().len(), 1);
@@ -150,8 +173,14 @@ mod tests {
         assert!(c.stat("/b/missing").is_some());
         std::thread::sleep(Duration::from_millis(250));
         assert!(c.stat("/b/missing").is_none(), "expired");
+        // An answer fetched before an invalidation is not stored.
+        let e = c.epoch();
+        c.invalidate("b", "/b/other");
+        c.put_stat("/b/k", Some(info.clone()), e);
+        c.put_list("b", Arc::new(vec![("k".into(), info)]), e);
+        assert!(c.stat("/b/k").is_none() && c.list("b").is_none());
         let off = cache(Duration::ZERO);
-        off.put_stat("/x", None);
+        off.put_stat("/x", None, off.epoch());
         assert!(off.stat("/x").is_none());
     }
 }
