@@ -1163,3 +1163,59 @@ print("after", get(), listed())
     let c = client(&env.cluster);
     assert_eq!(c.stat("/gwbucket/obj").await.unwrap().size, 13);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn directory_markers_as_s3a_and_consoles_write_them() {
+    if !python_has_boto3() {
+        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+        return;
+    }
+    let env = start(ClusterOptions::default());
+    mount_gw_bucket(&env);
+    let gw = GatewayProc::start(&env.cluster.master_addr);
+    let out = boto3(
+        &gw.endpoint,
+        r#"
+B = "gwbucket"
+def keys(prefix):
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=B, Prefix=prefix).get("Contents", [])]
+# What S3A's mkdirs and a job commit do.
+s3.put_object(Bucket=B, Key="out/_temporary/0/", Body=b"")
+h = s3.head_object(Bucket=B, Key="out/_temporary/0/")
+print("marker", h["ContentLength"], h["ETag"], repr(s3.get_object(Bucket=B, Key="out/_temporary/0/")["Body"].read()))
+print("nodir", code(lambda: s3.head_object(Bucket=B, Key="out/_temporary/0")))
+print("listedempty", keys("out/"))
+s3.put_object(Bucket=B, Key="out/_temporary/0/part-0", Body=b"data")
+print("under", s3.get_object(Bucket=B, Key="out/_temporary/0/part-0")["Body"].read().decode())
+print("listed", keys("out/"))
+print("prefixes", [p["Prefix"] for p in s3.list_objects_v2(Bucket=B, Prefix="out/", Delimiter="/").get("CommonPrefixes", [])])
+# Deleting a directory's name or a non-empty directory's marker removes nothing.
+print("delname", code(lambda: s3.delete_object(Bucket=B, Key="out")), code(lambda: s3.delete_object(Bucket=B, Key="out/_temporary/0/")), keys("out/"))
+# A file asked for as a directory is no object, and is not deleted as one.
+s3.put_object(Bucket=B, Key="f.txt", Body=b"file")
+print("fileslash", code(lambda: s3.head_object(Bucket=B, Key="f.txt/")), code(lambda: s3.delete_object(Bucket=B, Key="f.txt/")), keys("f.txt"))
+print("notempty", code(lambda: s3.put_object(Bucket=B, Key="x/", Body=b"content")))
+s3.put_object(Bucket=B, Key="empty/", Body=b"")
+s3.put_object(Bucket=B, Key="empty/", Body=b"")
+print("again", code(lambda: s3.head_object(Bucket=B, Key="empty/")))
+s3.delete_object(Bucket=B, Key="empty/")
+print("deleted", code(lambda: s3.head_object(Bucket=B, Key="empty/")))
+"#,
+    );
+    eprintln!("{out}");
+    for want in [
+        "marker 0 \"d41d8cd98f00b204e9800998ecf8427e\" b''",
+        "nodir 404",
+        "listedempty []",
+        "under data",
+        "listed ['out/_temporary/0/part-0']",
+        "prefixes ['out/_temporary/']",
+        "delname ok ok ['out/_temporary/0/part-0']",
+        "fileslash 404 ok ['f.txt']",
+        "notempty InvalidArgument",
+        "again ok",
+        "deleted 404",
+    ] {
+        assert!(out.lines().any(|l| l == want), "no {want:?} in {out}");
+    }
+}

@@ -259,6 +259,19 @@ fn s3_err(e: ClientError, bucket_level: bool) -> S3Error {
     S3Error::with_message(code, msg)
 }
 
+/// MD5 of nothing: the ETag of an empty object.
+const EMPTY_MD5: &str = "d41d8cd98f00b204e9800998ecf8427e";
+
+/// A directory as its S3 marker object `dir/`: empty, with the ETag of
+/// an empty object.
+fn marker(dir: FileInfo) -> FileInfo {
+    FileInfo {
+        size: 0,
+        fingerprint: EMPTY_MD5.into(),
+        ..dir
+    }
+}
+
 fn etag(info: &FileInfo) -> ETag {
     let v = if info.fingerprint.is_empty() {
         info.cache_id.clone()
@@ -289,10 +302,103 @@ impl Gateway {
             .stat(&ns_path(bucket, Some(key))?)
             .await
             .map_err(|e| s3_err(e, false))?;
-        if info.is_dir {
-            return Err(s3_error!(NoSuchKey));
+        // `dir/` is the directory itself, as an empty marker object (what
+        // S3A, rclone and consoles create for a folder); `dir` and a file
+        // asked for as `file/` are not objects.
+        match (info.is_dir, key.ends_with('/')) {
+            (true, true) => Ok(marker(info)),
+            (false, false) => Ok(info),
+            _ => Err(s3_error!(NoSuchKey)),
         }
-        Ok(info)
+    }
+
+    /// PutObject of `dir/`: an empty body makes the directory (and its
+    /// parents); a directory that exists already is left as it is.
+    async fn put_marker(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: Option<StreamingBlob>,
+    ) -> S3Result<S3Response<PutObjectOutput>> {
+        self.check_bucket(bucket).await?;
+        if let Some(mut body) = body {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| {
+                    S3Error::with_message(S3ErrorCode::IncompleteBody, e.to_string())
+                })?;
+                if !chunk.is_empty() {
+                    return Err(S3Error::with_message(
+                        S3ErrorCode::InvalidArgument,
+                        format!(
+                            "{key:?} ends in '/', which names a directory here: a directory \
+                             marker must be empty"
+                        ),
+                    ));
+                }
+            }
+        }
+        let path = ns_path(bucket, Some(key))?;
+        let res = match self.client.stat(&path).await {
+            Ok(i) if i.is_dir => Ok(()),
+            Ok(_) => Err(S3Error::with_message(
+                S3ErrorCode::InvalidArgument,
+                format!(
+                    "{key:?}: a file named {:?} exists there",
+                    key.trim_end_matches('/')
+                ),
+            )),
+            Err(e) if e.is_not_found() => {
+                self.client
+                    .mkdir(&path, true)
+                    .await
+                    .map(|_| ())
+                    .or_else(|e| match e {
+                        // Another request made it meanwhile.
+                        ClientError::AlreadyExists(_) => Ok(()),
+                        e => Err(s3_err(e, false)),
+                    })
+            }
+            Err(e) => Err(s3_err(e, false)),
+        };
+        self.changed(bucket, Some(key));
+        res?;
+        Ok(S3Response::new(PutObjectOutput {
+            e_tag: Some(ETag::Strong(EMPTY_MD5.into())),
+            ..Default::default()
+        }))
+    }
+
+    /// Deletes one key: a file, or the marker `dir/` of an empty directory.
+    /// A key naming nothing, a non-empty directory's marker or a directory
+    /// without its `/` is no object, and deleting it succeeds (as in S3).
+    async fn delete_key(&self, bucket: &str, key: &str) -> S3Result<()> {
+        let path = ns_path(bucket, Some(key))?;
+        let res = match self.client.stat(&path).await {
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(s3_err(e, false)),
+            Ok(i) if i.is_dir != key.ends_with('/') => Ok(()),
+            Ok(i) if i.is_dir => match self.client.list(&path).await {
+                Ok(entries) if entries.is_empty() => self
+                    .client
+                    .delete(&path, false)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| s3_err(e, false)),
+                Ok(_) => Ok(()),
+                Err(e) => Err(s3_err(e, false)),
+            },
+            Ok(_) => self
+                .client
+                .delete(&path, false)
+                .await
+                .map(|_| ())
+                .map_err(|e| s3_err(e, false)),
+        };
+        self.changed(bucket, Some(key));
+        match res {
+            Err(e) if *e.code() == S3ErrorCode::NoSuchKey => Ok(()),
+            r => r,
+        }
     }
 
     /// The bucket's objects, sorted by key.
@@ -303,6 +409,11 @@ impl Gateway {
             return Ok(l);
         }
         let epoch = self.meta.epoch();
+        // Files only: a directory shows as a common prefix while it holds
+        // something. An empty one is not listed (the namespace keeps
+        // directories a PUT created after their last object is deleted,
+        // which S3 would not show), though HEAD and GET of its marker
+        // `dir/` find it.
         let files = self
             .client
             .list_files_recursive(&root)
@@ -388,6 +499,15 @@ impl Gateway {
     /// A writer for `bucket/key` (bucket must exist).
     async fn create(&self, bucket: &str, key: &str) -> S3Result<(String, Writer)> {
         self.check_bucket(bucket).await?;
+        if key.ends_with('/') {
+            return Err(S3Error::with_message(
+                S3ErrorCode::InvalidArgument,
+                format!(
+                    "{key:?} ends in '/', which names a directory here: only an empty \
+                     PutObject (a directory marker) can be written to such a key"
+                ),
+            ));
+        }
         let path = ns_path(bucket, Some(key))?;
         let opts = WriteOptions {
             overwrite: true,
@@ -656,6 +776,16 @@ impl S3 for Gateway {
         let last_modified = modified(&info);
         let m = objmeta::stored(&info.xattrs);
         let tag_count = m.tag_count();
+        if info.is_dir {
+            // A directory marker: an empty object.
+            return Ok(S3Response::new(GetObjectOutput {
+                body: Some(StreamingBlob::from(s3s::Body::empty())),
+                content_length: Some(0),
+                e_tag: Some(e_tag),
+                last_modified: Some(last_modified),
+                ..Default::default()
+            }));
+        }
         let reader = self.client.open_info(info).map_err(|e| s3_err(e, false))?;
         self.prewarm_after(&reader, range.start, range.end);
         // Streamed from the SDK reader through a small channel (the body must
@@ -695,7 +825,12 @@ impl S3 for Gateway {
         &self,
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
-        let input = req.input;
+        let mut input = req.input;
+        if input.key.ends_with('/') {
+            return self
+                .put_marker(&input.bucket, &input.key, input.body.take())
+                .await;
+        }
         let xattrs = object_meta!(input, input.tagging).to_xattrs()?;
         let (path, mut w) = self.create(&input.bucket, &input.key).await?;
         w.set_xattrs(xattrs);
@@ -834,16 +969,9 @@ impl S3 for Gateway {
         let quiet = input.delete.quiet.unwrap_or(false);
         let (mut deleted, mut errors) = (Vec::new(), Vec::new());
         for o in input.delete.objects {
-            let res = match ns_path(&input.bucket, Some(&o.key)) {
-                Ok(path) => match self.client.delete(&path, false).await {
-                    Ok(_) => Ok(()),
-                    Err(e) if e.is_not_found() => Ok(()),
-                    Err(e) => Err(s3_err(e, false)),
-                },
-                Err(e) => Err(e),
-            };
-            // After the delete: a listing fetched meanwhile is not kept.
-            self.changed(&input.bucket, Some(&o.key));
+            // Cached metadata is dropped after the delete, so a listing
+            // fetched meanwhile is not kept.
+            let res = self.delete_key(&input.bucket, &o.key).await;
             match res {
                 Ok(()) if quiet => {}
                 Ok(()) => deleted.push(DeletedObject {
@@ -1168,15 +1296,9 @@ impl S3 for Gateway {
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
-        let path = ns_path(&req.input.bucket, Some(&req.input.key))?;
-        let res = self.client.delete(&path, false).await;
-        self.changed(&req.input.bucket, Some(&req.input.key));
-        match res {
-            // Deleting a missing key succeeds in S3.
-            Ok(_) => Ok(S3Response::new(DeleteObjectOutput::default())),
-            Err(e) if e.is_not_found() => Ok(S3Response::new(DeleteObjectOutput::default())),
-            Err(e) => Err(s3_err(e, false)),
-        }
+        self.check_bucket(&req.input.bucket).await?;
+        self.delete_key(&req.input.bucket, &req.input.key).await?;
+        Ok(S3Response::new(DeleteObjectOutput::default()))
     }
 }
 
