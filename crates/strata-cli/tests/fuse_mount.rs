@@ -570,7 +570,7 @@ async fn mount_point_must_exist_and_be_empty_and_daemon_mode_works() {
     // notices its unmount only later (here: held stopped until the new
     // mount is up), must leave the new mount alone.
     let log = dir.path().join("mount.log");
-    let mount_daemon = || {
+    let mount_daemon_at = |mp: &Path| {
         let out = ok(env
             .cluster
             .cli(&[
@@ -587,6 +587,7 @@ async fn mount_point_must_exist_and_be_empty_and_daemon_mode_works() {
             .and_then(|p| p.parse::<u32>().ok());
         pid.unwrap_or_else(|| panic!("no daemon pid in {out:?}"))
     };
+    let mount_daemon = || mount_daemon_at(&mp);
     let old = mount_daemon();
     signal(old, libc::SIGSTOP);
     ok(env.cluster.cli(&["umount", mp.to_str().unwrap()]).unwrap());
@@ -620,6 +621,38 @@ async fn mount_point_must_exist_and_be_empty_and_daemon_mode_works() {
     assert!(!gone(new));
     ok(env.cluster.cli(&["umount", mp.to_str().unwrap()]).unwrap());
     assert!(!is_mounted(&mp));
+    drop(guard);
+
+    // The same for a restartable mount, its supervisor held stopped: once
+    // it runs again it finds its own connection gone and ends, leaving the
+    // new mount alone (it must not start daemons on the dead connection,
+    // nor unmount the path).
+    let mut r = Mount::start(&env.cluster, &["--restartable"]);
+    let rp = r.path();
+    assert!(rp.join("s3").is_dir());
+    let supervisor = r.child.as_ref().unwrap().id();
+    signal(supervisor, libc::SIGSTOP);
+    ok(env.cluster.cli(&["umount", rp.to_str().unwrap()]).unwrap());
+    let new = mount_daemon_at(&rp);
+    let guard = Unmount(rp.clone());
+    signal(supervisor, libc::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = r.child.as_mut().unwrap().try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the supervisor did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "supervisor: {status}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        is_mounted(&rp),
+        "the new mount was unmounted by the old supervisor"
+    );
+    assert!(rp.join("s3").is_dir());
+    assert!(!gone(new));
+    ok(env.cluster.cli(&["umount", rp.to_str().unwrap()]).unwrap());
     drop(guard);
 }
 
