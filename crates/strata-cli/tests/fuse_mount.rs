@@ -1469,6 +1469,19 @@ async fn files_rewritten_appended_or_replaced_while_open_for_writing() {
     assert_eq!(got, "original line\nfrom A\nfrom B\n");
     assert_eq!(read_sdk("/s3/log").await.unwrap(), got);
 
+    // A read-only descriptor opened while the file was written outlives
+    // the writer: a truncate after the writer closed changes the file.
+    std::fs::write(d.join("t.txt"), b"0123456789").unwrap();
+    let mut w = open("t.txt", false);
+    w.write_all(b"abcdefghij").unwrap();
+    let r = std::fs::File::open(d.join("t.txt")).unwrap();
+    close(w).unwrap();
+    let cpath = std::ffi::CString::new(d.join("t.txt").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::truncate(cpath.as_ptr(), 4) }, 0);
+    drop(r);
+    assert_eq!(read_sdk("/s3/t.txt").await.unwrap(), "abcd");
+
     // Unlinking a file that is being rewritten removes it for good: the
     // writer's close does not bring either version back.
     std::fs::write(d.join("gone.txt"), b"old").unwrap();

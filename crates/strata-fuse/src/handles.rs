@@ -722,12 +722,22 @@ impl Handles {
     }
 
     /// Open write handles of an inode.
+    /// Open write handles of an inode, each once (descriptors sharing one
+    /// count once; read-only aliases, which may outlive the writer, not
+    /// at all).
     pub fn writers_of(&self, ino: u64) -> Vec<Arc<Open>> {
-        lock(&self.map)
-            .values()
-            .filter(|o| o.ino == ino && o.is_write())
-            .cloned()
-            .collect()
+        let aliases = lock(&self.aliases).clone();
+        let mut out: Vec<Arc<Open>> = Vec::new();
+        for (fh, o) in lock(&self.map).iter() {
+            if o.ino == ino
+                && o.is_write()
+                && !aliases.contains(fh)
+                && !out.iter().any(|x| Arc::ptr_eq(x, o))
+            {
+                out.push(o.clone());
+            }
+        }
+        out
     }
 
     pub fn written(&self, ino: u64) -> Option<u64> {
