@@ -697,6 +697,15 @@ impl Handles {
         fh
     }
 
+    /// True while a descriptor that commits `open` at its close still
+    /// holds it (read-only aliases do not commit).
+    pub fn is_open(&self, open: &Arc<Open>) -> bool {
+        let aliases = lock(&self.aliases).clone();
+        lock(&self.map)
+            .iter()
+            .any(|(fh, o)| Arc::ptr_eq(o, open) && !aliases.contains(fh))
+    }
+
     pub fn get(&self, fh: u64) -> Option<Arc<Open>> {
         lock(&self.map).get(&fh).cloned()
     }

@@ -790,7 +790,12 @@ impl Filesystem for StrataFs {
                     }
                 } else if current != Some(size) {
                     let res = match writer {
-                        Some(w) => w.set_size(size).await,
+                        Some(w) => match w.set_size(size).await {
+                            // A handle released meanwhile (its last commit
+                            // ran before the resize): nobody else commits it.
+                            Ok(()) if !ctx.handles.is_open(&w) => w.commit().await,
+                            r => r,
+                        },
                         None => resize_closed(&ctx, &path, ino.0, size).await,
                     };
                     if let Err(e) = res {
