@@ -83,6 +83,19 @@ fn python_has_boto3() -> bool {
 
 /// Runs a boto3 script with `s3` (a client for the gateway) and `bad` (one
 /// with a wrong secret) defined; returns stdout.
+/// A cluster with the test bucket mounted and a gateway process in front
+/// of it; `None` (the test is skipped) without boto3.
+fn boto3_gateway() -> Option<(Env, GatewayProc)> {
+    if !python_has_boto3() {
+        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+        return None;
+    }
+    let env = start(ClusterOptions::default());
+    mount_gw_bucket(&env);
+    let gw = GatewayProc::start(&env.cluster.master_addr);
+    Some((env, gw))
+}
+
 fn boto3(endpoint: &str, script: &str) -> String {
     let prelude = format!(
         r#"
@@ -203,13 +216,9 @@ print("badrange", code(lambda: s3.get_object(Bucket="gwbucket", Key="top.txt", R
 
 #[tokio::test(flavor = "multi_thread")]
 async fn object_metadata_and_tags_are_kept_copied_and_replaced() {
-    if !python_has_boto3() {
-        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+    let Some((env, gw)) = boto3_gateway() else {
         return;
-    }
-    let env = start(ClusterOptions::default());
-    mount_gw_bucket(&env);
-    let gw = GatewayProc::start(&env.cluster.master_addr);
+    };
     let out = boto3(
         &gw.endpoint,
         r#"
@@ -349,13 +358,9 @@ print("after bad", [o["Key"] for o in s3.list_objects_v2(Bucket=B, Prefix="m/")[
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_large_object_streams_both_ways() {
-    if !python_has_boto3() {
-        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+    let Some((env, gw)) = boto3_gateway() else {
         return;
-    }
-    let env = start(ClusterOptions::default());
-    mount_gw_bucket(&env);
-    let gw = GatewayProc::start(&env.cluster.master_addr);
+    };
     let out = boto3(
         &gw.endpoint,
         r#"
@@ -448,13 +453,9 @@ async fn aws_cli_copies_lists_and_reads_ranges() {
 /// DeleteObjects, ListObjects v1 and ListObjectVersions through boto3.
 #[tokio::test(flavor = "multi_thread")]
 async fn boto3_multipart_copy_conditions_and_batch_delete() {
-    if !python_has_boto3() {
-        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+    let Some((_env, gw)) = boto3_gateway() else {
         return;
-    }
-    let env = start(ClusterOptions::default());
-    mount_gw_bucket(&env);
-    let gw = GatewayProc::start(&env.cluster.master_addr);
+    };
     let out = boto3(
         &gw.endpoint,
         r#"
@@ -747,13 +748,9 @@ print("bad config", code(lambda: s3.head_object(Bucket=B, Key="blob")))
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_s3_errors_and_change_nothing() {
-    if !python_has_boto3() {
-        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+    let Some((env, gw)) = boto3_gateway() else {
         return;
-    }
-    let env = start(ClusterOptions::default());
-    mount_gw_bucket(&env);
-    let gw = GatewayProc::start(&env.cluster.master_addr);
+    };
     let out = boto3(
         &gw.endpoint,
         &format!(
@@ -1062,13 +1059,9 @@ impl Drop for Unmount {
 /// gateway within a second.
 #[tokio::test(flavor = "multi_thread")]
 async fn metadata_cache_follows_namespace_changes() {
-    if !python_has_boto3() {
-        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+    let Some((env, gw)) = boto3_gateway() else {
         return;
-    }
-    let env = start(ClusterOptions::default());
-    mount_gw_bucket(&env);
-    let gw = GatewayProc::start(&env.cluster.master_addr);
+    };
     let c = client(&env.cluster);
     let out = boto3(
         &gw.endpoint,
@@ -1116,13 +1109,9 @@ print("body", s3.get_object(Bucket="gwbucket", Key="m/obj")["Body"].read().decod
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_overwrite_takes_effect_only_when_it_completes() {
-    if !python_has_boto3() {
-        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+    let Some((env, gw)) = boto3_gateway() else {
         return;
-    }
-    let env = start(ClusterOptions::default());
-    mount_gw_bucket(&env);
-    let gw = GatewayProc::start(&env.cluster.master_addr);
+    };
     let out = boto3(
         &gw.endpoint,
         r#"
@@ -1166,13 +1155,9 @@ print("after", get(), listed())
 
 #[tokio::test(flavor = "multi_thread")]
 async fn directory_markers_as_s3a_and_consoles_write_them() {
-    if !python_has_boto3() {
-        eprintln!("SKIPPED: python3 has no boto3 (pip install boto3)");
+    let Some((_env, gw)) = boto3_gateway() else {
         return;
-    }
-    let env = start(ClusterOptions::default());
-    mount_gw_bucket(&env);
-    let gw = GatewayProc::start(&env.cluster.master_addr);
+    };
     let out = boto3(
         &gw.endpoint,
         r#"

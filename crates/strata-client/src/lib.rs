@@ -265,12 +265,32 @@ impl Client {
     /// only in the cache are freed on the workers.
     pub async fn delete(&self, path: &str, recursive: bool) -> Result<u64> {
         let p = parse_path(path)?;
+        self.delete_request(pb::DeleteRequest {
+            path: p.to_string(),
+            recursive,
+            unfinished_id: 0,
+        })
+        .await
+    }
+
+    /// Removes the unfinished file `id` (a write being abandoned; `path`
+    /// is where it was written, for messages), and nothing if it has
+    /// completed or is gone: never what `path` holds by now.
+    pub async fn delete_unfinished(&self, path: &str, id: u64) -> Result<()> {
+        self.delete_request(pb::DeleteRequest {
+            path: path.to_string(),
+            recursive: false,
+            unfinished_id: id,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Sends a delete; frees the cached pages of removed files that existed
+    /// nowhere else; returns the number of inodes removed.
+    async fn delete_request(&self, req: pb::DeleteRequest) -> Result<u64> {
         let r = self
-            .mutate(pb::mutation::Op::Delete(pb::DeleteRequest {
-                path: p.to_string(),
-                recursive,
-                unfinished_id: 0,
-            }))
+            .mutate(pb::mutation::Op::Delete(req))
             .await?
             .deleted
             .unwrap_or_default();
@@ -280,27 +300,6 @@ impl Client {
             }
         }
         Ok(r.inodes_removed)
-    }
-
-    /// Removes the unfinished file `id` (a write being abandoned; `path`
-    /// is where it was written, for messages), and nothing if it has
-    /// completed or is gone: never what `path` holds by now.
-    pub async fn delete_unfinished(&self, path: &str, id: u64) -> Result<()> {
-        let r = self
-            .mutate(pb::mutation::Op::Delete(pb::DeleteRequest {
-                path: path.to_string(),
-                recursive: false,
-                unfinished_id: id,
-            }))
-            .await?
-            .deleted
-            .unwrap_or_default();
-        for id in r.unpersisted_cache_ids {
-            if let Some(id) = CacheId::from_hex(&id) {
-                self.free_everywhere(id).await;
-            }
-        }
-        Ok(())
     }
 
     pub async fn rename(&self, src: &str, dst: &str) -> Result<()> {
