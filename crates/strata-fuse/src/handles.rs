@@ -711,10 +711,15 @@ impl Handles {
     }
 
     pub fn remove(&self, fh: u64) -> Option<Arc<Open>> {
+        let aliases = lock(&self.aliases).clone();
         let (o, shared) = {
             let mut m = lock(&self.map);
             let o = m.remove(&fh)?;
-            let shared = m.values().any(|x| Arc::ptr_eq(x, &o));
+            // Another descriptor writing through it (read-only aliases,
+            // which may outlive the writers, do not count).
+            let shared = m
+                .iter()
+                .any(|(h, x)| Arc::ptr_eq(x, &o) && !aliases.contains(h));
             (o, shared)
         };
         if matches!(o.kind, Kind::Write(_)) {

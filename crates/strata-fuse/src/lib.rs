@@ -791,9 +791,13 @@ impl Filesystem for StrataFs {
                 } else if current != Some(size) {
                     let res = match writer {
                         Some(w) => match w.set_size(size).await {
-                            // A handle released meanwhile (its last commit
-                            // ran before the resize): nobody else commits it.
-                            Ok(()) if !ctx.handles.is_open(&w) => w.commit().await,
+                            // `truncate PATH` (no descriptor of its own) is
+                            // committed at once, as a local disk shows it at
+                            // once (the writers' next commit would come only
+                            // at their close, which may have been the last
+                            // one already); so is a resize of a handle
+                            // released meanwhile.
+                            Ok(()) if fh.is_none() || !ctx.handles.is_open(&w) => w.commit().await,
                             r => r,
                         },
                         None => resize_closed(&ctx, &path, ino.0, size).await,
@@ -1438,9 +1442,15 @@ impl StrataFs {
         let ctx = self.ctx();
         self.spawn(async move {
             let changed = open.is_write();
-            let res = open.commit().await;
+            let mut res = open.commit().await;
             if let Some(fh) = release {
                 ctx.handles.remove(fh);
+                // A change that reached the handle during that commit (a
+                // resize racing this release) is committed now: no other
+                // descriptor will.
+                if res.is_ok() && !ctx.handles.is_open(&open) {
+                    res = open.commit().await;
+                }
             }
             if changed {
                 // Before the reply: an open or stat right after `close`
