@@ -191,19 +191,6 @@ pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
     }
 }
 
-/// True while the FUSE connection on `dev` is up (the kernel reports an
-/// error on the device once the file system is unmounted or aborted).
-fn connected(dev: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd: dev,
-        events: 0,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no wait.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    !(n == 1 && p.revents & (libc::POLLERR | libc::POLLNVAL) != 0)
-}
-
 /// A restartable mount's supervisor: mounts, keeps the kernel connection,
 /// and runs daemons on it (`strata mount --serve-fd`) one after another
 /// until the file system is unmounted or a signal arrives.
@@ -231,7 +218,7 @@ async fn supervise(args: &MountArgs) -> anyhow::Result<()> {
     .await;
     // Only a supervisor that gives up unmounts here (on success the mount
     // is gone already, and the path may hold a new mount by now).
-    if result.is_err() && connected(dev.as_raw_fd()) {
+    if result.is_err() && strata_fuse::restart::connected(dev.as_raw_fd()) {
         let _ = strata_fuse::restart::unmount(&args.mountpoint);
     }
     let _ = std::fs::remove_dir_all(&state);
@@ -284,7 +271,7 @@ async fn run_daemons(args: &MountArgs, dev: i32, state: &Path) -> anyhow::Result
                 // Our own connection, not the path: after `strata umount`
                 // and a new mount at the same path, the path is mounted
                 // again, but not by us.
-                if !connected(dev) {
+                if !strata_fuse::restart::connected(dev) {
                     println!("{} was unmounted", args.mountpoint.display());
                     return Ok(());
                 }

@@ -697,13 +697,21 @@ impl Handles {
         fh
     }
 
-    /// True while a descriptor that commits `open` at its close still
-    /// holds it (read-only aliases do not commit).
-    pub fn is_open(&self, open: &Arc<Open>) -> bool {
+    /// The handles of descriptors that commit at their close (not the
+    /// read-only aliases, which may outlive the writers).
+    fn committing(&self) -> Vec<Arc<Open>> {
         let aliases = lock(&self.aliases).clone();
         lock(&self.map)
             .iter()
-            .any(|(fh, o)| Arc::ptr_eq(o, open) && !aliases.contains(fh))
+            .filter(|(fh, _)| !aliases.contains(fh))
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
+    /// True while a descriptor that commits `open` at its close still
+    /// holds it.
+    pub fn is_open(&self, open: &Arc<Open>) -> bool {
+        self.committing().iter().any(|o| Arc::ptr_eq(o, open))
     }
 
     pub fn get(&self, fh: u64) -> Option<Arc<Open>> {
@@ -711,21 +719,11 @@ impl Handles {
     }
 
     pub fn remove(&self, fh: u64) -> Option<Arc<Open>> {
-        let aliases = lock(&self.aliases).clone();
-        let (o, shared) = {
-            let mut m = lock(&self.map);
-            let o = m.remove(&fh)?;
-            // Another descriptor writing through it (read-only aliases,
-            // which may outlive the writers, do not count).
-            let shared = m
-                .iter()
-                .any(|(h, x)| Arc::ptr_eq(x, &o) && !aliases.contains(h));
-            (o, shared)
-        };
+        let o = lock(&self.map).remove(&fh)?;
         if matches!(o.kind, Kind::Write(_)) {
             // The size written so far stays known while another
             // descriptor still writes through the same handle.
-            if !shared {
+            if !self.is_open(&o) {
                 lock(&self.writing).remove(&o.ino);
             }
             if let Some(j) = self.journal.get() {
@@ -740,15 +738,10 @@ impl Handles {
     /// count once; read-only aliases, which may outlive the writer, not
     /// at all).
     pub fn writers_of(&self, ino: u64) -> Vec<Arc<Open>> {
-        let aliases = lock(&self.aliases).clone();
         let mut out: Vec<Arc<Open>> = Vec::new();
-        for (fh, o) in lock(&self.map).iter() {
-            if o.ino == ino
-                && o.is_write()
-                && !aliases.contains(fh)
-                && !out.iter().any(|x| Arc::ptr_eq(x, o))
-            {
-                out.push(o.clone());
+        for o in self.committing() {
+            if o.ino == ino && o.is_write() && !out.iter().any(|x| Arc::ptr_eq(x, &o)) {
+                out.push(o);
             }
         }
         out

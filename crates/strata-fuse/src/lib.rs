@@ -612,6 +612,26 @@ impl Ctx {
         });
     }
 
+    /// Deletes `path` from the namespace (unlink, rmdir, or the target a
+    /// rename replaces). A file still open for writing here: its handles
+    /// stop committing first (after any commit in progress), so closing
+    /// them cannot bring it back, and a new file they were writing goes
+    /// with them.
+    async fn delete_entry(&self, path: &str, dir: bool) -> Result<(), Errno> {
+        let mut writing = false;
+        if !dir {
+            let ino = lock(&self.inodes).ino_of(path);
+            for w in ino.map(|i| self.handles.writers_of(i)).unwrap_or_default() {
+                writing = true;
+                w.mark_unlinked().await;
+            }
+        }
+        match self.client.delete(path, false).await {
+            Err(e) if !(writing && e.is_not_found()) => Err(to_errno(&e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Drops the mount's own cached metadata and page fingerprint of `ino`.
     fn forget_cached(&self, ino: u64) {
         lock(&self.fingerprints).remove(&ino);
@@ -928,26 +948,8 @@ impl Filesystem for StrataFs {
                         Errno::ENOTDIR
                     });
                 }
-                // Handles still writing the replaced file write to an
-                // unlinked file from now on: closing them must not bring
-                // their version back over the renamed one.
-                let mut writing = false;
-                if !existing.is_dir {
-                    let dst_ino = lock(&ctx.inodes).ino_of(&dst);
-                    for w in dst_ino
-                        .map(|i| ctx.handles.writers_of(i))
-                        .unwrap_or_default()
-                    {
-                        writing = true;
-                        w.mark_unlinked().await;
-                    }
-                }
-                match ctx.client.delete(&dst, false).await {
-                    // A new file still being written went with its writer.
-                    Err(e) if !(writing && e.is_not_found()) => {
-                        return reply.error(to_errno(&e));
-                    }
-                    _ => {}
+                if let Err(e) = ctx.delete_entry(&dst, existing.is_dir).await {
+                    return reply.error(e);
                 }
             }
             match ctx.client.rename(&src, &dst).await {
@@ -1480,21 +1482,9 @@ impl StrataFs {
                 Ok(_) => {}
                 Err(e) => return reply.error(to_errno(&e)),
             }
-            // A file still open for writing: its handles stop committing
-            // (after any commit in progress), so closing them cannot bring
-            // the file back.
-            let mut writing = false;
-            if !dir {
-                let ino = lock(&ctx.inodes).ino_of(&path);
-                for w in ino.map(|i| ctx.handles.writers_of(i)).unwrap_or_default() {
-                    writing = true;
-                    w.mark_unlinked().await;
-                }
-            }
-            match ctx.client.delete(&path, false).await {
-                // A new file still being written went with its writer.
-                Err(e) if !(writing && e.is_not_found()) => reply.error(to_errno(&e)),
-                _ => {
+            match ctx.delete_entry(&path, dir).await {
+                Err(e) => reply.error(e),
+                Ok(()) => {
                     ctx.meta.forget(&path);
                     lock(&ctx.inodes).unlinked(&path);
                     reply.ok()

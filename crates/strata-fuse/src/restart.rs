@@ -134,6 +134,19 @@ pub fn read_init(dev: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     }
 }
 
+/// True while the FUSE connection on `dev` is up (the kernel reports an
+/// error on the device once the file system is unmounted or aborted).
+pub fn connected(dev: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: dev,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    !(n == 1 && p.revents & (libc::POLLERR | libc::POLLNVAL) != 0)
+}
+
 /// Detaches the mount (lazily, so open files do not keep it).
 pub fn unmount(mountpoint: &Path) -> io::Result<()> {
     let out = std::process::Command::new("fusermount3")

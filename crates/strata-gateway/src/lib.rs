@@ -373,27 +373,19 @@ impl Gateway {
     /// without its `/` is no object, and deleting it succeeds (as in S3).
     async fn delete_key(&self, bucket: &str, key: &str) -> S3Result<()> {
         let path = ns_path(bucket, Some(key))?;
-        let res = match self.client.stat(&path).await {
-            Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(s3_err(e, false)),
-            Ok(i) if i.is_dir != key.ends_with('/') => Ok(()),
-            Ok(i) if i.is_dir => match self.client.list(&path).await {
-                Ok(entries) if entries.is_empty() => self
-                    .client
-                    .delete(&path, false)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| s3_err(e, false)),
-                Ok(_) => Ok(()),
-                Err(e) => Err(s3_err(e, false)),
-            },
-            Ok(_) => self
-                .client
-                .delete(&path, false)
-                .await
-                .map(|_| ())
-                .map_err(|e| s3_err(e, false)),
+        let is_object = match self.client.stat(&path).await {
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+            Ok(i) if i.is_dir != key.ends_with('/') => Ok(false),
+            Ok(i) if i.is_dir => self.client.list(&path).await.map(|e| e.is_empty()),
+            Ok(_) => Ok(true),
         };
+        let res = match is_object {
+            Ok(true) => self.client.delete(&path, false).await.map(|_| ()),
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| s3_err(e, false));
         self.changed(bucket, Some(key));
         match res {
             Err(e) if *e.code() == S3ErrorCode::NoSuchKey => Ok(()),

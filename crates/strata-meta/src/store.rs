@@ -331,9 +331,27 @@ impl<'t> Tables<'t> {
         if self.child(parent.id, name)?.is_some() {
             return Err(MetaError::Exists(name.to_string()));
         }
-        let id = self.next_id(NEXT_INODE)?;
-        let ino = Inode {
-            id,
+        let ino = self.new_inode(parent, name, is_dir, mtime_ms, persist, complete, synced_ms)?;
+        self.put(&ino)?;
+        self.link(&ino)?;
+        Ok(ino)
+    }
+
+    /// A new inode under `parent` with a fresh id, neither stored nor
+    /// linked yet.
+    #[allow(clippy::too_many_arguments)]
+    fn new_inode(
+        &mut self,
+        parent: &Inode,
+        name: &str,
+        is_dir: bool,
+        mtime_ms: i64,
+        persist: PersistState,
+        complete: bool,
+        synced_ms: Option<i64>,
+    ) -> Result<Inode, MetaError> {
+        Ok(Inode {
+            id: self.next_id(NEXT_INODE)?,
             parent: parent.id,
             name: name.to_string(),
             is_dir,
@@ -347,10 +365,7 @@ impl<'t> Tables<'t> {
             mount_id: parent.mount_id,
             synced_ms,
             is_mount_point: false,
-        };
-        self.put(&ino)?;
-        self.link(&ino)?;
-        Ok(ino)
+        })
     }
 
     /// Puts `ino` under its name in its parent directory.
@@ -438,22 +453,10 @@ impl<'t> Tables<'t> {
                     // stays what the name shows (to readers, listings and
                     // stats) until the new one is complete and takes its
                     // place; a write that fails leaves the old one as it was.
-                    let f = Inode {
-                        id: self.next_id(NEXT_INODE)?,
-                        parent: p.id,
-                        name: name.clone(),
-                        is_dir: false,
-                        size: 0,
-                        mtime_ms: *mtime_ms,
-                        mode: o.mode,
-                        fingerprint: String::new(),
-                        persist: *persist,
-                        complete: false,
-                        generation: o.generation + 1,
-                        mount_id: p.mount_id,
-                        synced_ms: None,
-                        is_mount_point: false,
-                    };
+                    let mut f =
+                        self.new_inode(&p, name, false, *mtime_ms, *persist, false, None)?;
+                    f.mode = o.mode;
+                    f.generation = o.generation + 1;
                     self.put(&f)?;
                     f
                 } else {
