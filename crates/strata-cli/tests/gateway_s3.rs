@@ -154,6 +154,10 @@ print("dir", [(o["Key"], o["Size"]) for o in r["Contents"]])
 r = s3.list_objects_v2(Bucket="gwbucket", MaxKeys=1)
 r2 = s3.list_objects_v2(Bucket="gwbucket", MaxKeys=5, ContinuationToken=r["NextContinuationToken"])
 print("paged", r["IsTruncated"], [o["Key"] for o in r["Contents"]], [o["Key"] for o in r2["Contents"]])
+def ls(prefix, **kw):
+    r = s3.list_objects_v2(Bucket="gwbucket", Prefix=prefix, **kw)
+    return [o["Key"] for o in r.get("Contents", [])] + [p["Prefix"] for p in r.get("CommonPrefixes", [])]
+print("scoped", ls("dir/sub/", Delimiter="/"), ls("dir/s"), ls("dir/", Delimiter="/"), ls("to"), ls("missing/dir/"), ls("top.txt/"), ls("dir/a.bin/x"), ls("", Delimiter="/", StartAfter="dir/a.bin"))
 body = s3.get_object(Bucket="gwbucket", Key="dir/a.bin", Range="bytes=1048570-1048579")["Body"].read()
 print("range", body.hex())
 print("head", s3.head_object(Bucket="gwbucket", Key="dir/a.bin")["ContentLength"])
@@ -188,6 +192,13 @@ print("badrange", code(lambda: s3.get_object(Bucket="gwbucket", Key="top.txt", R
     assert_eq!(
         line("paged"),
         "paged True ['dir/a.bin'] ['dir/sub/b.txt', 'top.txt']"
+    );
+    // A prefix with a directory part lists that directory's subtree; one
+    // under a missing path or under a file lists nothing; a start-after
+    // inside a common prefix still lists the prefix.
+    assert_eq!(
+        line("scoped"),
+        "scoped ['dir/sub/b.txt'] ['dir/sub/b.txt'] ['dir/a.bin', 'dir/sub/'] ['top.txt'] [] [] [] ['top.txt', 'dir/']"
     );
     let expect: String = data[1048570..1048580]
         .iter()
@@ -608,6 +619,8 @@ print("roput", code(lambda: ro.put_object(Bucket=B, Key="x", Body=b"x")))
 print("rodel", code(lambda: ro.delete_object(Bucket=B, Key="blob")))
 print("roother", code(lambda: ro.list_objects_v2(Bucket="scratch")))
 print("rocopy", code(lambda: ro.copy_object(Bucket=B, Key="c", CopySource={"Bucket": B, "Key": "blob"})))
+print("robuckets", ",".join(b["Name"] for b in ro.list_buckets()["Buckets"]))
+print("buckets", ",".join(b["Name"] for b in s3.list_buckets()["Buckets"]))
 # One connection held to 4 MiB/s: 8 MiB take at least ~1.8 s.
 t = time.time(); n = len(s3.get_object(Bucket=B, Key="blob")["Body"].read()); dt = time.time() - t
 print("conn_rate", n, round(n / dt / (1 << 20), 2))
@@ -645,6 +658,9 @@ print("recovered", code(lambda: s3.head_object(Bucket=B, Key="blob")))
     assert_eq!(line("rodel"), "rodel AccessDenied", "{out}");
     assert_eq!(line("roother"), "roother AccessDenied", "{out}");
     assert_eq!(line("rocopy"), "rocopy AccessDenied", "{out}");
+    // ListBuckets shows a restricted key its buckets only.
+    assert_eq!(line("robuckets"), "robuckets gwbucket", "{out}");
+    assert_eq!(line("buckets"), "buckets gwbucket,s3,scratch", "{out}");
     // Limits are upper bounds: the transfer must not beat them by > 10 %.
     let rate = |l: String| -> (u64, f64) {
         let v: Vec<&str> = l.split_whitespace().collect();

@@ -236,13 +236,25 @@ impl Client {
     }
 
     /// Every file below `path` (or `path` itself if it is a file).
+    /// Up to 16 directories are listed at a time (each listing may wait
+    /// for the master to sync that directory with its UFS).
     pub async fn list_files_recursive(&self, path: &str) -> Result<Vec<FileInfo>> {
+        const PARALLEL: usize = 16;
         let mut out = Vec::new();
-        let mut stack = vec![path.to_string()];
-        while let Some(p) = stack.pop() {
-            for e in self.list(&p).await? {
+        let mut pending = vec![path.to_string()];
+        let mut running = futures::stream::FuturesUnordered::new();
+        loop {
+            while running.len() < PARALLEL
+                && let Some(p) = pending.pop()
+            {
+                running.push(async move { self.list(&p).await });
+            }
+            let Some(entries) = running.next().await else {
+                break;
+            };
+            for e in entries? {
                 if e.is_dir {
-                    stack.push(e.path.clone());
+                    pending.push(e.path.clone());
                 } else {
                     out.push(e);
                 }

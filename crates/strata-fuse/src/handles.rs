@@ -71,6 +71,19 @@ impl Window {
     }
 }
 
+/// The file written through a locked handle is being unlinked: nothing
+/// written through it is committed any more.
+pub async fn mark_unlinked(s: &mut WriteState) {
+    s.unlinked = true;
+    // Its unfinished version goes too (for a file being rewritten it is
+    // not the one the name shows, which the caller removes).
+    if let Some(w) = s.writer.take() {
+        w.abort().await;
+    }
+    s.staged = None;
+    s.base = None;
+}
+
 impl Drop for Window {
     fn drop(&mut self) {
         if let Some((_, t)) = self.next.take() {
@@ -362,17 +375,12 @@ impl Open {
 
     /// The file open through this handle is being unlinked: nothing it
     /// writes from now on is kept.
-    pub async fn mark_unlinked(&self) {
-        if let Kind::Write(state) = &self.kind {
-            let mut s = state.lock().await;
-            s.unlinked = true;
-            // Its unfinished version goes too (for a file being rewritten
-            // it is not the one the name shows, which the caller removes).
-            if let Some(w) = s.writer.take() {
-                w.abort().await;
-            }
-            s.staged = None;
-            s.base = None;
+    /// The write state of a handle open for writing, locked (after any
+    /// commit in progress): nothing is committed through it meanwhile.
+    pub async fn lock_write(&self) -> Option<tokio::sync::MutexGuard<'_, WriteState>> {
+        match &self.kind {
+            Kind::Write(state) => Some(state.lock().await),
+            _ => None,
         }
     }
 

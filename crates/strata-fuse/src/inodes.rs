@@ -27,7 +27,17 @@ pub struct Inodes {
     /// File handles open for writing, from this daemon and earlier ones
     /// of the mount (journaled only for restartable mounts).
     writers: std::collections::HashSet<u64>,
+    /// Numbers handed out by listings (which the kernel does not count),
+    /// oldest first. Past `max_unlisted` the oldest is dropped if the
+    /// kernel never looked it up, so listing huge trees does not grow the
+    /// table for the mount's life.
+    unreferenced: std::collections::VecDeque<u64>,
+    max_unreferenced: usize,
 }
+
+/// Listed-but-never-looked-up numbers kept (a later lookup of a dropped
+/// one gets a new number; only `ls -i` of the old listing would tell).
+const MAX_UNREFERENCED: usize = 100_000;
 
 /// Records appended since the journal was last rewritten.
 struct Journal {
@@ -101,6 +111,8 @@ impl Inodes {
             next: ROOT + 1,
             journal: None,
             writers: Default::default(),
+            unreferenced: Default::default(),
+            max_unreferenced: MAX_UNREFERENCED,
         };
         i.by_path.insert(root.clone(), ROOT);
         i.by_ino.insert(
@@ -265,6 +277,15 @@ impl Inodes {
                     },
                 );
                 self.log(NEW, i, path, "");
+                if !lookup {
+                    self.unreferenced.push_back(i);
+                    if self.unreferenced.len() > self.max_unreferenced
+                        && let Some(old) = self.unreferenced.pop_front()
+                        && self.by_ino.get(&old).is_some_and(|n| n.lookups == 0)
+                    {
+                        self.drop_node(old);
+                    }
+                }
                 i
             }
         };
@@ -272,6 +293,21 @@ impl Inodes {
             n.lookups += 1;
         }
         ino
+    }
+
+    fn drop_node(&mut self, ino: u64) {
+        if let Some(node) = self.by_ino.remove(&ino) {
+            if self.by_path.get(&node.path) == Some(&ino) {
+                self.by_path.remove(&node.path);
+            }
+            self.log(FORGET, ino, "", "");
+        }
+    }
+
+    /// Inode numbers known.
+    #[cfg(test)]
+    pub fn count(&self) -> usize {
+        self.by_ino.len()
     }
 
     pub fn forget(&mut self, ino: u64, n: u64) {
@@ -285,11 +321,8 @@ impl Inodes {
             }
             None => false,
         };
-        if gone && let Some(node) = self.by_ino.remove(&ino) {
-            if self.by_path.get(&node.path) == Some(&ino) {
-                self.by_path.remove(&node.path);
-            }
-            self.log(FORGET, ino, "", "");
+        if gone {
+            self.drop_node(ino);
         }
     }
 
@@ -354,6 +387,30 @@ impl Inodes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listed_names_never_looked_up_are_dropped_past_a_bound() {
+        let mut i = Inodes::new("/d".into());
+        i.max_unreferenced = 10;
+        let kept = i.ino_for("/d/kept", false);
+        i.ino_for("/d/kept", true);
+        let unlinked = i.ino_for("/d/gone", false);
+        i.unlinked("/d/gone");
+        let first = i.ino_for("/d/f0", false);
+        for n in 1..100 {
+            i.ino_for(&format!("/d/f{n}"), false);
+        }
+        // The root, the looked-up name and the last 10 listed ones.
+        assert_eq!(i.count(), 1 + 1 + 10);
+        assert_eq!(i.ino_of("/d/kept"), Some(kept));
+        assert!(i.path(unlinked).is_none() && i.path(first).is_none());
+        assert!(i.ino_of("/d/f0").is_none());
+        assert_ne!(i.ino_for("/d/f0", true), first, "a new number");
+        assert_eq!(
+            i.ino_of("/d/f99").and_then(|n| i.path(n)).as_deref(),
+            Some("/d/f99")
+        );
+    }
 
     #[test]
     fn lookup_forget_rename() {

@@ -614,22 +614,38 @@ impl Ctx {
 
     /// Deletes `path` from the namespace (unlink, rmdir, or the target a
     /// rename replaces). A file still open for writing here: its handles
-    /// stop committing first (after any commit in progress), so closing
+    /// commit nothing while the delete runs (it waits for any commit in
+    /// progress), and once it succeeded they stop committing, so closing
     /// them cannot bring it back, and a new file they were writing goes
-    /// with them.
+    /// with them. If the delete fails they write on as before.
     async fn delete_entry(&self, path: &str, dir: bool) -> Result<(), Errno> {
-        let mut writing = false;
-        if !dir {
-            let ino = lock(&self.inodes).ino_of(path);
-            for w in ino.map(|i| self.handles.writers_of(i)).unwrap_or_default() {
-                writing = true;
-                w.mark_unlinked().await;
+        let ino = if dir {
+            None
+        } else {
+            lock(&self.inodes).ino_of(path)
+        };
+        let mut writers = ino.map(|i| self.handles.writers_of(i)).unwrap_or_default();
+        // Locked in one order (two unlinks of one name cannot deadlock),
+        // held across the delete, and marked only once it succeeded: a
+        // refused unlink leaves the writers writing.
+        writers.sort_by_key(|w| Arc::as_ptr(w) as usize);
+        let mut locked = Vec::new();
+        for w in &writers {
+            if let Some(g) = w.lock_write().await {
+                locked.push(g);
             }
         }
-        match self.client.delete(path, false).await {
-            Err(e) if !(writing && e.is_not_found()) => Err(to_errno(&e)),
+        let res = match self.client.delete(path, false).await {
+            // A new file whose writers never completed it has no entry.
+            Err(e) if locked.is_empty() || !e.is_not_found() => Err(to_errno(&e)),
             _ => Ok(()),
+        };
+        if res.is_ok() {
+            for g in &mut locked {
+                handles::mark_unlinked(g).await;
+            }
         }
+        res
     }
 
     /// Drops the mount's own cached metadata and page fingerprint of `ino`.

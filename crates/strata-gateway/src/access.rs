@@ -74,6 +74,12 @@ impl Access {
         Access { keys, live, limits }
     }
 
+    /// Whether ListBuckets shows `bucket` to `key`: keys limited to some
+    /// buckets see only those.
+    pub fn may_see(&self, key: &str, bucket: &str) -> bool {
+        self.keys.get(key).is_some_and(|p| p.allows(bucket, false))
+    }
+
     /// False when `key` is over its request rate.
     fn admit(&self, key: &str) -> bool {
         let rate = self.live.requests_per_sec.load(Ordering::Relaxed);
@@ -119,8 +125,18 @@ fn copy_source_bucket(v: &str) -> Option<String> {
     (!b.is_empty()).then(|| b.to_string())
 }
 
+/// The policy as s3s holds it; the gateway keeps another handle to filter
+/// ListBuckets.
+pub struct Shared(pub Arc<Access>);
+
 #[async_trait::async_trait]
-impl S3Access for Access {
+impl S3Access for Shared {
+    async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
+        self.0.check(cx).await
+    }
+}
+
+impl Access {
     async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
         let Some(cred) = cx.credentials() else {
             return Err(s3_error!(
@@ -210,6 +226,9 @@ mod tests {
         assert!(ro.allows("scratch", true) && ro.allows("scratch", false));
         assert!(!ro.allows("other", false));
         assert!(a.keys["root"].allows("other", true));
+        assert!(a.may_see("ro", "data") && a.may_see("ro", "scratch"));
+        assert!(!a.may_see("ro", "other") && !a.may_see("nobody", "data"));
+        assert!(a.may_see("root", "other"));
         assert!(is_write("UploadPart") && !is_write("GetObject"));
         assert_eq!(copy_source_bucket("/src/a/b").as_deref(), Some("src"));
         assert_eq!(copy_source_bucket("src/a").as_deref(), Some("src"));

@@ -29,7 +29,7 @@ use strata_client::{Client, ClientError, FileInfo, Reader, WriteOptions, Writer}
 use strata_common::config::GatewayConfig;
 use tokio::net::TcpListener;
 
-pub use listing::{Page, page};
+pub use listing::{After, Page, page};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -68,6 +68,9 @@ pub struct Gateway {
     /// A read from offset 0 starts over; entries older than a minute are
     /// forgotten (the blocks may have been evicted or freed since).
     prewarmed: std::sync::Mutex<std::collections::HashMap<String, (u64, std::time::Instant)>>,
+    /// The access policy, when requests are checked against one: keys
+    /// limited to some buckets see only those in ListBuckets.
+    access: Option<Arc<access::Access>>,
 }
 
 impl Gateway {
@@ -79,6 +82,7 @@ impl Gateway {
             client,
             uploads: multipart::Uploads::new(upload_dir),
             prewarmed: Default::default(),
+            access: None,
         }
     }
 
@@ -393,11 +397,14 @@ impl Gateway {
         }
     }
 
-    /// The bucket's objects, sorted by key.
-    async fn objects(&self, bucket: &str) -> S3Result<Arc<Vec<(String, FileInfo)>>> {
+    /// The objects of `bucket` whose keys start with `dir` (empty, or a
+    /// prefix ending in `/`: the directory a listing's prefix names, so
+    /// that listing one directory of a large bucket lists that subtree
+    /// only), sorted by key.
+    async fn objects(&self, bucket: &str, dir: &str) -> S3Result<Arc<Vec<(String, FileInfo)>>> {
         let root = ns_path(bucket, None)?;
         self.check_bucket(bucket).await?;
-        if let Some(l) = self.meta.list(bucket) {
+        if let Some(l) = self.meta.list(bucket, dir) {
             return Ok(l);
         }
         let epoch = self.meta.epoch();
@@ -406,11 +413,25 @@ impl Gateway {
         // directories a PUT created after their last object is deleted,
         // which S3 would not show), though HEAD and GET of its marker
         // `dir/` find it.
-        let files = self
-            .client
-            .list_files_recursive(&root)
-            .await
-            .map_err(|e| s3_err(e, true))?;
+        let top = match dir.strip_suffix('/') {
+            Some(d) => match ns_path(bucket, Some(d)) {
+                Ok(p) => p,
+                // No object can have a key under an invalid path.
+                Err(_) => return Ok(Arc::default()),
+            },
+            None => root.clone(),
+        };
+        let files = match self.client.list_files_recursive(&top).await {
+            Ok(f) => f,
+            // A prefix under a missing path or under a file: no objects.
+            Err(e)
+                if !dir.is_empty()
+                    && (e.is_not_found() || matches!(e, ClientError::FailedPrecondition(_))) =>
+            {
+                Vec::new()
+            }
+            Err(e) => return Err(s3_err(e, true)),
+        };
         let mut objs: Vec<(String, FileInfo)> = files
             .into_iter()
             .filter(|f| !f.is_dir)
@@ -421,7 +442,7 @@ impl Gateway {
             .collect();
         objs.sort_by(|a, b| a.0.cmp(&b.0));
         let objs = Arc::new(objs);
-        self.meta.put_list(bucket, objs.clone(), epoch);
+        self.meta.put_list(bucket, dir, objs.clone(), epoch);
         Ok(objs)
     }
 
@@ -431,12 +452,12 @@ impl Gateway {
         bucket: &str,
         prefix: &str,
         delimiter: Option<&str>,
-        after: Option<&str>,
+        after: After<'_>,
         max_keys: usize,
     ) -> S3Result<(Vec<Object>, Vec<CommonPrefix>, Option<String>)> {
-        let objs = self.objects(bucket).await?;
-        let keys: Vec<String> = objs.iter().map(|(k, _)| k.clone()).collect();
-        let p = page(&keys, prefix, delimiter, after, max_keys);
+        let dir = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
+        let objs = self.objects(bucket, dir).await?;
+        let p = page(&objs, |o| o.0.as_str(), prefix, delimiter, after, max_keys);
         let contents = p
             .objects
             .iter()
@@ -535,12 +556,18 @@ async fn copy_into(r: &Reader, range: std::ops::Range<u64>, mut w: Writer) -> S3
 impl S3 for Gateway {
     async fn list_buckets(
         &self,
-        _req: S3Request<ListBucketsInput>,
+        req: S3Request<ListBucketsInput>,
     ) -> S3Result<S3Response<ListBucketsOutput>> {
         let entries = self.client.list("/").await.map_err(|e| s3_err(e, true))?;
+        let key = req.credentials.as_ref().map(|c| c.access_key.as_str());
         let buckets = entries
             .iter()
             .filter(|e| e.is_dir)
+            .filter(|e| match (&self.access, key) {
+                (Some(a), Some(k)) => a.may_see(k, &e.name),
+                (Some(_), None) => false,
+                (None, _) => true,
+            })
             .map(|e| Bucket {
                 name: Some(e.name.clone()),
                 creation_date: Some(modified(e)),
@@ -607,19 +634,18 @@ impl S3 for Gateway {
         let input = req.input;
         let prefix = input.prefix.clone().unwrap_or_default();
         let max_keys = input.max_keys.unwrap_or(1000).clamp(0, 1000) as usize;
-        let after = match (
-            input.continuation_token.as_deref(),
-            input.start_after.as_deref(),
-        ) {
-            (Some(t), Some(s)) => Some(t.max(s).to_string()),
-            (t, s) => t.or(s).map(str::to_string),
+        // S3 ignores start-after once a continuation token is given.
+        let after = match (&input.continuation_token, &input.start_after) {
+            (Some(t), _) => After::Entry(t),
+            (None, Some(s)) => After::Key(s),
+            (None, None) => After::Start,
         };
         let (contents, prefixes, next) = self
             .list_page(
                 &input.bucket,
                 &prefix,
                 input.delimiter.as_deref(),
-                after.as_deref(),
+                after,
                 max_keys,
             )
             .await?;
@@ -651,7 +677,7 @@ impl S3 for Gateway {
                 &input.bucket,
                 &prefix,
                 input.delimiter.as_deref(),
-                input.marker.as_deref(),
+                input.marker.as_deref().map_or(After::Start, After::Entry),
                 max_keys,
             )
             .await?;
@@ -682,7 +708,10 @@ impl S3 for Gateway {
                 &input.bucket,
                 &prefix,
                 input.delimiter.as_deref(),
-                input.key_marker.as_deref(),
+                input
+                    .key_marker
+                    .as_deref()
+                    .map_or(After::Start, After::Entry),
                 max_keys,
             )
             .await?;
@@ -1395,26 +1424,29 @@ pub async fn serve(
     if cfg.access_key.is_empty() || cfg.secret_key.is_empty() {
         return Err(GatewayError::NoKeys);
     }
-    let mut b = S3ServiceBuilder::new(Gateway::new(
-        client,
-        cfg.upload_dir.clone(),
-        Duration::from_secs(cfg.metadata_ttl_secs),
-    ));
-    let mut auth = SimpleAuth::from_single(cfg.access_key.as_str(), cfg.secret_key.as_str());
-    for k in &cfg.keys {
-        auth.register(k.access_key.clone(), k.secret_key.as_str().into());
-    }
-    b.set_auth(auth);
     let limits = Arc::new(throttle::Limits::new(
         cfg.max_bandwidth.0,
         cfg.conn_bandwidth.0,
         cfg.requests_per_sec,
     ));
-    b.set_access(access::Access::new(
+    let policy = Arc::new(access::Access::new(
         &cfg.access_key,
         &cfg.keys,
         limits.clone(),
     ));
+    let mut gateway = Gateway::new(
+        client,
+        cfg.upload_dir.clone(),
+        Duration::from_secs(cfg.metadata_ttl_secs),
+    );
+    gateway.access = Some(policy.clone());
+    let mut b = S3ServiceBuilder::new(gateway);
+    let mut auth = SimpleAuth::from_single(cfg.access_key.as_str(), cfg.secret_key.as_str());
+    for k in &cfg.keys {
+        auth.register(k.access_key.clone(), k.secret_key.as_str().into());
+    }
+    b.set_auth(auth);
+    b.set_access(access::Shared(policy));
     if !cfg.domain.is_empty() {
         b.set_host(access::Domain(cfg.domain.clone()));
     }

@@ -22,8 +22,8 @@ type Listing = Arc<Vec<(String, FileInfo)>>;
 struct Maps {
     /// Namespace path -> its FileInfo (`None`: does not exist).
     stats: HashMap<String, (Instant, Option<FileInfo>)>,
-    /// Bucket -> its objects sorted by key.
-    lists: HashMap<String, (Instant, Listing)>,
+    /// (Bucket, directory prefix) -> the objects under it, sorted by key.
+    lists: HashMap<(String, String), (Instant, Listing)>,
 }
 
 pub struct MetaCache {
@@ -36,6 +36,9 @@ pub struct MetaCache {
 
 /// Entries kept before the oldest are dropped wholesale.
 const MAX_STATS: usize = 100_000;
+/// Listings kept (one per bucket and directory listed) before expired ones
+/// are dropped, and then all.
+const MAX_LISTS: usize = 1024;
 
 impl MetaCache {
     /// A cache with `ttl` (zero: nothing is cached), kept in step with the
@@ -113,21 +116,29 @@ impl MetaCache {
         m.stats.insert(path.to_string(), (Instant::now(), v));
     }
 
-    pub fn list(&self, bucket: &str) -> Option<Listing> {
+    /// The objects of `bucket` under the directory prefix `dir`.
+    pub fn list(&self, bucket: &str, dir: &str) -> Option<Listing> {
         let m = self.lock();
-        let (at, v) = m.lists.get(bucket)?;
+        let (at, v) = m.lists.get(&(bucket.to_string(), dir.to_string()))?;
         (at.elapsed() < self.ttl).then(|| v.clone())
     }
 
     /// Stores a listing fetched at `epoch` (nothing if the cache was
     /// invalidated since).
-    pub fn put_list(&self, bucket: &str, v: Listing, epoch: u64) {
+    pub fn put_list(&self, bucket: &str, dir: &str, v: Listing, epoch: u64) {
         if self.ttl.is_zero() {
             return;
         }
         let mut m = self.lock();
         if self.epoch() == epoch {
-            m.lists.insert(bucket.to_string(), (Instant::now(), v));
+            if m.lists.len() >= MAX_LISTS {
+                m.lists.retain(|_, (at, _)| at.elapsed() < self.ttl);
+            }
+            if m.lists.len() >= MAX_LISTS {
+                m.lists.clear();
+            }
+            m.lists
+                .insert((bucket.to_string(), dir.to_string()), (Instant::now(), v));
         }
     }
 
@@ -136,7 +147,7 @@ impl MetaCache {
         let mut m = self.lock();
         self.epoch.fetch_add(1, Ordering::Relaxed);
         m.stats.remove(path);
-        m.lists.remove(bucket);
+        m.lists.retain(|(b, _), _| b != bucket);
     }
 }
 
@@ -164,12 +175,12 @@ mod tests {
         let e = c.epoch();
         c.put_stat("/b/k", Some(info.clone()), e);
         c.put_stat("/b/missing", None, e);
-        c.put_list("b", Arc::new(vec![("k".into(), info.clone())]), e);
+        c.put_list("b", "", Arc::new(vec![("k".into(), info.clone())]), e);
         assert_eq!(c.stat("/b/k").unwrap().unwrap().size, 3);
         assert!(c.stat("/b/missing").unwrap().is_none());
-        assert_eq!(c.list("b").unwrap().len(), 1);
+        assert_eq!(c.list("b", "").unwrap().len(), 1);
         c.invalidate("b", "/b/k");
-        assert!(c.stat("/b/k").is_none() && c.list("b").is_none());
+        assert!(c.stat("/b/k").is_none() && c.list("b", "").is_none());
         assert!(c.stat("/b/missing").is_some());
         std::thread::sleep(Duration::from_millis(250));
         assert!(c.stat("/b/missing").is_none(), "expired");
@@ -177,8 +188,8 @@ mod tests {
         let e = c.epoch();
         c.invalidate("b", "/b/other");
         c.put_stat("/b/k", Some(info.clone()), e);
-        c.put_list("b", Arc::new(vec![("k".into(), info)]), e);
-        assert!(c.stat("/b/k").is_none() && c.list("b").is_none());
+        c.put_list("b", "", Arc::new(vec![("k".into(), info)]), e);
+        assert!(c.stat("/b/k").is_none() && c.list("b", "").is_none());
         let off = cache(Duration::ZERO);
         off.put_stat("/x", None, off.epoch());
         assert!(off.stat("/x").is_none());

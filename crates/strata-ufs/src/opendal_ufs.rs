@@ -246,6 +246,38 @@ struct OpendalWriter {
     op: Operator,
     path: String,
     target: String,
+    /// On a local file system: the hidden file beside `path` the bytes go
+    /// to, renamed over `path` when complete (an object store's upload
+    /// completes atomically by itself).
+    part: Option<String>,
+}
+
+/// Marks the hidden files of writes in progress on a local file system
+/// (`.NAME.strata-part-ID` beside NAME); listings skip them.
+const PART_MARK: &str = ".strata-part-";
+
+fn is_part_file(name: &str) -> bool {
+    name.starts_with('.') && name.contains(PART_MARK)
+}
+
+/// A fresh name for the part file of a write to `path`.
+fn part_path(path: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let id = format!(
+        "{:x}-{:x}-{:x}",
+        std::process::id(),
+        nanos,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let (dir, name) = match path.rsplit_once('/') {
+        Some((d, n)) => (format!("{d}/"), n),
+        None => (String::new(), path),
+    };
+    format!("{dir}.{name}{PART_MARK}{id}")
 }
 
 impl UfsWriter for OpendalWriter {
@@ -265,6 +297,13 @@ impl UfsWriter for OpendalWriter {
                 .close()
                 .await
                 .map_err(|e| classify(self.target.clone(), e))?;
+            if let Some(part) = &self.part {
+                // rename(2): readers see the old file or the new one, whole.
+                if let Err(e) = self.op.rename(part, &self.path).await {
+                    let _ = self.op.delete(part).await;
+                    return Err(classify(self.target.clone(), e));
+                }
+            }
             // Stat for the authoritative fingerprint (fs has no ETag; S3
             // multipart ETags differ from single-part ones).
             let meta = self
@@ -279,10 +318,23 @@ impl UfsWriter for OpendalWriter {
 
     fn abort(mut self: Box<Self>) -> BoxFuture<'static, Result<(), UfsError>> {
         async move {
-            self.w
-                .abort()
-                .await
-                .map_err(|e| classify(self.target.clone(), e))
+            match self.part.take() {
+                // The fs service cannot abort a plain write: drop what was
+                // written instead. `path` itself was never touched.
+                Some(part) => {
+                    drop(self.w);
+                    match self.op.delete(&part).await {
+                        Ok(()) => Ok(()),
+                        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+                        Err(e) => Err(classify(self.target.clone(), e)),
+                    }
+                }
+                None => self
+                    .w
+                    .abort()
+                    .await
+                    .map_err(|e| classify(self.target.clone(), e)),
+            }
         }
         .boxed()
     }
@@ -358,7 +410,7 @@ impl UnderStorage for OpendalUfs {
                 {
                     st = status_of(p, &m);
                 }
-                if st.name.is_empty() {
+                if st.name.is_empty() || is_part_file(&st.name) {
                     continue;
                 }
                 out.push(st);
@@ -474,9 +526,10 @@ impl UnderStorage for OpendalUfs {
 
     fn writer<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Box<dyn UfsWriter>, UfsError>> {
         async move {
+            let part = (self.uri.scheme == Scheme::File).then(|| part_path(path));
             let w = self
                 .op
-                .writer_with(path)
+                .writer_with(part.as_deref().unwrap_or(path))
                 .chunk(8 << 20)
                 .concurrent(4)
                 .await
@@ -486,6 +539,7 @@ impl UnderStorage for OpendalUfs {
                 op: self.op.clone(),
                 path: path.to_string(),
                 target: self.target(path),
+                part,
             }) as Box<dyn UfsWriter>)
         }
         .boxed()
@@ -582,5 +636,72 @@ impl UnderStorage for OpendalUfs {
             }
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    async fn write(w: &mut Box<dyn UfsWriter>, data: &[u8]) {
+        w.write(Bytes::copy_from_slice(data)).await.unwrap();
+    }
+
+    /// On a local file system a write replaces the file only when it
+    /// completes: readers see the old bytes until then, an aborted write
+    /// leaves them, and no part file shows in listings or stays behind.
+    #[tokio::test]
+    async fn local_writes_replace_the_file_only_when_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = UfsUri::parse(
+            &format!("file://{}", dir.path().display()),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let ufs = OpendalUfs::new(&uri).unwrap();
+        let file = dir.path().join("d/f.bin");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, b"old").unwrap();
+
+        let mut w = ufs.writer("d/f.bin").await.unwrap();
+        write(&mut w, b"half of a new version").await;
+        assert_eq!(std::fs::read(&file).unwrap(), b"old", "during the write");
+        let names: Vec<String> = ufs
+            .list("d")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["f.bin"], "the part file is not listed");
+        w.abort().await.unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"old", "after an abort");
+        assert_eq!(
+            std::fs::read_dir(file.parent().unwrap()).unwrap().count(),
+            1
+        );
+
+        let mut w = ufs.writer("d/f.bin").await.unwrap();
+        write(&mut w, b"new ").await;
+        write(&mut w, b"version").await;
+        let st = w.close().await.unwrap();
+        assert_eq!(st.size, 11);
+        assert_eq!(std::fs::read(&file).unwrap(), b"new version");
+        assert_eq!(
+            std::fs::read_dir(file.parent().unwrap()).unwrap().count(),
+            1
+        );
+
+        // A new file in the top directory, and one into a new directory.
+        let mut w = ufs.writer("top").await.unwrap();
+        write(&mut w, b"t").await;
+        w.close().await.unwrap();
+        let mut w = ufs.writer("new/dir/x").await.unwrap();
+        write(&mut w, b"x").await;
+        w.close().await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("top")).unwrap(), b"t");
+        assert_eq!(std::fs::read(dir.path().join("new/dir/x")).unwrap(), b"x");
+        assert!(is_part_file(".x.strata-part-1-2-3") && !is_part_file("x.strata-part-1"));
     }
 }
