@@ -193,6 +193,29 @@ async fn files_and_directories_through_the_mount() {
     );
     assert!(!local.path().join("d1").exists());
 
+    // A directory renamed while a file in it is open for writing: what was
+    // written is committed first, and later writes and the close go to the
+    // file's new path.
+    std::fs::create_dir(root.join("local/w1")).unwrap();
+    let mut w = std::fs::File::create(root.join("local/w1/open.txt")).unwrap();
+    w.write_all(b"before the rename, ").unwrap();
+    std::fs::rename(root.join("local/w1"), root.join("local/w2")).unwrap();
+    w.write_all(b"after it").unwrap();
+    close(w).unwrap();
+    let want = b"before the rename, after it";
+    assert_eq!(std::fs::read(root.join("local/w2/open.txt")).unwrap(), want);
+    assert_eq!(
+        std::fs::read(local.path().join("w2/open.txt")).unwrap(),
+        want
+    );
+    assert!(!local.path().join("w1").exists());
+    assert!(
+        c.stat("/local/w1/open.txt")
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+
     // Precise errnos for what is not supported.
     let e = std::fs::rename(root.join("s3/data/big.bin"), root.join("local/big.bin")).unwrap_err();
     assert_eq!(errno(&e), libc::EXDEV, "rename across mounts: {e}");

@@ -741,14 +741,18 @@ impl Handles {
         Some(o)
     }
 
-    /// Open write handles of an inode.
     /// Open write handles of an inode, each once (descriptors sharing one
     /// count once; read-only aliases, which may outlive the writer, not
     /// at all).
     pub fn writers_of(&self, ino: u64) -> Vec<Arc<Open>> {
+        self.writers_where(|i| i == ino)
+    }
+
+    /// Open write handles, each once, of the inodes `of` accepts.
+    pub fn writers_where(&self, of: impl Fn(u64) -> bool) -> Vec<Arc<Open>> {
         let mut out: Vec<Arc<Open>> = Vec::new();
         for o in self.committing() {
-            if o.ino == ino && o.is_write() && !out.iter().any(|x| Arc::ptr_eq(x, &o)) {
+            if of(o.ino) && o.is_write() && !out.iter().any(|x| Arc::ptr_eq(x, &o)) {
                 out.push(o);
             }
         }

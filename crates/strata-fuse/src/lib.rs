@@ -940,13 +940,25 @@ impl Filesystem for StrataFs {
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
         self.spawn(async move {
-            // A file still open for writing is committed first (its entry
-            // is incomplete until then); its handles then write to `dst`.
-            let src_ino = lock(&ctx.inodes).ino_of(&src);
-            let writers = src_ino
-                .map(|i| ctx.handles.writers_of(i))
-                .unwrap_or_default();
-            for w in &writers {
+            // A file still open for writing (`src`, or a file below the
+            // directory `src`) is committed first (its entry is incomplete
+            // until then); its handles then write to its new path.
+            let writers: Vec<(Arc<handles::Open>, String)> = {
+                let open = ctx.handles.writers_where(|_| true);
+                let inodes = lock(&ctx.inodes);
+                open.into_iter()
+                    .filter_map(|w| {
+                        let p = inodes.path(w.ino)?;
+                        let rest = p
+                            .strip_prefix(src.as_str())
+                            .filter(|r| r.is_empty() || r.starts_with('/'))
+                            .filter(|r| !r.contains('\0'))?;
+                        let to = format!("{dst}{rest}");
+                        Some((w, to))
+                    })
+                    .collect()
+            };
+            for (w, _) in &writers {
                 if let Err(e) = w.commit().await {
                     return reply.error(e);
                 }
@@ -973,8 +985,8 @@ impl Filesystem for StrataFs {
                     ctx.meta.forget(&src);
                     ctx.meta.forget(&dst);
                     lock(&ctx.inodes).rename(&src, &dst);
-                    for w in &writers {
-                        w.set_path(&dst).await;
+                    for (w, to) in &writers {
+                        w.set_path(to).await;
                     }
                     reply.ok()
                 }
