@@ -159,6 +159,19 @@ pub struct Open {
 }
 
 impl Open {
+    /// Frees a read handle's window buffers (and stops its prefetch); a
+    /// later read fetches again. Nothing if a read holds them now.
+    pub fn drop_windows(&self) {
+        if let Kind::Read { window, .. } = &self.kind
+            && let Ok(mut w) = window.try_lock()
+        {
+            w.buf = Bytes::new();
+            if let Some((_, t)) = w.next.take() {
+                t.abort();
+            }
+        }
+    }
+
     pub fn reading(reader: Reader) -> Open {
         Open {
             ino: 0,

@@ -129,8 +129,11 @@ struct Unopened {
     by_ino: Mutex<std::collections::HashMap<u64, (std::time::Instant, Arc<Open>)>>,
 }
 
-/// Read handles an `Unopened` keeps (each may hold up to two read windows).
+/// Read handles an `Unopened` keeps.
 const UNOPENED_KEPT: usize = 256;
+/// Of those, the most recent that keep their read windows (so at most
+/// 32 × 16 MiB of window buffers, not 256 × 16 MiB).
+const UNOPENED_WINDOWS: usize = 32;
 
 impl Unopened {
     /// The handle of `ino`, if it was used within `ttl`.
@@ -159,6 +162,15 @@ impl Unopened {
         }
         let o = Arc::new(open());
         m.insert(ino, (now, o.clone()));
+        if m.len() > UNOPENED_WINDOWS {
+            // Only the most recent handles keep their read windows (up to
+            // 2 × 8 MiB each): the rest read afresh if used again.
+            let mut by_age: Vec<&(std::time::Instant, Arc<Open>)> = m.values().collect();
+            by_age.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+            for (_, old) in by_age.into_iter().skip(UNOPENED_WINDOWS) {
+                old.drop_windows();
+            }
+        }
         o
     }
 
