@@ -31,6 +31,18 @@ pub enum After<'a> {
     Entry(&'a str),
 }
 
+impl<'a> After<'a> {
+    /// The key or entry to list after, and whether common prefixes at or
+    /// before it are skipped.
+    fn parts(self) -> (Option<&'a str>, bool) {
+        match self {
+            After::Start => (None, false),
+            After::Key(k) => (Some(k), false),
+            After::Entry(e) => (Some(e), true),
+        }
+    }
+}
+
 /// `items` must be sorted by `key`. A common prefix counts as one entry.
 pub fn page<T>(
     items: &[T],
@@ -40,11 +52,7 @@ pub fn page<T>(
     after: After<'_>,
     max_keys: usize,
 ) -> Page {
-    let (after, skip_prefixes) = match after {
-        After::Start => (None, false),
-        After::Key(k) => (Some(k), false),
-        After::Entry(e) => (Some(e), true),
-    };
+    let (after, skip_prefixes) = after.parts();
     let mut out = Page::default();
     if max_keys == 0 {
         // An empty page that is not truncated (as S3 answers max-keys=0).
@@ -122,11 +130,7 @@ mod tests {
         after: After<'_>,
         max_keys: usize,
     ) -> Page {
-        let (after, entry) = match after {
-            After::Start => (None, false),
-            After::Key(k) => (Some(k), false),
-            After::Entry(e) => (Some(e), true),
-        };
+        let (after, entry) = after.parts();
         let mut out = Page::default();
         if max_keys == 0 {
             return out;
