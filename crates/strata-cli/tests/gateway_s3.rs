@@ -129,6 +129,17 @@ def code(f):
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Listings with prefixes that name a directory, a missing path, a path
+/// under a file, and a start-after inside a common prefix.
+const SCOPED_LISTINGS: &str = r#"
+def scoped(s3):
+    def ls(prefix, **kw):
+        r = s3.list_objects_v2(Bucket="gwbucket", Prefix=prefix, **kw)
+        return [o["Key"] for o in r.get("Contents", [])] + [p["Prefix"] for p in r.get("CommonPrefixes", [])]
+    return (ls("dir/sub/", Delimiter="/"), ls("dir/s"), ls("dir/", Delimiter="/"), ls("to"), ls("missing/dir/"),
+            ls("top.txt/"), ls("dir/a.bin/x"), ls("", Delimiter="/", StartAfter="dir/a.bin"))
+"#;
+
 #[tokio::test(flavor = "multi_thread")]
 async fn boto3_reads_writes_lists_and_is_refused_bad_input() {
     if !python_has_boto3() {
@@ -145,7 +156,9 @@ async fn boto3_reads_writes_lists_and_is_refused_bad_input() {
     let gw = GatewayProc::start(&env.cluster.master_addr);
     let out = boto3(
         &gw.endpoint,
-        r#"
+        &format!(
+            "{SCOPED_LISTINGS}{}",
+            r#"
 print("buckets", [b["Name"] for b in s3.list_buckets()["Buckets"]])
 r = s3.list_objects_v2(Bucket="gwbucket", Delimiter="/")
 print("top", [o["Key"] for o in r.get("Contents", [])], [p["Prefix"] for p in r.get("CommonPrefixes", [])])
@@ -154,10 +167,7 @@ print("dir", [(o["Key"], o["Size"]) for o in r["Contents"]])
 r = s3.list_objects_v2(Bucket="gwbucket", MaxKeys=1)
 r2 = s3.list_objects_v2(Bucket="gwbucket", MaxKeys=5, ContinuationToken=r["NextContinuationToken"])
 print("paged", r["IsTruncated"], [o["Key"] for o in r["Contents"]], [o["Key"] for o in r2["Contents"]])
-def ls(prefix, **kw):
-    r = s3.list_objects_v2(Bucket="gwbucket", Prefix=prefix, **kw)
-    return [o["Key"] for o in r.get("Contents", [])] + [p["Prefix"] for p in r.get("CommonPrefixes", [])]
-print("scoped", ls("dir/sub/", Delimiter="/"), ls("dir/s"), ls("dir/", Delimiter="/"), ls("to"), ls("missing/dir/"), ls("top.txt/"), ls("dir/a.bin/x"), ls("", Delimiter="/", StartAfter="dir/a.bin"))
+print("scoped", *scoped(s3))
 body = s3.get_object(Bucket="gwbucket", Key="dir/a.bin", Range="bytes=1048570-1048579")["Body"].read()
 print("range", body.hex())
 print("head", s3.head_object(Bucket="gwbucket", Key="dir/a.bin")["ContentLength"])
@@ -175,7 +185,8 @@ print("nobucket", code(lambda: s3.list_objects_v2(Bucket="nobucket")))
 print("badsig", code(lambda: bad.list_buckets()))
 print("dotdot", code(lambda: s3.put_object(Bucket="gwbucket", Key="a/../../etc", Body=b"x")))
 print("badrange", code(lambda: s3.get_object(Bucket="gwbucket", Key="top.txt", Range="bytes=100-200")))
-"#,
+"#
+        ),
     );
     let line = |p: &str| {
         out.lines()
@@ -196,10 +207,20 @@ print("badrange", code(lambda: s3.get_object(Bucket="gwbucket", Key="top.txt", R
     // A prefix with a directory part lists that directory's subtree; one
     // under a missing path or under a file lists nothing; a start-after
     // inside a common prefix still lists the prefix.
-    assert_eq!(
-        line("scoped"),
-        "scoped ['dir/sub/b.txt'] ['dir/sub/b.txt'] ['dir/a.bin', 'dir/sub/'] ['top.txt'] [] [] [] ['top.txt', 'dir/']"
+    let scoped = "scoped ['dir/sub/b.txt'] ['dir/sub/b.txt'] ['dir/a.bin', 'dir/sub/'] ['top.txt'] [] [] [] ['top.txt', 'dir/']";
+    assert_eq!(line("scoped"), scoped);
+    // The same from a gateway without the metadata cache (above, most
+    // listings were cut from the cached listing of the whole bucket; here
+    // each lists its own directory).
+    let uncached = GatewayProc::start_with(
+        &env.cluster.master_addr,
+        "[gateway]\nmetadata_ttl_secs = 0\n",
     );
+    let out2 = boto3(
+        &uncached.endpoint,
+        &format!("{SCOPED_LISTINGS}print(\"scoped\", *scoped(s3))\n"),
+    );
+    assert_eq!(out2.trim(), scoped, "{out2}");
     let expect: String = data[1048570..1048580]
         .iter()
         .map(|b| format!("{b:02x}"))

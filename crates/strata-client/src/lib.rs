@@ -247,12 +247,22 @@ impl Client {
             while running.len() < PARALLEL
                 && let Some(p) = pending.pop()
             {
-                running.push(async move { self.list(&p).await });
+                let top = p == path;
+                running.push(async move { (top, self.list(&p).await) });
             }
-            let Some(entries) = running.next().await else {
+            let Some((top, entries)) = running.next().await else {
                 break;
             };
-            for e in entries? {
+            let entries = match entries {
+                Ok(e) => e,
+                // A directory below `path` removed (or replaced by a file)
+                // while the walk ran: it holds nothing now.
+                Err(ClientError::NotFound(_) | ClientError::FailedPrecondition(_)) if !top => {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for e in entries {
                 if e.is_dir {
                     pending.push(e.path.clone());
                 } else {

@@ -398,12 +398,6 @@ impl Open {
     }
 
     /// The file open through this handle was renamed to `path`.
-    pub async fn set_path(&self, path: &str) {
-        if let Kind::Write(state) = &self.kind {
-            state.lock().await.path = path.to_string();
-        }
-    }
-
     /// Truncates or extends the file open through this handle (`ftruncate`,
     /// as linkers do before writing their output through a mapping).
     pub async fn set_size(&self, size: u64) -> Result<(), Errno> {
@@ -427,10 +421,17 @@ impl Open {
     /// Commits a written file (idempotent; later calls report the first
     /// result).
     pub async fn commit(&self) -> Result<(), Errno> {
-        let Kind::Write(state) = &self.kind else {
-            return Ok(());
-        };
-        let mut s = state.lock().await;
+        match self.lock_write().await {
+            Some(mut s) => s.commit().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl WriteState {
+    /// Commits what was written so far (see [`Open::commit`]).
+    pub async fn commit(&mut self) -> Result<(), Errno> {
+        let s = self;
         if let Some(e) = s.failed {
             return Err(e);
         }
@@ -456,9 +457,17 @@ impl Open {
         }
         Ok(())
     }
-}
 
-impl WriteState {
+    /// A write that failed earlier, if any.
+    pub fn failed(&self) -> Option<Errno> {
+        self.failed
+    }
+
+    /// The file this handle writes is now at `path` (renamed).
+    pub fn set_path(&mut self, path: &str) {
+        self.path = path.to_string();
+    }
+
     /// Moves the file to a local staged copy (once): what this handle
     /// streamed so far is committed and read back, or the old bytes an
     /// append would have kept are copied.

@@ -260,9 +260,33 @@ impl Inodes {
         self.by_ino.get(&ino).map(|n| n.path.clone())
     }
 
+    /// The inode of `path`, created if new, that a lookup will count soon
+    /// (a `create` in progress): never dropped as listed-only meanwhile.
+    /// If that lookup does not come, [`Inodes::not_counted`].
+    pub fn ino_held(&mut self, path: &str) -> u64 {
+        self.ino_made(path, false)
+    }
+
+    /// The number `ino_held` gave will not be counted after all.
+    pub fn not_counted(&mut self, ino: u64) {
+        if self.by_ino.get(&ino).is_some_and(|n| n.lookups == 0) {
+            self.unreferenced.push_back(ino);
+        }
+    }
+
     /// The inode of `path`, created if new; `lookup` counts a kernel lookup.
     pub fn ino_for(&mut self, path: &str, lookup: bool) -> u64 {
-        let ino = match self.by_path.get(path) {
+        let ino = self.ino_made(path, !lookup);
+        if lookup && let Some(n) = self.by_ino.get_mut(&ino) {
+            n.lookups += 1;
+        }
+        ino
+    }
+
+    /// The inode of `path`, created if new (and then queued to be dropped
+    /// unless counted, if `queue`).
+    fn ino_made(&mut self, path: &str, queue: bool) -> u64 {
+        match self.by_path.get(path) {
             Some(&i) => i,
             None => {
                 let i = self.next;
@@ -277,7 +301,7 @@ impl Inodes {
                     },
                 );
                 self.log(NEW, i, path, "");
-                if !lookup {
+                if queue {
                     self.unreferenced.push_back(i);
                     if self.unreferenced.len() > self.max_unreferenced
                         && let Some(old) = self.unreferenced.pop_front()
@@ -288,11 +312,7 @@ impl Inodes {
                 }
                 i
             }
-        };
-        if lookup && let Some(n) = self.by_ino.get_mut(&ino) {
-            n.lookups += 1;
         }
-        ino
     }
 
     fn drop_node(&mut self, ino: u64) {

@@ -126,8 +126,14 @@ pub struct StrataFs {
 /// most recently read files.
 #[derive(Default)]
 struct Unopened {
-    by_ino: Mutex<std::collections::HashMap<u64, (std::time::Instant, Arc<Open>)>>,
+    by_ino: Mutex<UnopenedMap>,
+    /// Reads served, to trim the read windows every 16 of them.
+    reads: std::sync::atomic::AtomicU64,
 }
+
+/// Inode -> (last checked against the namespace, last used, its handle).
+type UnopenedMap =
+    std::collections::HashMap<u64, (std::time::Instant, std::time::Instant, Arc<Open>)>;
 
 /// Read handles an `Unopened` keeps.
 const UNOPENED_KEPT: usize = 256;
@@ -136,12 +142,38 @@ const UNOPENED_KEPT: usize = 256;
 const UNOPENED_WINDOWS: usize = 32;
 
 impl Unopened {
-    /// The handle of `ino`, if it was used within `ttl`.
+    /// The handle of `ino`, if it was checked against the namespace
+    /// within `ttl`; it counts as used now.
     fn fresh(&self, ino: u64, ttl: Duration) -> Option<Arc<Open>> {
-        lock(&self.by_ino)
-            .get(&ino)
-            .filter(|(at, _)| at.elapsed() < ttl)
-            .map(|(_, o)| o.clone())
+        let mut m = lock(&self.by_ino);
+        let (checked, used, o) = m.get_mut(&ino)?;
+        if checked.elapsed() >= ttl {
+            return None;
+        }
+        *used = std::time::Instant::now();
+        let o = o.clone();
+        if self
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % 16
+            == 15
+        {
+            Self::trim_windows(&m);
+        }
+        Some(o)
+    }
+
+    /// Only the most recently used handles keep their read windows (up to
+    /// 2 × 8 MiB each): the rest read afresh if used again.
+    fn trim_windows(m: &UnopenedMap) {
+        if m.len() > UNOPENED_WINDOWS {
+            let mut by_use: Vec<&(std::time::Instant, std::time::Instant, Arc<Open>)> =
+                m.values().collect();
+            by_use.sort_by_key(|(_, used, _)| std::cmp::Reverse(*used));
+            for (_, _, old) in by_use.into_iter().skip(UNOPENED_WINDOWS) {
+                old.drop_windows();
+            }
+        }
     }
 
     /// The handle of `ino` for the version with fingerprint `fp`, made by
@@ -149,28 +181,23 @@ impl Unopened {
     fn get_or_insert(&self, ino: u64, fp: &str, open: impl FnOnce() -> Open) -> Arc<Open> {
         let now = std::time::Instant::now();
         let mut m = lock(&self.by_ino);
-        if let Some((at, o)) = m.get_mut(&ino)
+        if let Some((checked, used, o)) = m.get_mut(&ino)
             && o.fingerprint() == Some(fp)
         {
-            *at = now;
+            (*checked, *used) = (now, now);
             return o.clone();
         }
         if m.len() >= UNOPENED_KEPT
-            && let Some(oldest) = m.iter().min_by_key(|(_, (at, _))| *at).map(|(i, _)| *i)
+            && let Some(oldest) = m
+                .iter()
+                .min_by_key(|(_, (_, used, _))| *used)
+                .map(|(i, _)| *i)
         {
             m.remove(&oldest);
         }
         let o = Arc::new(open());
-        m.insert(ino, (now, o.clone()));
-        if m.len() > UNOPENED_WINDOWS {
-            // Only the most recent handles keep their read windows (up to
-            // 2 × 8 MiB each): the rest read afresh if used again.
-            let mut by_age: Vec<&(std::time::Instant, Arc<Open>)> = m.values().collect();
-            by_age.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
-            for (_, old) in by_age.into_iter().skip(UNOPENED_WINDOWS) {
-                old.drop_windows();
-            }
-        }
+        m.insert(ino, (now, now, o.clone()));
+        Self::trim_windows(&m);
         o
     }
 
@@ -954,8 +981,12 @@ impl Filesystem for StrataFs {
         self.spawn(async move {
             // A file still open for writing (`src`, or a file below the
             // directory `src`) is committed first (its entry is incomplete
-            // until then); its handles then write to its new path.
-            let writers: Vec<(Arc<handles::Open>, String)> = {
+            // until then), and its handles write to its new path after the
+            // rename. They are held (locked in one order, as for unlink)
+            // from the commit to the new path, so no write in between
+            // starts a new version at the old path. A writer that failed
+            // earlier is left as it is (its close reports the failure).
+            let mut writers: Vec<(Arc<handles::Open>, String)> = {
                 let open = ctx.handles.writers_where(|_| true);
                 let inodes = lock(&ctx.inodes);
                 open.into_iter()
@@ -970,8 +1001,16 @@ impl Filesystem for StrataFs {
                     })
                     .collect()
             };
-            for (w, _) in &writers {
-                if let Err(e) = w.commit().await {
+            writers.sort_by_key(|(w, _)| Arc::as_ptr(w) as usize);
+            let mut locked = Vec::new();
+            for (w, to) in &writers {
+                if let Some(g) = w.lock_write().await {
+                    locked.push((g, to.clone()));
+                }
+            }
+            locked.retain(|(g, _)| g.failed().is_none());
+            for (g, _) in &mut locked {
+                if let Err(e) = g.commit().await {
                     return reply.error(e);
                 }
             }
@@ -997,8 +1036,8 @@ impl Filesystem for StrataFs {
                     ctx.meta.forget(&src);
                     ctx.meta.forget(&dst);
                     lock(&ctx.inodes).rename(&src, &dst);
-                    for (w, to) in &writers {
-                        w.set_path(to).await;
+                    for (g, to) in &mut locked {
+                        g.set_path(to);
                     }
                     reply.ok()
                 }
@@ -1269,8 +1308,9 @@ impl Filesystem for StrataFs {
             // A name still open through passthrough (unlinked, say) keeps
             // its inode: the new file cannot be opened through the daemon
             // until those descriptors are closed.
-            let counted = lock(&ctx.inodes).ino_for(&path, false);
+            let counted = lock(&ctx.inodes).ino_held(&path);
             if let Err(e) = ctx.modes.begin_cached(counted).await {
+                lock(&ctx.inodes).not_counted(counted);
                 return reply.error(e);
             }
             match ctx.new_file(&path, !exclusive).await {
@@ -1296,6 +1336,7 @@ impl Filesystem for StrataFs {
                 }
                 Err(e) => {
                     ctx.modes.abandon_cached(counted);
+                    lock(&ctx.inodes).not_counted(counted);
                     reply.error(to_errno(&e))
                 }
             }

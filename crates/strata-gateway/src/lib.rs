@@ -401,11 +401,28 @@ impl Gateway {
     /// prefix ending in `/`: the directory a listing's prefix names, so
     /// that listing one directory of a large bucket lists that subtree
     /// only), sorted by key.
-    async fn objects(&self, bucket: &str, dir: &str) -> S3Result<Arc<Vec<(String, FileInfo)>>> {
+    /// A fresh cached listing of `dir` or of a directory above it serves
+    /// (the part of it under `dir`), so a client walking a tree level by
+    /// level lists it once.
+    async fn objects(
+        &self,
+        bucket: &str,
+        dir: &str,
+    ) -> S3Result<(Arc<Vec<(String, FileInfo)>>, std::ops::Range<usize>)> {
         let root = ns_path(bucket, None)?;
         self.check_bucket(bucket).await?;
-        if let Some(l) = self.meta.list(bucket, dir) {
-            return Ok(l);
+        let mut above = Some(dir);
+        while let Some(d) = above {
+            if let Some(l) = self.meta.list(bucket, d) {
+                let lo = l.partition_point(|(k, _)| k.as_str() < dir);
+                let hi = lo + l[lo..].partition_point(|(k, _)| k.starts_with(dir));
+                return Ok((l, lo..hi));
+            }
+            // "a/b/" -> "a/" -> "" -> done.
+            above = (!d.is_empty()).then(|| {
+                let t = &d[..d.len() - 1];
+                &t[..t.rfind('/').map_or(0, |i| i + 1)]
+            });
         }
         let epoch = self.meta.epoch();
         // Files only: a directory shows as a common prefix while it holds
@@ -417,7 +434,7 @@ impl Gateway {
             Some(d) => match ns_path(bucket, Some(d)) {
                 Ok(p) => p,
                 // No object can have a key under an invalid path.
-                Err(_) => return Ok(Arc::default()),
+                Err(_) => return Ok((Arc::default(), 0..0)),
             },
             None => root.clone(),
         };
@@ -443,7 +460,8 @@ impl Gateway {
         objs.sort_by(|a, b| a.0.cmp(&b.0));
         let objs = Arc::new(objs);
         self.meta.put_list(bucket, dir, objs.clone(), epoch);
-        Ok(objs)
+        let all = 0..objs.len();
+        Ok((objs, all))
     }
 
     /// One page of a bucket listing: objects with their keys, and prefixes.
@@ -456,8 +474,9 @@ impl Gateway {
         max_keys: usize,
     ) -> S3Result<(Vec<Object>, Vec<CommonPrefix>, Option<String>)> {
         let dir = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
-        let objs = self.objects(bucket, dir).await?;
-        let p = page(&objs, |o| o.0.as_str(), prefix, delimiter, after, max_keys);
+        let (listing, range) = self.objects(bucket, dir).await?;
+        let objs = &listing[range];
+        let p = page(objs, |o| o.0.as_str(), prefix, delimiter, after, max_keys);
         let contents = p
             .objects
             .iter()

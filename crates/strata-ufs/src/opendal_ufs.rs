@@ -277,7 +277,13 @@ fn part_path(path: &str) -> String {
         Some((d, n)) => (format!("{d}/"), n),
         None => (String::new(), path),
     };
-    format!("{dir}.{name}{PART_MARK}{id}")
+    // At most 64 bytes of the name, so a part file's name stays within
+    // NAME_MAX (255) for every name that fits.
+    let mut cut = name.len().min(64);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{dir}.{}{PART_MARK}{id}", &name[..cut])
 }
 
 impl UfsWriter for OpendalWriter {
@@ -293,10 +299,12 @@ impl UfsWriter for OpendalWriter {
 
     fn close(mut self: Box<Self>) -> BoxFuture<'static, Result<UfsStatus, UfsError>> {
         async move {
-            self.w
-                .close()
-                .await
-                .map_err(|e| classify(self.target.clone(), e))?;
+            if let Err(e) = self.w.close().await {
+                if let Some(part) = &self.part {
+                    let _ = self.op.delete(part).await;
+                }
+                return Err(classify(self.target.clone(), e));
+            }
             if let Some(part) = &self.part {
                 // rename(2): readers see the old file or the new one, whole.
                 if let Err(e) = self.op.rename(part, &self.path).await {
@@ -396,6 +404,11 @@ impl UnderStorage for OpendalUfs {
                 if p == prefix || p.is_empty() || p == "/" {
                     continue;
                 }
+                if self.uri.scheme == Scheme::File
+                    && is_part_file(p.trim_end_matches('/').rsplit('/').next().unwrap_or(""))
+                {
+                    continue;
+                }
                 let mut st = status_of(p, en.metadata());
                 // fs listings may omit sizes and times, and some S3 servers
                 // list without ETags; stat such files so the fingerprint is
@@ -410,7 +423,7 @@ impl UnderStorage for OpendalUfs {
                 {
                     st = status_of(p, &m);
                 }
-                if st.name.is_empty() || is_part_file(&st.name) {
+                if st.name.is_empty() {
                     continue;
                 }
                 out.push(st);
@@ -703,5 +716,11 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join("top")).unwrap(), b"t");
         assert_eq!(std::fs::read(dir.path().join("new/dir/x")).unwrap(), b"x");
         assert!(is_part_file(".x.strata-part-1-2-3") && !is_part_file("x.strata-part-1"));
+        // A name of 255 bytes (NAME_MAX) can still be written.
+        let long = "n".repeat(255);
+        let mut w = ufs.writer(&long).await.unwrap();
+        write(&mut w, b"long").await;
+        w.close().await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join(&long)).unwrap(), b"long");
     }
 }
