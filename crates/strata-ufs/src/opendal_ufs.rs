@@ -256,6 +256,10 @@ struct OpendalWriter {
 /// (`.NAME.strata-part-ID` beside NAME); listings skip them.
 const PART_MARK: &str = ".strata-part-";
 
+/// A part file this old (by modification time) belongs to no live write;
+/// the listing of its directory removes it.
+const STALE_PART_MS: i64 = 24 * 3600 * 1000;
+
 fn is_part_file(name: &str) -> bool {
     name.starts_with('.') && name.contains(PART_MARK)
 }
@@ -407,6 +411,17 @@ impl UnderStorage for OpendalUfs {
                 if self.uri.scheme == Scheme::File
                     && is_part_file(p.trim_end_matches('/').rsplit('/').next().unwrap_or(""))
                 {
+                    // Not listed; one a day old was left by a writer that
+                    // died (a live one finishes or aborts long before).
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64);
+                    if let Ok(m) = self.op.stat(p).await
+                        && let Some(t) = m.last_modified()
+                        && now - t.into_inner().as_millisecond() > STALE_PART_MS
+                    {
+                        let _ = self.op.delete(p).await;
+                    }
                     continue;
                 }
                 let mut st = status_of(p, en.metadata());
@@ -716,6 +731,24 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join("top")).unwrap(), b"t");
         assert_eq!(std::fs::read(dir.path().join("new/dir/x")).unwrap(), b"x");
         assert!(is_part_file(".x.strata-part-1-2-3") && !is_part_file("x.strata-part-1"));
+        // Part files of writers that died: one older than a day is removed
+        // by the listing of its directory, a recent one is left alone.
+        let d = dir.path().join("d");
+        for (name, age_h) in [(".old.strata-part-1", 25), (".new.strata-part-2", 1)] {
+            let f = std::fs::File::create(d.join(name)).unwrap();
+            let t = std::time::SystemTime::now() - std::time::Duration::from_secs(age_h * 3600);
+            f.set_modified(t).unwrap();
+        }
+        let names: Vec<String> = ufs
+            .list("d")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["f.bin"]);
+        assert!(!d.join(".old.strata-part-1").exists());
+        assert!(d.join(".new.strata-part-2").exists());
         // A name of 255 bytes (NAME_MAX) can still be written.
         let long = "n".repeat(255);
         let mut w = ufs.writer(&long).await.unwrap();
