@@ -753,3 +753,66 @@ async fn replication_bounds_and_hot_blocks_spread_reads_over_workers() {
         );
     }
 }
+
+/// A rewrite left unfinished (its writer neither closes nor aborts it, as
+/// when the writer dies) is removed after `master.unfinished_ttl_secs`
+/// with its cache-only pages; the file keeps its complete version, and a
+/// close that comes after all fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn rewrites_left_unfinished_are_removed_with_their_pages() {
+    let env = start(ClusterOptions {
+        env: vec![
+            ("STRATA_MASTER_TTL_CHECK_INTERVAL_SECS".into(), "1".into()),
+            ("STRATA_MASTER_UNFINISHED_TTL_SECS".into(), "3".into()),
+        ],
+        ..Default::default()
+    });
+    let c = client(&env.cluster);
+    let opts = |overwrite| strata_client::WriteOptions {
+        write_type: strata_client::WriteType::MustCache,
+        overwrite,
+        ..Default::default()
+    };
+    c.mkdir("/scratch", false).await.unwrap();
+    let mut w = c.create("/scratch/f", opts(false)).await.unwrap();
+    w.write(b"version one").await.unwrap();
+    w.close().await.unwrap();
+    let pinned = || async {
+        c.workers()
+            .await
+            .unwrap()
+            .iter()
+            .map(|w| w.stats.as_ref().map_or(0, |s| s.pinned_bytes))
+            .sum::<u64>()
+    };
+    let base = pinned().await;
+    let started = Instant::now();
+    let mut w = c.create("/scratch/f", opts(true)).await.unwrap();
+    w.write(&pattern(8 << 20, 5)).await.unwrap();
+    let t = Instant::now();
+    while pinned().await < base + (4 << 20) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "pages never reached the worker"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Readers see the complete version meanwhile.
+    assert_eq!(c.stat("/scratch/f").await.unwrap().size, 11);
+    let t = Instant::now();
+    while pinned().await >= base + (4 << 20) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the unfinished version's pages were not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Not before the 3 s are over.
+    let after = started.elapsed();
+    assert!(after >= Duration::from_secs(3), "removed after {after:?}");
+    assert!(w.close().await.is_err(), "a removed version completed");
+    assert_eq!(
+        &c.read_file("/scratch/f").await.unwrap()[..],
+        b"version one"
+    );
+}

@@ -708,7 +708,8 @@ impl Client {
         Ok((nfiles, pages))
     }
 
-    async fn free_everywhere(&self, id: CacheId) -> u64 {
+    /// Drops the cached pages of `id` on every worker; the number dropped.
+    pub async fn free_everywhere(&self, id: CacheId) -> u64 {
         self.tell_every_worker(&Message::Free { cache_id: id.0 })
             .await
     }

@@ -187,6 +187,10 @@ pub struct MasterConfig {
     pub job_max_running: usize,
     /// Seconds between checks of TTLs.
     pub ttl_check_interval_secs: u64,
+    /// Seconds after which a file's new version that was never completed
+    /// nor listed (a rewrite whose writer died) is removed, with its
+    /// cache-only pages; checked with the TTLs. 0: never.
+    pub unfinished_ttl_secs: u64,
     /// Milliseconds an ASYNC_THROUGH file waits after it is closed before
     /// it is written to the UFS (a file deleted meanwhile is never written).
     pub persist_delay_ms: u64,
@@ -232,6 +236,7 @@ impl Default for MasterConfig {
             job_per_ufs: 32,
             job_max_running: 4,
             ttl_check_interval_secs: 60,
+            unfinished_ttl_secs: 86_400,
             persist_delay_ms: 0,
         }
     }

@@ -345,6 +345,9 @@ impl JobRunner {
                 if let Err(e) = self.check_ttls().await {
                     tracing::warn!(error = %e, "TTL check failed; retrying next interval");
                 }
+                if let Err(e) = self.check_abandoned().await {
+                    tracing::warn!(error = %e, "sweep of abandoned writes failed; retrying next interval");
+                }
             }
         }
     }
@@ -446,6 +449,31 @@ impl JobRunner {
         let _ = self
             .update(j.id, state, Some(&p), Some(message), false)
             .await;
+    }
+
+    /// Removes new versions of files that were never completed nor
+    /// listed for `master.unfinished_ttl_secs` (rewrites whose writer
+    /// died), and frees their cache-only pages.
+    async fn check_abandoned(&self) -> Result<(), MasterError> {
+        let ttl = self.config.master.unfinished_ttl_secs;
+        if ttl == 0 {
+            return Ok(());
+        }
+        let before = (now_ms() as i64).saturating_sub(ttl.saturating_mul(1000) as i64);
+        for ino in self.ns.store.abandoned_versions(before)? {
+            tracing::info!(
+                inode = ino.id,
+                name = %ino.name,
+                "removing a version of a file left unfinished by its writer"
+            );
+            let r = self.ns.delete_unfinished(ino.id).await?;
+            for id in r.unpersisted_cache_ids {
+                if let Some(id) = strata_common::CacheId::from_hex(&id) {
+                    self.client.free_everywhere(id).await;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn check_ttls(&self) -> Result<(), MasterError> {

@@ -128,6 +128,32 @@ impl MetaStore {
         }
     }
 
+    /// New versions of files started before `before_ms` that are neither
+    /// complete nor listed under their name: rewrites whose writer died
+    /// (a live writer completes its version or removes it). A scan of
+    /// every inode.
+    pub fn abandoned_versions(&self, before_ms: i64) -> Result<Vec<Inode>, MetaError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let ct = tx.open_table(CHILDREN).map_err(|e| self.err(e))?;
+        let it = tx.open_table(INODES).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for kv in it.iter().map_err(|e| self.err(e))? {
+            let (_, v) = kv.map_err(|e| self.err(e))?;
+            let ino: Inode = postcard::from_bytes(v.value()).map_err(|e| self.err(e))?;
+            if ino.is_dir || ino.complete || ino.mtime_ms >= before_ms {
+                continue;
+            }
+            let listed = ct
+                .get((ino.parent, ino.name.as_str()))
+                .map_err(|e| self.err(e))?
+                .map(|g| g.value());
+            if listed != Some(ino.id) {
+                out.push(ino);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn children(&self, parent: InodeId) -> Result<Vec<Inode>, MetaError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let ct = tx.open_table(CHILDREN).map_err(|e| self.err(e))?;
@@ -912,7 +938,44 @@ mod tests {
         let x2 = s.apply(&mk("x")).unwrap().inode.unwrap();
         s.apply(&Command::Delete { id: d }).unwrap();
         assert!(s.apply(&complete(x2, 2, 1)).is_err());
+        // Found as abandoned (its directory is gone), then removed.
+        let ids = |before| {
+            s.abandoned_versions(before)
+                .unwrap()
+                .iter()
+                .map(|i| i.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(2), [x2]);
         s.apply(&Command::Delete { id: x2 }).unwrap();
+        assert_eq!(ids(i64::MAX), Vec::<u64>::new());
+        // Rewrites left unfinished are abandoned once old enough; a new
+        // file being written (listed) and completed versions are not.
+        let old = s.apply(&create(true)).unwrap().inode.unwrap();
+        let recent = s
+            .apply(&Command::CreateFile {
+                parent: ROOT_ID,
+                name: "f".into(),
+                mtime_ms: 100,
+                persist: PersistState::NotPersisted,
+                overwrite: true,
+            })
+            .unwrap()
+            .inode
+            .unwrap();
+        s.apply(&Command::CreateFile {
+            parent: ROOT_ID,
+            name: "new".into(),
+            mtime_ms: 1,
+            persist: PersistState::NotPersisted,
+            overwrite: false,
+        })
+        .unwrap();
+        assert_eq!(ids(50), [old]);
+        assert_eq!(ids(200), [old, recent]);
+        let generation = s.inode(old).unwrap().unwrap().generation;
+        s.apply(&complete(old, generation, 5)).unwrap();
+        assert_eq!(ids(200), [recent]);
     }
 
     #[test]
