@@ -170,6 +170,14 @@ pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = &mut signal => {
+                // Unmounting goes by path: not if our connection is gone
+                // already (unmounted from outside, and perhaps something
+                // else mounted there since).
+                if session.guard.is_finished() {
+                    let _ = tokio::task::spawn_blocking(move || strata_fuse::join_unmounted(session)).await;
+                    println!("{} was unmounted", args.mountpoint.display());
+                    return Ok(());
+                }
                 tokio::task::spawn_blocking(move || session.umount_and_join())
                     .await
                     .context("unmounting")?
