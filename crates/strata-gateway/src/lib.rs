@@ -58,6 +58,9 @@ macro_rules! object_meta {
     };
 }
 
+/// A bucket listing (objects sorted by key) and the part of it in use.
+type ListingPart = (Arc<Vec<(String, FileInfo)>>, std::ops::Range<usize>);
+
 /// The S3 service over a Strata client.
 pub struct Gateway {
     client: Client,
@@ -404,25 +407,11 @@ impl Gateway {
     /// A fresh cached listing of `dir` or of a directory above it serves
     /// (the part of it under `dir`), so a client walking a tree level by
     /// level lists it once.
-    async fn objects(
-        &self,
-        bucket: &str,
-        dir: &str,
-    ) -> S3Result<(Arc<Vec<(String, FileInfo)>>, std::ops::Range<usize>)> {
+    async fn objects(&self, bucket: &str, dir: &str) -> S3Result<ListingPart> {
         let root = ns_path(bucket, None)?;
         self.check_bucket(bucket).await?;
-        let mut above = Some(dir);
-        while let Some(d) = above {
-            if let Some(l) = self.meta.list(bucket, d) {
-                let lo = l.partition_point(|(k, _)| k.as_str() < dir);
-                let hi = lo + l[lo..].partition_point(|(k, _)| k.starts_with(dir));
-                return Ok((l, lo..hi));
-            }
-            // "a/b/" -> "a/" -> "" -> done.
-            above = (!d.is_empty()).then(|| {
-                let t = &d[..d.len() - 1];
-                &t[..t.rfind('/').map_or(0, |i| i + 1)]
-            });
+        if let Some(cached) = self.cached_objects(bucket, dir) {
+            return Ok(cached);
         }
         let epoch = self.meta.epoch();
         // Files only: a directory shows as a common prefix while it holds
@@ -464,6 +453,63 @@ impl Gateway {
         Ok((objs, all))
     }
 
+    /// The part under `dir` of a fresh cached listing of `dir` or of a
+    /// directory above it.
+    fn cached_objects(&self, bucket: &str, dir: &str) -> Option<ListingPart> {
+        let mut above = Some(dir);
+        while let Some(d) = above {
+            if let Some(l) = self.meta.list(bucket, d) {
+                let lo = l.partition_point(|(k, _)| k.as_str() < dir);
+                let hi = lo + l[lo..].partition_point(|(k, _)| k.starts_with(dir));
+                return Some((l, lo..hi));
+            }
+            // "a/b/" -> "a/" -> "" -> done.
+            above = (!d.is_empty()).then(|| {
+                let t = &d[..d.len() - 1];
+                &t[..t.rfind('/').map_or(0, |i| i + 1)]
+            });
+        }
+        None
+    }
+
+    /// The objects one page needs, found by [`listing::walk`].
+    async fn walk_objects(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        slash: bool,
+        after: After<'_>,
+        max_keys: usize,
+    ) -> S3Result<Vec<(String, FileInfo)>> {
+        let root = ns_path(bucket, None)?;
+        self.check_bucket(bucket).await?;
+        let list = |dir: String| {
+            let path = if dir.is_empty() {
+                root.clone()
+            } else {
+                format!("{root}/{dir}")
+            };
+            async move {
+                match self.client.list(&path).await {
+                    // Listing a file answers the file: no directory there.
+                    Ok(es) if es.len() == 1 && !es[0].is_dir && es[0].path == path => Ok(None),
+                    Ok(es) => Ok(Some(
+                        es.into_iter()
+                            .map(|e| (e.name.clone(), e.is_dir, e))
+                            .collect(),
+                    )),
+                    Err(
+                        ClientError::NotFound(_)
+                        | ClientError::FailedPrecondition(_)
+                        | ClientError::InvalidArgument(_),
+                    ) => Ok(None),
+                    Err(e) => Err(s3_err(e, true)),
+                }
+            }
+        };
+        listing::walk(list, prefix, slash, after, max_keys).await
+    }
+
     /// One page of a bucket listing: objects with their keys, and prefixes.
     async fn list_page(
         &self,
@@ -474,8 +520,30 @@ impl Gateway {
         max_keys: usize,
     ) -> S3Result<(Vec<Object>, Vec<CommonPrefix>, Option<String>)> {
         let dir = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
-        let (listing, range) = self.objects(bucket, dir).await?;
-        let objs = &listing[range];
+        let walked;
+        let listing;
+        let objs: &[(String, FileInfo)] = match self.cached_objects(bucket, dir) {
+            Some((l, range)) => {
+                listing = l;
+                &listing[range]
+            }
+            // A later page with no cached listing at hand (the namespace
+            // changed since the first page): walk from where it ends
+            // instead of listing the whole subtree again.
+            None if !matches!(after, After::Start)
+                && delimiter.is_none_or(|d| d.is_empty() || d == "/") =>
+            {
+                walked = self
+                    .walk_objects(bucket, prefix, delimiter == Some("/"), after, max_keys)
+                    .await?;
+                &walked
+            }
+            None => {
+                let (l, range) = self.objects(bucket, dir).await?;
+                listing = l;
+                &listing[range]
+            }
+        };
         let p = page(objs, |o| o.0.as_str(), prefix, delimiter, after, max_keys);
         let contents = p
             .objects

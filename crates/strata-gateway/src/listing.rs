@@ -114,6 +114,146 @@ fn last_of<T>(p: &Page, items: &[T], key: &impl Fn(&T) -> &str) -> String {
     }
 }
 
+/// One directory's entries as a [`walk`] sees them: name, whether it is
+/// a directory, and what is kept for a file.
+pub type DirEntry<T> = (String, bool, T);
+
+/// The keys (with what is kept for each) one [`page`] needs, found by
+/// walking the tree in key order from `after` on, listing only the
+/// directories on the way: a page costs the directories it passes, not
+/// the whole subtree (what a continuation page costs when no cached
+/// listing is at hand). `list(dir)` gives the entries of directory `dir`
+/// (relative to the bucket, `""` for its top; `None` if it is missing).
+/// With a delimiter (only `/` is walked this way; the caller lists in
+/// full for others) a directory at the level of the common prefixes
+/// contributes one key under it, the first after `after`. The result
+/// is sorted; [`page`] over it gives the page a full listing would.
+pub async fn walk<T, E, F, Fut>(
+    list: F,
+    prefix: &str,
+    delimiter_slash: bool,
+    after: After<'_>,
+    max_keys: usize,
+) -> Result<Vec<(String, T)>, E>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Vec<DirEntry<T>>>, E>>,
+{
+    let (after, skip_prefixes) = after.parts();
+    let mut out = Vec::new();
+    // Page entries found (objects, and one per common prefix); one more
+    // than max-keys tells the page it is truncated.
+    let mut found = 0;
+    // Directories to visit, each with its entries still to go (sorted in
+    // key order, last first, so `pop` takes the next).
+    let mut stack: Vec<(String, Vec<DirEntry<T>>)> = Vec::new();
+    let top = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
+    if let Some(e) = list(top.trim_end_matches('/').to_string()).await? {
+        stack.push((top.to_string(), sorted(e)));
+    }
+    // A key after which nothing can match the prefix ends the walk.
+    let past = |k: &str| k > prefix && !k.starts_with(prefix);
+    let below_after = |k: &str| after.is_some_and(|a| k <= a);
+    // The whole subtree of directory key `dk` (ending in '/') is at or
+    // before `after`.
+    let subtree_before = |dk: &str| after.is_some_and(|a| a >= dk && !a.starts_with(dk));
+    while found <= max_keys {
+        let Some((dir, entries)) = stack.last_mut() else {
+            break;
+        };
+        let Some((name, is_dir, item)) = entries.pop() else {
+            stack.pop();
+            continue;
+        };
+        let key = format!("{dir}{name}");
+        if !is_dir {
+            if past(&key) {
+                break;
+            }
+            if key.starts_with(prefix) && !below_after(&key) {
+                out.push((key, item));
+                found += 1;
+            }
+            continue;
+        }
+        let dk = format!("{key}/");
+        if past(&dk) {
+            break;
+        }
+        let matches = dk.starts_with(prefix);
+        if !(matches || prefix.starts_with(dk.as_str())) || subtree_before(&dk) {
+            continue;
+        }
+        if delimiter_slash && matches && dk.len() > prefix.len() {
+            // A common prefix: one key after `after` under it, if any.
+            if skip_prefixes && below_after(&dk) {
+                continue;
+            }
+            if let Some(first) = first_file(&list, &dk, &below_after, &subtree_before).await? {
+                out.push(first);
+                found += 1;
+            }
+            continue;
+        }
+        if let Some(e) = list(key).await? {
+            stack.push((dk, sorted(e)));
+        }
+    }
+    Ok(out)
+}
+
+/// Entries in key order (a directory `d` sorts as `d/`), last first.
+fn sorted<T>(mut e: Vec<DirEntry<T>>) -> Vec<DirEntry<T>> {
+    let sort_key = |(n, d, _): &DirEntry<T>| {
+        let mut k = n.clone();
+        if *d {
+            k.push('/');
+        }
+        k
+    };
+    e.sort_by_cached_key(|x| std::cmp::Reverse(sort_key(x)));
+    e
+}
+
+/// The first file in key order under directory key `dk` that is not at
+/// or before `after`.
+async fn first_file<T, E, F, Fut>(
+    list: &F,
+    dk: &str,
+    below_after: &impl Fn(&str) -> bool,
+    subtree_before: &impl Fn(&str) -> bool,
+) -> Result<Option<(String, T)>, E>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Vec<DirEntry<T>>>, E>>,
+{
+    let mut stack: Vec<(String, Vec<DirEntry<T>>)> = Vec::new();
+    if let Some(e) = list(dk.trim_end_matches('/').to_string()).await? {
+        stack.push((dk.to_string(), sorted(e)));
+    }
+    while let Some((dir, entries)) = stack.last_mut() {
+        let Some((name, is_dir, item)) = entries.pop() else {
+            stack.pop();
+            continue;
+        };
+        let key = format!("{dir}{name}");
+        if !is_dir {
+            if !below_after(&key) {
+                return Ok(Some((key, item)));
+            }
+            continue;
+        }
+        let sub = format!("{key}/");
+        if subtree_before(&sub) {
+            continue;
+        }
+        if let Some(e) = list(key).await? {
+            stack.push((sub, sorted(e)));
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +305,121 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A tree of files (and some empty directories) as `walk` lists it.
+    struct Tree {
+        files: Vec<String>,
+        empty_dirs: Vec<String>,
+    }
+
+    impl Tree {
+        fn list(&self, dir: &str) -> Option<Vec<DirEntry<()>>> {
+            let pre = if dir.is_empty() {
+                String::new()
+            } else {
+                format!("{dir}/")
+            };
+            let mut names = std::collections::BTreeMap::new();
+            let mut exists = dir.is_empty();
+            for p in self.files.iter().chain(&self.empty_dirs) {
+                if let Some(rest) = p.strip_prefix(&pre) {
+                    exists = true;
+                    let is_file = self.files.contains(p);
+                    match rest.split_once('/') {
+                        Some((n, _)) => names.insert(n.to_string(), true),
+                        None if !rest.is_empty() => names.insert(rest.to_string(), !is_file),
+                        None => None,
+                    };
+                }
+            }
+            exists.then(|| names.into_iter().map(|(n, d)| (n, d, ())).collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn walks_cut_the_pages_a_full_listing_cuts() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let seg = ["a", "b", "ab", "a-", "b.c"];
+        let path = |rnd: &mut dyn FnMut(u64) -> u64| {
+            (0..1 + rnd(3))
+                .map(|_| seg[rnd(seg.len() as u64) as usize])
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        let mut lists = 0usize;
+        for _ in 0..300 {
+            // Files, none of them also a directory of another.
+            let mut files: Vec<String> = Vec::new();
+            for _ in 0..rnd(30) {
+                let p = path(&mut rnd);
+                let clash = files
+                    .iter()
+                    .any(|f| f.starts_with(&format!("{p}/")) || p.starts_with(&format!("{f}/")));
+                if !clash && !files.contains(&p) {
+                    files.push(p);
+                }
+            }
+            let mut empty_dirs = Vec::new();
+            for _ in 0..rnd(3) {
+                let d = format!("{}/e", path(&mut rnd));
+                if !files
+                    .iter()
+                    .any(|f| d.starts_with(&format!("{f}/")) || *f == d)
+                {
+                    empty_dirs.push(d);
+                }
+            }
+            files.sort();
+            let tree = Tree { files, empty_dirs };
+            let prefix = match rnd(4) {
+                0 => String::new(),
+                1 => format!("{}/", path(&mut rnd)),
+                _ => path(&mut rnd)[..1].to_string(),
+            };
+            let slash = rnd(2) == 0;
+            let delimiter = slash.then_some("/");
+            let word = path(&mut rnd);
+            let after = match rnd(3) {
+                0 => After::Start,
+                1 => After::Key(&word),
+                _ => After::Entry(&word),
+            };
+            let max_keys = 1 + rnd(5) as usize;
+            let counted = std::cell::Cell::new(0usize);
+            let list = |dir: String| {
+                counted.set(counted.get() + 1);
+                let r = tree.list(&dir);
+                async move { Ok::<_, ()>(r) }
+            };
+            let want = page(&tree.files, as_str, &prefix, delimiter, after, max_keys);
+            let got = walk(list, &prefix, slash, after, max_keys).await.unwrap();
+            let keys: Vec<String> = got.iter().map(|(k, _)| k.clone()).collect();
+            assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+            let p = page(&keys, as_str, &prefix, delimiter, after, max_keys);
+            let names = |p: &Page, k: &[String]| {
+                (
+                    p.objects.iter().map(|&i| k[i].clone()).collect::<Vec<_>>(),
+                    p.common_prefixes.clone(),
+                    p.next.clone(),
+                )
+            };
+            assert_eq!(
+                names(&p, &keys),
+                names(&want, &tree.files),
+                "{:?} {:?} prefix {prefix:?} {delimiter:?} {after:?} {max_keys}",
+                tree.files,
+                tree.empty_dirs
+            );
+            lists += counted.get();
+        }
+        assert!(lists > 300, "the walks listed directories ({lists})");
     }
 
     #[test]
