@@ -672,6 +672,16 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
+    /// The names `list` shows in directory `d`.
+    async fn names(ufs: &OpendalUfs) -> Vec<String> {
+        ufs.list("d")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect()
+    }
+
     async fn write(w: &mut Box<dyn UfsWriter>, data: &[u8]) {
         w.write(Bytes::copy_from_slice(data)).await.unwrap();
     }
@@ -695,14 +705,7 @@ mod tests {
         let mut w = ufs.writer("d/f.bin").await.unwrap();
         write(&mut w, b"half of a new version").await;
         assert_eq!(std::fs::read(&file).unwrap(), b"old", "during the write");
-        let names: Vec<String> = ufs
-            .list("d")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
-        assert_eq!(names, ["f.bin"], "the part file is not listed");
+        assert_eq!(names(&ufs).await, ["f.bin"], "the part file is not listed");
         w.abort().await.unwrap();
         assert_eq!(std::fs::read(&file).unwrap(), b"old", "after an abort");
         assert_eq!(
@@ -739,14 +742,7 @@ mod tests {
             let t = std::time::SystemTime::now() - std::time::Duration::from_secs(age_h * 3600);
             f.set_modified(t).unwrap();
         }
-        let names: Vec<String> = ufs
-            .list("d")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
-        assert_eq!(names, ["f.bin"]);
+        assert_eq!(names(&ufs).await, ["f.bin"]);
         assert!(!d.join(".old.strata-part-1").exists());
         assert!(d.join(".new.strata-part-2").exists());
         // A name of 255 bytes (NAME_MAX) can still be written.
