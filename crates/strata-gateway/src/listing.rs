@@ -148,6 +148,10 @@ where
     // key order, last first, so `pop` takes the next).
     let mut stack: Vec<(String, Vec<DirEntry<T>>)> = Vec::new();
     let top = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
+    if max_keys == 0 || top.starts_with('/') || top.contains("//") {
+        // No key has an empty path segment.
+        return Ok(out);
+    }
     if let Some(e) = list(top.trim_end_matches('/').to_string()).await? {
         stack.push((top.to_string(), sorted(e)));
     }
@@ -378,9 +382,11 @@ mod tests {
             }
             files.sort();
             let tree = Tree { files, empty_dirs };
-            let prefix = match rnd(4) {
+            let prefix = match rnd(6) {
                 0 => String::new(),
                 1 => format!("{}/", path(&mut rnd)),
+                2 => "/".to_string(),
+                3 => format!("{}//", path(&mut rnd)),
                 _ => path(&mut rnd)[..1].to_string(),
             };
             let slash = rnd(2) == 0;
