@@ -133,6 +133,33 @@ async fn files_and_directories_through_the_mount() {
     f.seek(SeekFrom::Start((1 << 20) - 100)).unwrap();
     f.read_exact(&mut buf).unwrap();
     assert_eq!(&buf[..], &big[(1 << 20) - 100..(1 << 20) + 4900]);
+    // Random 4 KiB reads with the kernel's copy dropped reach the daemon,
+    // which serves those inside one open page file on its request thread.
+    // SAFETY: an advisory call on an open descriptor.
+    unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
+    // The first read of a page locates its file; a second read of that
+    // page, not next to the last read, is served from it.
+    for off in [
+        7 << 20,
+        3 << 20,
+        (7 << 20) + 65536,
+        (3 << 20) + 12288,
+        (5 << 20) + 12288,
+        (2 << 20) - 4096,
+        (5 << 20) + 500_000,
+        (2 << 20) - 40960,
+    ] {
+        let mut b = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, off as u64).unwrap();
+        assert!(b == big[off..off + 4096], "4 KiB at {off}");
+    }
     drop(f);
     let mut names: Vec<String> = std::fs::read_dir(root.join("s3"))
         .unwrap()

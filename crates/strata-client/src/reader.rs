@@ -237,40 +237,64 @@ impl Reader {
     /// files of a worker on this host, done by `read` on the (file, offset,
     /// length) parts in order; `None` when any page is not available that
     /// way (the caller reads over the network).
+    /// Whether a read of `len` bytes at `off` may go to page files of a
+    /// worker on this host: short-circuit reads are on, this is not a
+    /// heavy client (which reads, and keeps, its own copy), and the read
+    /// stays in one block.
+    fn short_circuits(&self, off: u64, len: u64) -> bool {
+        self.client.inner.cfg.short_circuit
+            && self.client.inner.local_cache.is_none()
+            && len > 0
+            && off + len <= self.block_bounds(off).0
+    }
+
+    /// The open page file that holds all `len` bytes at `off`, if one does
+    /// (the bytes under a page key never change, wherever it is owned).
+    fn open_page(&self, off: u64, len: u64) -> Option<crate::short_circuit::Part> {
+        let (_, block) = self.block_bounds(off);
+        let ps = self.info.page_size.max(1);
+        let in_block = off - block * self.info.block_size;
+        let skip = in_block % ps;
+        if skip + len > ps {
+            return None;
+        }
+        let k = PageKey {
+            cache_id: self.cache_id,
+            block,
+            page: (in_block / ps) as u32,
+        };
+        let f = self.client.inner.short_circuit.get(&k, len >= 64 << 10)?;
+        Some((f, skip, len))
+    }
+
+    /// Reads `len` bytes at `off` (clipped to the file) without waiting on
+    /// anything but the disk, if they lie in one page of a worker on this
+    /// host whose file this client has open already; `None` otherwise
+    /// (then `read_at`). For a caller on a thread that must not wait for
+    /// the async runtime (a FUSE request thread serving random reads).
+    pub fn read_open_page(&self, off: u64, len: u64) -> Option<Bytes> {
+        let len = len.min(self.info.size.saturating_sub(off));
+        if !self.short_circuits(off, len) {
+            return None;
+        }
+        crate::short_circuit::read_pages(&[self.open_page(off, len)?])
+    }
+
     async fn read_local<T>(
         &self,
         off: u64,
         len: u64,
         read: impl FnOnce(&[crate::short_circuit::Part]) -> Option<T>,
     ) -> Option<T> {
-        // In heavy-client mode the host reads (and keeps) its own copy,
-        // even where a worker on the same host holds the pages.
-        if !self.client.inner.cfg.short_circuit
-            || self.client.inner.local_cache.is_some()
-            || len == 0
-        {
+        if !self.short_circuits(off, len) {
             return None;
         }
-        let (block_end, block) = self.block_bounds(off);
-        if off + len > block_end {
-            return None;
-        }
+        let read = match self.open_page(off, len) {
+            Some(part) => return read(&[part]),
+            None => read,
+        };
+        let (_, block) = self.block_bounds(off);
         let sc = &self.client.inner.short_circuit;
-        // Fast path: a read inside one page whose file is already open
-        // (the bytes under a page key never change, wherever it is owned).
-        let ps = self.info.page_size.max(1);
-        let in_block = off - block * self.info.block_size;
-        let skip = in_block % ps;
-        if skip + len <= ps {
-            let k = PageKey {
-                cache_id: self.cache_id,
-                block,
-                page: (in_block / ps) as u32,
-            };
-            if let Some(f) = sc.get(&k, len >= 64 << 10) {
-                return read(&[(f, skip, len)]);
-            }
-        }
         let addr = self.client.owner(self.cache_id, block, false).await.ok()?;
         if !crate::short_circuit::is_local(&addr) {
             return None;

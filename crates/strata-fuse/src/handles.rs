@@ -243,6 +243,38 @@ impl Open {
         self.written_counter().map(|w| w.load(Ordering::Relaxed))
     }
 
+    /// A random read served on the calling thread, when its bytes are in
+    /// one page file of a worker on this host that is open already: no
+    /// hand-over to the async runtime and back (a third of the cost of a
+    /// 4 KiB read). `None`: use [`Open::read`].
+    pub fn read_now(&self, off: u64, size: u32) -> Option<Bytes> {
+        let Kind::Read { reader, window } = &self.kind else {
+            return None;
+        };
+        let len = reader.len();
+        if off >= len {
+            return None;
+        }
+        let want = u64::from(size).min(len - off);
+        let mut w = window.try_lock().ok()?;
+        let sequential = w.last_end != u64::MAX && off >= w.last_end && off - w.last_end <= JUMP;
+        // Sequential reads, and reads the window holds, go the usual way
+        // (windows and prefetch live on the runtime).
+        if sequential || off == 0 || w.covers(off, want) {
+            return None;
+        }
+        let data = reader.read_open_page(off, want)?;
+        // As a random read in `read`: no window, start small again.
+        if let Some((_, t)) = w.next.take() {
+            t.abort();
+        }
+        w.size = MIN_WINDOW;
+        w.start = off;
+        w.last_end = off + data.len() as u64;
+        w.buf = data.clone();
+        Some(data)
+    }
+
     pub async fn read(&self, off: u64, size: u32) -> Result<Bytes, Errno> {
         let (reader, window) = match &self.kind {
             Kind::Read { reader, window } => (reader, window),

@@ -1156,6 +1156,9 @@ impl Filesystem for StrataFs {
         if !unopened && open.is_none() && !self.handles.is_inherited(fh.0) {
             return reply.error(Errno::EBADF);
         }
+        if let Some(b) = open.as_ref().and_then(|o| o.read_now(offset, size)) {
+            return reply.data(&b);
+        }
         let ctx = self.ctx();
         self.spawn(async move {
             let open = match open {
