@@ -316,12 +316,18 @@ impl Client {
             .await?
             .deleted
             .unwrap_or_default();
-        for id in r.unpersisted_cache_ids {
-            if let Some(id) = CacheId::from_hex(&id) {
+        self.free_removed(&r).await;
+        Ok(r.inodes_removed)
+    }
+
+    /// Frees on every worker the cached pages of the files a delete
+    /// removed that existed nowhere else (not in a UFS).
+    pub async fn free_removed(&self, r: &pb::DeleteResponse) {
+        for id in &r.unpersisted_cache_ids {
+            if let Some(id) = CacheId::from_hex(id) {
                 self.free_everywhere(id).await;
             }
         }
-        Ok(r.inodes_removed)
     }
 
     pub async fn rename(&self, src: &str, dst: &str) -> Result<()> {
@@ -708,8 +714,7 @@ impl Client {
         Ok((nfiles, pages))
     }
 
-    /// Drops the cached pages of `id` on every worker; the number dropped.
-    pub async fn free_everywhere(&self, id: CacheId) -> u64 {
+    async fn free_everywhere(&self, id: CacheId) -> u64 {
         self.tell_every_worker(&Message::Free { cache_id: id.0 })
             .await
     }

@@ -56,6 +56,19 @@ impl Window {
         off >= self.start && off + want <= self.start + self.buf.len() as u64
     }
 
+    /// A read at `off` continues the last one (or jumps a little ahead,
+    /// as the kernel's read-ahead does).
+    fn sequential(&self, off: u64) -> bool {
+        self.last_end != u64::MAX && off >= self.last_end && off - self.last_end <= JUMP
+    }
+
+    /// Stops the prefetch in flight, if any.
+    fn stop_prefetch(&mut self) {
+        if let Some((_, t)) = self.next.take() {
+            t.abort();
+        }
+    }
+
     /// Starts fetching the window after the current one.
     fn prefetch(&mut self, reader: &Reader) {
         let at = self.start + self.buf.len() as u64;
@@ -86,9 +99,7 @@ pub async fn mark_unlinked(s: &mut WriteState) {
 
 impl Drop for Window {
     fn drop(&mut self) {
-        if let Some((_, t)) = self.next.take() {
-            t.abort();
-        }
+        self.stop_prefetch();
     }
 }
 
@@ -166,9 +177,7 @@ impl Open {
             && let Ok(mut w) = window.try_lock()
         {
             w.buf = Bytes::new();
-            if let Some((_, t)) = w.next.take() {
-                t.abort();
-            }
+            w.stop_prefetch();
         }
     }
 
@@ -257,7 +266,7 @@ impl Open {
         }
         let want = u64::from(size).min(len - off);
         let mut w = window.try_lock().ok()?;
-        let sequential = w.last_end != u64::MAX && off >= w.last_end && off - w.last_end <= JUMP;
+        let sequential = w.sequential(off);
         // Sequential reads, and reads the window holds, go the usual way
         // (windows and prefetch live on the runtime).
         if sequential || off == 0 || w.covers(off, want) {
@@ -265,9 +274,7 @@ impl Open {
         }
         let data = reader.read_open_page(off, want)?;
         // As a random read in `read`: no window, start small again.
-        if let Some((_, t)) = w.next.take() {
-            t.abort();
-        }
+        w.stop_prefetch();
         w.size = MIN_WINDOW;
         w.start = off;
         w.last_end = off + data.len() as u64;
@@ -298,7 +305,7 @@ impl Open {
         }
         let want = u64::from(size).min(len - off);
         let mut w = window.lock().await;
-        let sequential = w.last_end != u64::MAX && off >= w.last_end && off - w.last_end <= JUMP;
+        let sequential = w.sequential(off);
         if !w.covers(off, want)
             && let Some((at, _)) = &w.next
             && off >= *at
@@ -329,9 +336,7 @@ impl Open {
         // Sequential (or a small jump forward the kernel made): fetch a
         // window and the next one behind it; random reads fetch only what
         // was asked.
-        if let Some((_, t)) = w.next.take() {
-            t.abort();
-        }
+        w.stop_prefetch();
         let windowed = sequential || off == 0;
         let fetch = if windowed {
             w.size.max(want).min(len - off)

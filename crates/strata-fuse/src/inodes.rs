@@ -28,7 +28,7 @@ pub struct Inodes {
     /// of the mount (journaled only for restartable mounts).
     writers: std::collections::HashSet<u64>,
     /// Numbers handed out by listings (which the kernel does not count),
-    /// oldest first. Past `max_unlisted` the oldest is dropped if the
+    /// oldest first. Past `max_unreferenced` the oldest is dropped if the
     /// kernel never looked it up, so listing huge trees does not grow the
     /// table for the mount's life.
     unreferenced: std::collections::VecDeque<u64>,

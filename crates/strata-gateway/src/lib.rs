@@ -400,19 +400,13 @@ impl Gateway {
         }
     }
 
-    /// The objects of `bucket` whose keys start with `dir` (empty, or a
-    /// prefix ending in `/`: the directory a listing's prefix names, so
-    /// that listing one directory of a large bucket lists that subtree
-    /// only), sorted by key.
-    /// A fresh cached listing of `dir` or of a directory above it serves
-    /// (the part of it under `dir`), so a client walking a tree level by
-    /// level lists it once.
-    async fn objects(&self, bucket: &str, dir: &str) -> S3Result<ListingPart> {
+    /// Lists (and caches) the objects of `bucket` whose keys start with
+    /// `dir` (empty, or a prefix ending in `/`: the directory a listing's
+    /// prefix names, so that listing one directory of a large bucket lists
+    /// that subtree only), sorted by key.
+    async fn objects(&self, bucket: &str, dir: &str) -> S3Result<Arc<Vec<(String, FileInfo)>>> {
         let root = ns_path(bucket, None)?;
         self.check_bucket(bucket).await?;
-        if let Some(cached) = self.cached_objects(bucket, dir) {
-            return Ok(cached);
-        }
         let epoch = self.meta.epoch();
         // Files only: a directory shows as a common prefix while it holds
         // something. An empty one is not listed (the namespace keeps
@@ -423,7 +417,7 @@ impl Gateway {
             Some(d) => match ns_path(bucket, Some(d)) {
                 Ok(p) => p,
                 // No object can have a key under an invalid path.
-                Err(_) => return Ok((Arc::default(), 0..0)),
+                Err(_) => return Ok(Arc::default()),
             },
             None => root.clone(),
         };
@@ -449,12 +443,12 @@ impl Gateway {
         objs.sort_by(|a, b| a.0.cmp(&b.0));
         let objs = Arc::new(objs);
         self.meta.put_list(bucket, dir, objs.clone(), epoch);
-        let all = 0..objs.len();
-        Ok((objs, all))
+        Ok(objs)
     }
 
     /// The part under `dir` of a fresh cached listing of `dir` or of a
-    /// directory above it.
+    /// directory above it (so a client walking a tree level by level lists
+    /// it once).
     fn cached_objects(&self, bucket: &str, dir: &str) -> Option<ListingPart> {
         let mut above = Some(dir);
         while let Some(d) = above {
@@ -464,10 +458,7 @@ impl Gateway {
                 return Some((l, lo..hi));
             }
             // "a/b/" -> "a/" -> "" -> done.
-            above = (!d.is_empty()).then(|| {
-                let t = &d[..d.len() - 1];
-                &t[..t.rfind('/').map_or(0, |i| i + 1)]
-            });
+            above = (!d.is_empty()).then(|| listing::dir_of(&d[..d.len() - 1]));
         }
         None
     }
@@ -519,7 +510,7 @@ impl Gateway {
         after: After<'_>,
         max_keys: usize,
     ) -> S3Result<(Vec<Object>, Vec<CommonPrefix>, Option<String>)> {
-        let dir = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
+        let dir = listing::dir_of(prefix);
         let walked;
         let listing;
         let objs: &[(String, FileInfo)] = match self.cached_objects(bucket, dir) {
@@ -539,9 +530,8 @@ impl Gateway {
                 &walked
             }
             None => {
-                let (l, range) = self.objects(bucket, dir).await?;
-                listing = l;
-                &listing[range]
+                listing = self.objects(bucket, dir).await?;
+                &listing[..]
             }
         };
         let p = page(objs, |o| o.0.as_str(), prefix, delimiter, after, max_keys);

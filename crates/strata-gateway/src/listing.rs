@@ -17,6 +17,12 @@ pub struct Page {
     pub next: Option<String>,
 }
 
+/// The directory part of a prefix or key: up to and including its last
+/// `/` (`"a/b/c"` -> `"a/b/"`, `"a"` -> `""`).
+pub fn dir_of(prefix: &str) -> &str {
+    &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)]
+}
+
 /// Where a listing starts.
 #[derive(Clone, Copy, Debug)]
 pub enum After<'a> {
@@ -147,7 +153,7 @@ where
     // Directories to visit, each with its entries still to go (sorted in
     // key order, last first, so `pop` takes the next).
     let mut stack: Vec<(String, Vec<DirEntry<T>>)> = Vec::new();
-    let top = &prefix[..prefix.rfind('/').map_or(0, |i| i + 1)];
+    let top = dir_of(prefix);
     if max_keys == 0 || top.starts_with('/') || top.contains("//") {
         // No key has an empty path segment.
         return Ok(out);

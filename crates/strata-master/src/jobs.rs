@@ -467,11 +467,7 @@ impl JobRunner {
                 "removing a version of a file left unfinished by its writer"
             );
             let r = self.ns.delete_unfinished(ino.id).await?;
-            for id in r.unpersisted_cache_ids {
-                if let Some(id) = strata_common::CacheId::from_hex(&id) {
-                    self.client.free_everywhere(id).await;
-                }
-            }
+            self.client.free_removed(&r).await;
         }
         Ok(())
     }
