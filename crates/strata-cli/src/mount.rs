@@ -28,6 +28,12 @@ pub struct MountArgs {
     /// Threads reading FUSE requests.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// The kernel's read-ahead for the mount, e.g. 4MiB (the kernel's own
+    /// default, 128KiB, keeps a sequential reader waiting on one request at
+    /// a time). Setting it needs root; otherwise the kernel's default
+    /// stays. 0 leaves the kernel's default.
+    #[arg(long, default_value = "4MiB")]
+    pub read_ahead: String,
     /// Let other users access the mount (needs user_allow_other in /etc/fuse.conf
     /// unless run as root).
     #[arg(long)]
@@ -155,8 +161,10 @@ pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
     if args.restartable {
         return supervise(&args).await;
     }
+    let read_ahead = read_ahead_kib(&args)?;
     let fs = file_system(cfg, &args).await?;
     let session = fs.mount(&args.mountpoint)?;
+    set_read_ahead(&args.mountpoint, read_ahead).await;
     println!(
         "mounted {} at {} (pid {}); unmount with `strata umount {}`",
         args.path,
@@ -196,6 +204,33 @@ pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+}
+
+/// `--read-ahead` in KiB.
+fn read_ahead_kib(args: &MountArgs) -> anyhow::Result<u32> {
+    let bytes = strata_common::size::parse_size(&args.read_ahead)
+        .with_context(|| format!("--read-ahead {}", args.read_ahead))?;
+    u32::try_from(bytes >> 10)
+        .ok()
+        .filter(|k| *k <= 1 << 20)
+        .with_context(|| format!("--read-ahead {}: at most 1GiB", args.read_ahead))
+}
+
+/// Applies `--read-ahead` once the mount answers; a failure (not root)
+/// leaves the kernel's default and is only logged.
+async fn set_read_ahead(mountpoint: &Path, kib: u32) {
+    if kib == 0 {
+        return;
+    }
+    let mp = mountpoint.to_path_buf();
+    match tokio::task::spawn_blocking(move || strata_fuse::set_read_ahead(&mp, kib)).await {
+        Ok(Ok(())) => tracing::debug!("kernel read-ahead {kib} KiB"),
+        Ok(Err(e)) => tracing::info!(
+            "kept the kernel's read-ahead for {} (128 KiB): {e}; run as root to set --read-ahead",
+            mountpoint.display()
+        ),
+        Err(e) => tracing::info!("setting the read-ahead: {e}"),
     }
 }
 
@@ -331,9 +366,11 @@ async fn serve(cfg: &Config, args: &MountArgs, fd: i32) -> anyhow::Result<()> {
         .restartable(&state, args.generation)?;
     // SAFETY: the supervisor passed this open descriptor for us to own.
     let dev = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let read_ahead = read_ahead_kib(args)?;
     let session = fs.serve(dev, &init, first)?;
     if first {
         std::fs::write(&ready, b"").with_context(|| format!("writing {}", ready.display()))?;
+        set_read_ahead(&args.mountpoint, read_ahead).await;
     }
     println!(
         "daemon {} serving {} at {} (pid {})",

@@ -106,6 +106,31 @@ impl Drop for Mount {
     }
 }
 
+/// Waits until the kernel's read-ahead for the mount at `mp` is `kib` KiB
+/// (the daemon sets it once the mount answers); only root may set it.
+fn assert_read_ahead(mp: &Path, kib: u64) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: plain getter.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let dev = std::fs::metadata(mp).unwrap().dev();
+    let bdi = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = std::fs::read_to_string(&bdi).unwrap();
+        if now.trim() == kib.to_string() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{bdi}: {} KiB, not {kib}", now.trim());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }
@@ -125,6 +150,8 @@ async fn files_and_directories_through_the_mount() {
     s3_put(&s3, "data/big.bin", &big).await;
     let m = Mount::start(&env.cluster, &[]);
     let root = m.path();
+    // The default --read-ahead.
+    assert_read_ahead(&root, 4096);
 
     // Reads: whole file, and positional reads across page boundaries.
     assert_eq!(std::fs::read(root.join("s3/data/big.bin")).unwrap(), big);
@@ -446,7 +473,8 @@ async fn a_read_only_mount_reads_and_refuses_every_change() {
     let s3 = s3_client(&env.s3);
     let data = pattern(300 << 10, 4);
     s3_put(&s3, "ro/a.bin", &data).await;
-    let m = Mount::start(&env.cluster, &["--read-only"]);
+    let m = Mount::start(&env.cluster, &["--read-only", "--read-ahead", "2MiB"]);
+    assert_read_ahead(&m.path(), 2048);
     let dir = m.path().join("s3/ro");
     let file = dir.join("a.bin");
     assert_eq!(std::fs::read(&file).unwrap(), data);

@@ -62,6 +62,35 @@ impl Window {
         self.last_end != u64::MAX && off >= self.last_end && off - self.last_end <= JUMP
     }
 
+    /// The window does not hold the read but the prefetch behind it does.
+    fn caught_up(&self, off: u64, want: u64) -> bool {
+        !self.covers(off, want)
+            && self
+                .next
+                .as_ref()
+                .is_some_and(|(at, _)| off >= *at && off < *at + self.size)
+    }
+
+    /// The reader caught up with the prefetched window `buf` at `at`: it
+    /// is sequential, so the next window is larger.
+    fn adopt(&mut self, at: u64, buf: Bytes) {
+        self.start = at;
+        self.buf = buf;
+        self.size = (self.size * 2).min(MAX_WINDOW);
+    }
+
+    /// A read the window covers; a sequential one starts the prefetch of
+    /// the window after (inside a Tokio runtime).
+    fn serve(&mut self, off: u64, want: u64, sequential: bool, reader: &Reader) -> Bytes {
+        let s = (off - self.start) as usize;
+        self.last_end = off + want;
+        let out = self.buf.slice(s..s + want as usize);
+        if sequential || off == 0 {
+            self.prefetch(reader);
+        }
+        out
+    }
+
     /// Stops the prefetch in flight, if any.
     fn stop_prefetch(&mut self) {
         if let Some((_, t)) = self.next.take() {
@@ -76,7 +105,12 @@ impl Window {
             return;
         }
         let r = reader.clone();
-        let len = self.size.min(reader.len() - at);
+        // Windows stay inside one block, so that pages of a worker on this
+        // host are read from its files.
+        let len = self
+            .size
+            .min(reader.len() - at)
+            .min(reader.block_end(at) - at);
         // A sequential reader: load the blocks after this one ahead of it.
         reader.prewarm(at, reader.len());
         let task = tokio::spawn(async move { r.read_at(at, len).await.map_err(|e| to_errno(&e)) });
@@ -252,11 +286,13 @@ impl Open {
         self.written_counter().map(|w| w.load(Ordering::Relaxed))
     }
 
-    /// A random read served on the calling thread, when its bytes are in
-    /// one page file of a worker on this host that is open already: no
-    /// hand-over to the async runtime and back (a third of the cost of a
-    /// 4 KiB read). `None`: use [`Open::read`].
-    pub fn read_now(&self, off: u64, size: u32) -> Option<Bytes> {
+    /// A read served on the calling thread, without a hand-over to the
+    /// async runtime and back (a third of the cost of a 4 KiB read): one
+    /// the window holds (or the prefetch behind it, if that is done), or a
+    /// random read whose bytes are in one page file of a worker on this
+    /// host that is open already. `None`: use [`Open::read`]. `rt` runs
+    /// the next prefetch.
+    pub fn read_now(&self, off: u64, size: u32, rt: &tokio::runtime::Handle) -> Option<Bytes> {
         let Kind::Read { reader, window } = &self.kind else {
             return None;
         };
@@ -267,9 +303,28 @@ impl Open {
         let want = u64::from(size).min(len - off);
         let mut w = window.try_lock().ok()?;
         let sequential = w.sequential(off);
-        // Sequential reads, and reads the window holds, go the usual way
-        // (windows and prefetch live on the runtime).
-        if sequential || off == 0 || w.covers(off, want) {
+        if w.caught_up(off, want) {
+            let (at, task) = w.next.as_mut()?;
+            if !task.is_finished() {
+                return None;
+            }
+            let at = *at;
+            let done = futures::FutureExt::now_or_never(task);
+            // Taken once it is done (a finished task is not polled again).
+            w.next = None;
+            let Some(Ok(Ok(b))) = done else {
+                // Failed or cancelled: `read` fetches again (and reports
+                // the error if that fails too).
+                return None;
+            };
+            w.adopt(at, b);
+        }
+        if w.covers(off, want) {
+            let _rt = rt.enter();
+            return Some(w.serve(off, want, sequential, reader));
+        }
+        // Sequential reads past the window wait for the runtime.
+        if sequential || off == 0 {
             return None;
         }
         let data = reader.read_open_page(off, want)?;
@@ -306,32 +361,17 @@ impl Open {
         let want = u64::from(size).min(len - off);
         let mut w = window.lock().await;
         let sequential = w.sequential(off);
-        if !w.covers(off, want)
-            && let Some((at, _)) = &w.next
-            && off >= *at
-            && off < *at + w.size
+        if w.caught_up(off, want)
             && let Some((at, task)) = w.next.take()
         {
-            // The reader caught up with the prefetched window: it is
-            // sequential, so the next window is larger.
             match task.await {
-                Ok(Ok(b)) => {
-                    w.start = at;
-                    w.buf = b;
-                    w.size = (w.size * 2).min(MAX_WINDOW);
-                }
+                Ok(Ok(b)) => w.adopt(at, b),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {}
             }
         }
         if w.covers(off, want) {
-            let s = (off - w.start) as usize;
-            w.last_end = off + want;
-            let out = w.buf.slice(s..s + want as usize);
-            if sequential || off == 0 {
-                w.prefetch(reader);
-            }
-            return Ok(out);
+            return Ok(w.serve(off, want, sequential, reader));
         }
         // Sequential (or a small jump forward the kernel made): fetch a
         // window and the next one behind it; random reads fetch only what
@@ -339,7 +379,10 @@ impl Open {
         w.stop_prefetch();
         let windowed = sequential || off == 0;
         let fetch = if windowed {
-            w.size.max(want).min(len - off)
+            w.size
+                .min(reader.block_end(off) - off)
+                .max(want)
+                .min(len - off)
         } else {
             // Random access: fetch only what was asked, start small again.
             w.size = MIN_WINDOW;

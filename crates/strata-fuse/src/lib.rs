@@ -251,6 +251,25 @@ impl MetaCache {
     }
 }
 
+/// Sets the kernel's read-ahead for the FUSE mount at `mountpoint` to
+/// `kib` KiB (`/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`; writing it needs
+/// root). The kernel sets it to at most 128 KiB when the mount starts
+/// (FUSE INIT), so a sequential reader has a single request in flight and
+/// waits for each; a few MiB keep requests coming while the reader copies
+/// the last one. Stats `mountpoint` first, which waits for INIT (call it
+/// on a thread other than the mount's).
+pub fn set_read_ahead(mountpoint: &Path, kib: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(mountpoint)?.dev();
+    let bdi = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    std::fs::write(&bdi, kib.to_string())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{bdi}: {e}")))
+}
+
 /// Checks the mount point the way users expect: it exists, is a directory
 /// and is empty.
 pub fn check_mount_point(mountpoint: &Path) -> Result<(), FuseError> {
@@ -1156,7 +1175,10 @@ impl Filesystem for StrataFs {
         if !unopened && open.is_none() && !self.handles.is_inherited(fh.0) {
             return reply.error(Errno::EBADF);
         }
-        if let Some(b) = open.as_ref().and_then(|o| o.read_now(offset, size)) {
+        if let Some(b) = open
+            .as_ref()
+            .and_then(|o| o.read_now(offset, size, &self.rt))
+        {
             return reply.data(&b);
         }
         let ctx = self.ctx();
