@@ -126,7 +126,11 @@ fn assert_read_ahead(mp: &Path, kib: u64) {
         if now.trim() == kib.to_string() {
             return;
         }
-        assert!(Instant::now() < deadline, "{bdi}: {} KiB, not {kib}", now.trim());
+        assert!(
+            Instant::now() < deadline,
+            "{bdi}: {} KiB, not {kib}",
+            now.trim()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

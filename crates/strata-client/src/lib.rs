@@ -235,6 +235,29 @@ impl Client {
         .map(|r| r.entries)
     }
 
+    /// Up to `limit` entries of directory `path` in key order (a
+    /// directory's key is its name and '/', the order of an S3 listing),
+    /// from the first key after `start_after`; fewer than `limit` means
+    /// the directory has no more. A file lists itself on the first page.
+    pub async fn list_page(
+        &self,
+        path: &str,
+        start_after: &str,
+        limit: u32,
+    ) -> Result<Vec<FileInfo>> {
+        let p = parse_path(path)?;
+        self.master_read(
+            pb::ListPageRequest {
+                path: p.to_string(),
+                start_after: start_after.to_string(),
+                limit,
+            },
+            |mut c, r| async move { c.list_page(r).await },
+        )
+        .await
+        .map(|r| r.entries)
+    }
+
     /// Every file below `path` (or `path` itself if it is a file).
     /// Up to 16 directories are listed at a time (each listing may wait
     /// for the master to sync that directory with its UFS).

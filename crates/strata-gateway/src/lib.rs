@@ -474,14 +474,14 @@ impl Gateway {
     ) -> S3Result<Vec<(String, FileInfo)>> {
         let root = ns_path(bucket, None)?;
         self.check_bucket(bucket).await?;
-        let list = |dir: String| {
+        let list = |dir: String, start: String, n: usize| {
             let path = if dir.is_empty() {
                 root.clone()
             } else {
                 format!("{root}/{dir}")
             };
             async move {
-                match self.client.list(&path).await {
+                match self.client.list_page(&path, &start, n as u32).await {
                     // Listing a file answers the file: no directory there.
                     Ok(es) if es.len() == 1 && !es[0].is_dir && es[0].path == path => Ok(None),
                     Ok(es) => Ok(Some(
@@ -498,7 +498,11 @@ impl Gateway {
                 }
             }
         };
-        listing::walk(list, prefix, slash, after, max_keys).await
+        // Enough entries for the page and the one after it that tells it
+        // is truncated, in one call to the master where they are in one
+        // directory.
+        let chunk = (max_keys + 2).clamp(100, 1000);
+        listing::walk(list, prefix, slash, after, max_keys, chunk).await
     }
 
     /// One page of a bucket listing: objects with their keys, and prefixes.
@@ -519,9 +523,11 @@ impl Gateway {
                 &listing[range]
             }
             // A later page with no cached listing at hand (the namespace
-            // changed since the first page): walk from where it ends
-            // instead of listing the whole subtree again.
-            None if !matches!(after, After::Start)
+            // changed since the first page), or any page of a gateway that
+            // caches nothing: walk from where the page starts instead of
+            // listing the whole subtree (which a first page lists, and
+            // caches, for the pages after it).
+            None if (!matches!(after, After::Start) || !self.meta.caches())
                 && delimiter.is_none_or(|d| d.is_empty() || d == "/") =>
             {
                 walked = self

@@ -124,42 +124,131 @@ fn last_of<T>(p: &Page, items: &[T], key: &impl Fn(&T) -> &str) -> String {
 /// a directory, and what is kept for a file.
 pub type DirEntry<T> = (String, bool, T);
 
+/// A directory's key: its name and '/'.
+fn entry_key<T>((n, d, _): &DirEntry<T>) -> String {
+    let mut k = n.clone();
+    if *d {
+        k.push('/');
+    }
+    k
+}
+
+/// A directory a walk is in: its entries fetched and not yet taken (in
+/// key order, last first, so `pop` takes the next), and the key of the
+/// last one fetched while the directory may hold more.
+struct Dir<T> {
+    /// Its key from the top of the bucket ("" or ending in '/').
+    key: String,
+    entries: Vec<DirEntry<T>>,
+    more: Option<String>,
+}
+
+impl<T> Dir<T> {
+    /// Directory `key` from its first entry after `start` (a key inside
+    /// it), or `None` if it is missing.
+    async fn open<E, F, Fut>(
+        list: &F,
+        key: &str,
+        start: &str,
+        chunk: usize,
+    ) -> Result<Option<Self>, E>
+    where
+        F: Fn(String, String, usize) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Vec<DirEntry<T>>>, E>>,
+    {
+        let mut d = Dir {
+            key: key.to_string(),
+            entries: Vec::new(),
+            more: Some(start.to_string()),
+        };
+        Ok(d.fill(list, chunk).await?.then_some(d))
+    }
+
+    /// Fetches the next entries; false if the directory is missing.
+    async fn fill<E, F, Fut>(&mut self, list: &F, chunk: usize) -> Result<bool, E>
+    where
+        F: Fn(String, String, usize) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Vec<DirEntry<T>>>, E>>,
+    {
+        let Some(after) = self.more.take() else {
+            return Ok(true);
+        };
+        let path = self.key.trim_end_matches('/').to_string();
+        let Some(mut e) = list(path, after, chunk).await? else {
+            return Ok(false);
+        };
+        e.sort_by_cached_key(|x| std::cmp::Reverse(entry_key(x)));
+        if e.len() >= chunk {
+            self.more = e.first().map(entry_key);
+        }
+        self.entries = e;
+        Ok(true)
+    }
+
+    /// The next entry in key order, fetching more as needed.
+    async fn next<E, F, Fut>(&mut self, list: &F, chunk: usize) -> Result<Option<DirEntry<T>>, E>
+    where
+        F: Fn(String, String, usize) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Vec<DirEntry<T>>>, E>>,
+    {
+        if self.entries.is_empty() {
+            // A directory removed meanwhile ends here.
+            self.fill(list, chunk).await?;
+        }
+        Ok(self.entries.pop())
+    }
+}
+
+/// Where a walk starts inside directory `dk`: the name of its entry that
+/// holds `after`, or "" if `after` is not inside it. Entries at or before
+/// that name are before `after` (a directory of that name, whose key
+/// ends in '/', sorts after it and is kept).
+fn start_in<'a>(dk: &str, after: Option<&'a str>) -> &'a str {
+    after
+        .and_then(|a| a.strip_prefix(dk))
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("")
+}
+
 /// The keys (with what is kept for each) one [`page`] needs, found by
 /// walking the tree in key order from `after` on, listing only the
-/// directories on the way: a page costs the directories it passes, not
-/// the whole subtree (what a continuation page costs when no cached
-/// listing is at hand). `list(dir)` gives the entries of directory `dir`
-/// (relative to the bucket, `""` for its top; `None` if it is missing).
-/// With a delimiter (only `/` is walked this way; the caller lists in
-/// full for others) a directory at the level of the common prefixes
-/// contributes one key under it, the first after `after`. The result
-/// is sorted; [`page`] over it gives the page a full listing would.
+/// directories on the way, `chunk` entries at a time: a page costs the
+/// entries it passes, not the whole subtree (what a continuation page
+/// costs when no cached listing is at hand). `list(dir, start, n)` gives
+/// up to `n` entries of directory `dir` (relative to the bucket, `""` for
+/// its top) whose keys (a directory's is its name and '/') come after
+/// `start`, the first ones in key order (`None` if `dir` is missing);
+/// fewer than `n` means no more. With a delimiter (only `/` is walked
+/// this way; the caller lists in full for others) a directory at the
+/// level of the common prefixes contributes one key under it, the first
+/// after `after`. The result is sorted; [`page`] over it gives the page a
+/// full listing would.
 pub async fn walk<T, E, F, Fut>(
     list: F,
     prefix: &str,
     delimiter_slash: bool,
     after: After<'_>,
     max_keys: usize,
+    chunk: usize,
 ) -> Result<Vec<(String, T)>, E>
 where
-    F: Fn(String) -> Fut,
+    F: Fn(String, String, usize) -> Fut,
     Fut: std::future::Future<Output = Result<Option<Vec<DirEntry<T>>>, E>>,
 {
+    let chunk = chunk.max(1);
     let (after, skip_prefixes) = after.parts();
     let mut out = Vec::new();
     // Page entries found (objects, and one per common prefix); one more
     // than max-keys tells the page it is truncated.
     let mut found = 0;
-    // Directories to visit, each with its entries still to go (sorted in
-    // key order, last first, so `pop` takes the next).
-    let mut stack: Vec<(String, Vec<DirEntry<T>>)> = Vec::new();
+    let mut stack: Vec<Dir<T>> = Vec::new();
     let top = dir_of(prefix);
     if max_keys == 0 || top.starts_with('/') || top.contains("//") {
         // No key has an empty path segment.
         return Ok(out);
     }
-    if let Some(e) = list(top.trim_end_matches('/').to_string()).await? {
-        stack.push((top.to_string(), sorted(e)));
+    if let Some(d) = Dir::open(&list, top, start_in(top, after), chunk).await? {
+        stack.push(d);
     }
     // A key after which nothing can match the prefix ends the walk.
     let past = |k: &str| k > prefix && !k.starts_with(prefix);
@@ -168,14 +257,14 @@ where
     // before `after`.
     let subtree_before = |dk: &str| after.is_some_and(|a| a >= dk && !a.starts_with(dk));
     while found <= max_keys {
-        let Some((dir, entries)) = stack.last_mut() else {
+        let Some(dir) = stack.last_mut() else {
             break;
         };
-        let Some((name, is_dir, item)) = entries.pop() else {
+        let Some((name, is_dir, item)) = dir.next(&list, chunk).await? else {
             stack.pop();
             continue;
         };
-        let key = format!("{dir}{name}");
+        let key = format!("{}{name}", dir.key);
         if !is_dir {
             if past(&key) {
                 break;
@@ -199,54 +288,47 @@ where
             if skip_prefixes && below_after(&dk) {
                 continue;
             }
-            if let Some(first) = first_file(&list, &dk, &below_after, &subtree_before).await? {
+            if let Some(first) =
+                first_file(&list, &dk, after, chunk, &below_after, &subtree_before).await?
+            {
                 out.push(first);
                 found += 1;
             }
             continue;
         }
-        if let Some(e) = list(key).await? {
-            stack.push((dk, sorted(e)));
+        if let Some(d) = Dir::open(&list, &dk, start_in(&dk, after), chunk).await? {
+            stack.push(d);
         }
     }
     Ok(out)
 }
 
-/// Entries in key order (a directory `d` sorts as `d/`), last first.
-fn sorted<T>(mut e: Vec<DirEntry<T>>) -> Vec<DirEntry<T>> {
-    let sort_key = |(n, d, _): &DirEntry<T>| {
-        let mut k = n.clone();
-        if *d {
-            k.push('/');
-        }
-        k
-    };
-    e.sort_by_cached_key(|x| std::cmp::Reverse(sort_key(x)));
-    e
-}
-
 /// The first file in key order under directory key `dk` that is not at
-/// or before `after`.
+/// or before `after`, fetching a few entries at a time (it is usually
+/// among a directory's first).
 async fn first_file<T, E, F, Fut>(
     list: &F,
     dk: &str,
+    after: Option<&str>,
+    chunk: usize,
     below_after: &impl Fn(&str) -> bool,
     subtree_before: &impl Fn(&str) -> bool,
 ) -> Result<Option<(String, T)>, E>
 where
-    F: Fn(String) -> Fut,
+    F: Fn(String, String, usize) -> Fut,
     Fut: std::future::Future<Output = Result<Option<Vec<DirEntry<T>>>, E>>,
 {
-    let mut stack: Vec<(String, Vec<DirEntry<T>>)> = Vec::new();
-    if let Some(e) = list(dk.trim_end_matches('/').to_string()).await? {
-        stack.push((dk.to_string(), sorted(e)));
+    let chunk = chunk.min(16);
+    let mut stack: Vec<Dir<T>> = Vec::new();
+    if let Some(d) = Dir::open(list, dk, start_in(dk, after), chunk).await? {
+        stack.push(d);
     }
-    while let Some((dir, entries)) = stack.last_mut() {
-        let Some((name, is_dir, item)) = entries.pop() else {
+    while let Some(dir) = stack.last_mut() {
+        let Some((name, is_dir, item)) = dir.next(list, chunk).await? else {
             stack.pop();
             continue;
         };
-        let key = format!("{dir}{name}");
+        let key = format!("{}{name}", dir.key);
         if !is_dir {
             if !below_after(&key) {
                 return Ok(Some((key, item)));
@@ -257,8 +339,8 @@ where
         if subtree_before(&sub) {
             continue;
         }
-        if let Some(e) = list(key).await? {
-            stack.push((sub, sorted(e)));
+        if let Some(d) = Dir::open(list, &sub, start_in(&sub, after), chunk).await? {
+            stack.push(d);
         }
     }
     Ok(None)
@@ -405,13 +487,23 @@ mod tests {
             };
             let max_keys = 1 + rnd(5) as usize;
             let counted = std::cell::Cell::new(0usize);
-            let list = |dir: String| {
+            // Directories listed a few entries at a time, as the master
+            // pages them.
+            let chunk = 1 + rnd(4) as usize;
+            let list = |dir: String, start: String, n: usize| {
                 counted.set(counted.get() + 1);
-                let r = tree.list(&dir);
+                let r = tree.list(&dir).map(|mut e| {
+                    e.retain(|x| entry_key(x) > start);
+                    e.sort_by_cached_key(entry_key);
+                    e.truncate(n);
+                    e
+                });
                 async move { Ok::<_, ()>(r) }
             };
             let want = page(&tree.files, as_str, &prefix, delimiter, after, max_keys);
-            let got = walk(list, &prefix, slash, after, max_keys).await.unwrap();
+            let got = walk(list, &prefix, slash, after, max_keys, chunk)
+                .await
+                .unwrap();
             let keys: Vec<String> = got.iter().map(|(k, _)| k.clone()).collect();
             assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
             let p = page(&keys, as_str, &prefix, delimiter, after, max_keys);

@@ -489,6 +489,36 @@ impl Namespace {
         Ok(out)
     }
 
+    /// Up to `limit` children of directory `path` in key order (a
+    /// directory's key is its name and '/'), after `start_after`; a file
+    /// lists itself on the first page.
+    pub async fn list_page(
+        &self,
+        path: &NsPath,
+        start_after: &str,
+        limit: usize,
+    ) -> Result<Vec<pb::FileInfo>, MasterError> {
+        let mut r = self.resolve(path).await?;
+        if !r.inode.is_dir {
+            return Ok(if start_after.is_empty() {
+                vec![self.file_info(&r)]
+            } else {
+                Vec::new()
+            });
+        }
+        if let Some(m) = &r.mount {
+            r.inode = self
+                .ensure_synced(&r.inode, &r.path, m, &r.rel, false)
+                .await?;
+        }
+        let mut out = Vec::new();
+        for c in self.store.children_page(r.inode.id, start_after, limit)? {
+            let cr = self.child_resolved(&r, c)?;
+            out.push(self.file_info(&cr));
+        }
+        Ok(out)
+    }
+
     fn check_writable(&self, r: &Resolved) -> Result<(), MasterError> {
         if let Some(m) = &r.mount
             && m.read_only

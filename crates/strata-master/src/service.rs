@@ -400,6 +400,19 @@ impl Master for MasterService {
         }))
     }
 
+    async fn list_page(&self, req: Request<pb::ListPageRequest>) -> R<pb::ListResponse> {
+        self.read(&req).await?;
+        let r = req.get_ref();
+        let p = path(&r.path)?;
+        let limit = match r.limit {
+            0 => 1000,
+            n => n.min(10_000) as usize,
+        };
+        Ok(Response::new(pb::ListResponse {
+            entries: self.ns.list_page(&p, &r.start_after, limit).await?,
+        }))
+    }
+
     async fn create_directory(&self, req: Request<pb::MkdirRequest>) -> R<pb::FileInfo> {
         let rid = self.lead(&req).await?;
         Ok(Response::new(self.mkdir(rid, req.into_inner()).await?))

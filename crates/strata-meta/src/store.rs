@@ -171,6 +171,79 @@ impl MetaStore {
         Ok(out)
     }
 
+    /// Up to `limit` children of `parent` in key order, where a child's
+    /// key is its name, with `/` after it for a directory (the order of
+    /// object keys in an S3 listing), from the first key after `after`.
+    /// Costs the entries returned and the directories among the prefixes
+    /// of `after`, not the whole directory.
+    pub fn children_page(
+        &self,
+        parent: InodeId,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<Inode>, MetaError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let ct = tx.open_table(CHILDREN).map_err(|e| self.err(e))?;
+        let it = tx.open_table(INODES).map_err(|e| self.err(e))?;
+        let inode = |id: u64| -> Result<Option<Inode>, MetaError> {
+            it.get(id)
+                .map_err(|e| self.err(e))?
+                .map(|g| postcard::from_bytes(g.value()).map_err(|e| self.err(e)))
+                .transpose()
+        };
+        // Names come in name order; a directory's key sorts after the
+        // names that extend its name with a byte below '/' ("d-1" and
+        // "d.x" come before "d/"), so directories wait here until the
+        // names pass their key. The last is the smallest: each is a prefix
+        // of the ones pushed after it.
+        let mut waiting: Vec<Inode> = Vec::new();
+        // Directories named at or before `after` whose key sorts after it:
+        // `after` itself, and its prefixes followed by a byte below '/'.
+        let b = after.as_bytes();
+        let cands = (1..b.len())
+            .filter(|&i| b[i] < b'/')
+            .map(|i| &after[..i])
+            .chain((!after.is_empty() && !after.ends_with('/')).then_some(after));
+        for name in cands {
+            if let Some(id) = ct.get((parent, name)).map_err(|e| self.err(e))?
+                && let Some(ino) = inode(id.value())?
+                && ino.is_dir
+            {
+                waiting.push(ino);
+            }
+        }
+        let key_of = |i: &Inode| format!("{}/", i.name);
+        let mut out = Vec::new();
+        for kv in ct
+            .range((parent, after)..(parent + 1, ""))
+            .map_err(|e| self.err(e))?
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = kv.map_err(|e| self.err(e))?;
+            let name = k.value().1;
+            if name == after {
+                continue;
+            }
+            while waiting.last().is_some_and(|d| key_of(d).as_str() < name) {
+                out.extend(waiting.pop());
+            }
+            if let Some(ino) = inode(v.value())? {
+                if ino.is_dir {
+                    waiting.push(ino);
+                } else {
+                    out.push(ino);
+                }
+            }
+        }
+        while let Some(d) = waiting.pop() {
+            out.push(d);
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
     pub fn mount(&self, id: u64) -> Result<Option<MountEntry>, MetaError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(MOUNTS).map_err(|e| self.err(e))?;
@@ -842,6 +915,64 @@ mod tests {
             size: 3,
             mtime_ms: 5,
             fingerprint: fp.into(),
+        }
+    }
+
+    #[test]
+    fn pages_of_children_come_in_key_order_from_any_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MetaStore::open(dir.path()).unwrap();
+        let d = mkdir(&s, ROOT_ID, "top");
+        // Names that sort differently once directories get their '/'.
+        let dirs = ["d", "d-1", "a", "d.x.y", "z"];
+        let files = ["d-", "d-0", "d-1.txt", "d.x", "d0", "a-b", "d.x.y.z", "b"];
+        for n in dirs {
+            mkdir(&s, d, n);
+        }
+        for n in files {
+            s.apply(&Command::CreateEmptyFile {
+                parent: d,
+                name: n.into(),
+                mtime_ms: 1,
+                overwrite: false,
+            })
+            .unwrap();
+        }
+        let key = |i: &Inode| {
+            if i.is_dir {
+                format!("{}/", i.name)
+            } else {
+                i.name.clone()
+            }
+        };
+        let mut all: Vec<String> = s.children(d).unwrap().iter().map(key).collect();
+        all.sort();
+        assert_eq!(all.len(), dirs.len() + files.len());
+        let mut starts: Vec<String> = all.clone();
+        starts.extend(["", "d", "d-", "d-1/x", "d.", "d.x.y/q", "c", "zz"].map(String::from));
+        for start in &starts {
+            for limit in 1..5 {
+                // Page from `start` to the end, each page after the last
+                // key of the one before.
+                let mut got = Vec::new();
+                let mut after = start.clone();
+                loop {
+                    let page: Vec<String> = s
+                        .children_page(d, &after, limit)
+                        .unwrap()
+                        .iter()
+                        .map(key)
+                        .collect();
+                    assert!(page.len() <= limit);
+                    got.extend(page.iter().cloned());
+                    match page.last() {
+                        Some(l) if page.len() == limit => after = l.clone(),
+                        _ => break,
+                    }
+                }
+                let want: Vec<String> = all.iter().filter(|k| *k > start).cloned().collect();
+                assert_eq!(got, want, "after {start:?}, {limit} a page");
+            }
         }
     }
 
