@@ -155,16 +155,16 @@ pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
         return serve(cfg, &args, fd).await;
     }
     strata_fuse::check_mount_point(&args.mountpoint)?;
+    let read_ahead = read_ahead_kib(&args)?;
     if !args.foreground {
         return daemonize(&args);
     }
     if args.restartable {
         return supervise(&args).await;
     }
-    let read_ahead = read_ahead_kib(&args)?;
     let fs = file_system(cfg, &args).await?;
     let session = fs.mount(&args.mountpoint)?;
-    set_read_ahead(&args.mountpoint, read_ahead).await;
+    set_read_ahead(&args.mountpoint, read_ahead);
     println!(
         "mounted {} at {} (pid {}); unmount with `strata umount {}`",
         args.path,
@@ -211,27 +211,30 @@ pub async fn run(cfg: &Config, args: MountArgs) -> anyhow::Result<()> {
 fn read_ahead_kib(args: &MountArgs) -> anyhow::Result<u32> {
     let bytes = strata_common::size::parse_size(&args.read_ahead)
         .with_context(|| format!("--read-ahead {}", args.read_ahead))?;
-    u32::try_from(bytes >> 10)
-        .ok()
-        .filter(|k| *k <= 1 << 20)
-        .with_context(|| format!("--read-ahead {}: at most 1GiB", args.read_ahead))
+    if bytes != 0 && !(4 << 10..=1 << 30).contains(&bytes) {
+        bail!(
+            "--read-ahead {}: from 4KiB to 1GiB, or 0 for the kernel's default",
+            args.read_ahead
+        );
+    }
+    Ok((bytes >> 10) as u32)
 }
 
-/// Applies `--read-ahead` once the mount answers; a failure (not root)
-/// leaves the kernel's default and is only logged.
-async fn set_read_ahead(mountpoint: &Path, kib: u32) {
+/// Applies `--read-ahead` in the background once the mount answers (its
+/// first request waits for the master); a failure leaves the kernel's
+/// default and is only logged.
+fn set_read_ahead(mountpoint: &Path, kib: u32) {
     if kib == 0 {
         return;
     }
     let mp = mountpoint.to_path_buf();
-    match tokio::task::spawn_blocking(move || strata_fuse::set_read_ahead(&mp, kib)).await {
-        Ok(Ok(())) => tracing::debug!("kernel read-ahead {kib} KiB"),
-        Ok(Err(e)) => tracing::info!(
-            "kept the kernel's read-ahead for {} (128 KiB): {e}; run as root to set --read-ahead",
-            mountpoint.display()
+    tokio::task::spawn_blocking(move || match strata_fuse::set_read_ahead(&mp, kib) {
+        Ok(()) => tracing::debug!("kernel read-ahead {kib} KiB"),
+        Err(e) => tracing::info!(
+            "kept the kernel's read-ahead for {} (128 KiB): {e}",
+            mp.display()
         ),
-        Err(e) => tracing::info!("setting the read-ahead: {e}"),
-    }
+    });
 }
 
 /// A restartable mount's supervisor: mounts, keeps the kernel connection,
@@ -370,7 +373,7 @@ async fn serve(cfg: &Config, args: &MountArgs, fd: i32) -> anyhow::Result<()> {
     let session = fs.serve(dev, &init, first)?;
     if first {
         std::fs::write(&ready, b"").with_context(|| format!("writing {}", ready.display()))?;
-        set_read_ahead(&args.mountpoint, read_ahead).await;
+        set_read_ahead(&args.mountpoint, read_ahead);
     }
     println!(
         "daemon {} serving {} at {} (pid {})",

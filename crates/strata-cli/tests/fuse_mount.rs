@@ -614,6 +614,17 @@ async fn mount_point_must_exist_and_be_empty_and_daemon_mode_works() {
     std::fs::write(full.join("x"), b"x").unwrap();
     let err = fails(env.cluster.cli(&["mount", full.to_str().unwrap()]).unwrap());
     assert!(err.contains("not empty"), "{err}");
+    // A bad --read-ahead is refused before anything is mounted, in every
+    // mode.
+    let empty_mp = dir.path().join("ra");
+    std::fs::create_dir(&empty_mp).unwrap();
+    for extra in [&[][..], &["--foreground", "--restartable"][..]] {
+        let mut args = vec!["mount", empty_mp.to_str().unwrap(), "--read-ahead", "3X"];
+        args.extend_from_slice(extra);
+        let err = fails(env.cluster.cli(&args).unwrap());
+        assert!(err.contains("--read-ahead 3X"), "{err}");
+        assert!(!is_mounted(&empty_mp));
+    }
     let err = fails(
         env.cluster
             .cli(&[

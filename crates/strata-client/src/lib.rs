@@ -237,8 +237,9 @@ impl Client {
 
     /// Up to `limit` entries of directory `path` in key order (a
     /// directory's key is its name and '/', the order of an S3 listing),
-    /// from the first key after `start_after`; fewer than `limit` means
-    /// the directory has no more. A file lists itself on the first page.
+    /// from the first key after `start_after`; fewer than `limit` (the
+    /// master returns at most 10 000) means the directory has no more. A
+    /// file lists itself on the first page.
     pub async fn list_page(
         &self,
         path: &str,

@@ -40,13 +40,17 @@ pub enum Kind {
     Dir(Vec<(u64, FileType, String)>),
 }
 
+/// A window being fetched.
+type Fetch = tokio::task::JoinHandle<Result<Bytes, Errno>>;
+
 /// What a read handle fetched: the current window, the one being fetched
 /// behind it while reads are sequential, and where the last read ended.
 pub struct Window {
     start: u64,
     buf: Bytes,
     last_end: u64,
-    next: Option<(u64, tokio::task::JoinHandle<Result<Bytes, Errno>>)>,
+    /// The prefetch in flight: where it starts, how long, the task.
+    next: Option<(u64, u64, Fetch)>,
     /// Bytes the next prefetch asks for.
     size: u64,
 }
@@ -68,7 +72,7 @@ impl Window {
             && self
                 .next
                 .as_ref()
-                .is_some_and(|(at, _)| off >= *at && off < *at + self.size)
+                .is_some_and(|(at, len, _)| off >= *at && off < *at + *len)
     }
 
     /// The reader caught up with the prefetched window `buf` at `at`: it
@@ -93,7 +97,7 @@ impl Window {
 
     /// Stops the prefetch in flight, if any.
     fn stop_prefetch(&mut self) {
-        if let Some((_, t)) = self.next.take() {
+        if let Some((_, _, t)) = self.next.take() {
             t.abort();
         }
     }
@@ -114,7 +118,7 @@ impl Window {
         // A sequential reader: load the blocks after this one ahead of it.
         reader.prewarm(at, reader.len());
         let task = tokio::spawn(async move { r.read_at(at, len).await.map_err(|e| to_errno(&e)) });
-        self.next = Some((at, task));
+        self.next = Some((at, len, task));
     }
 }
 
@@ -304,7 +308,7 @@ impl Open {
         let mut w = window.try_lock().ok()?;
         let sequential = w.sequential(off);
         if w.caught_up(off, want) {
-            let (at, task) = w.next.as_mut()?;
+            let (at, _, task) = w.next.as_mut()?;
             if !task.is_finished() {
                 return None;
             }
@@ -362,7 +366,7 @@ impl Open {
         let mut w = window.lock().await;
         let sequential = w.sequential(off);
         if w.caught_up(off, want)
-            && let Some((at, task)) = w.next.take()
+            && let Some((at, _, task)) = w.next.take()
         {
             match task.await {
                 Ok(Ok(b)) => w.adopt(at, b),

@@ -261,13 +261,29 @@ impl MetaCache {
 pub fn set_read_ahead(mountpoint: &Path, kib: u32) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(mountpoint)?.dev();
-    let bdi = format!(
-        "/sys/class/bdi/{}:{}/read_ahead_kb",
-        libc::major(dev),
-        libc::minor(dev)
-    );
-    std::fs::write(&bdi, kib.to_string())
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{bdi}: {e}")))
+    let dev = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    // Only the FUSE mount at that path right now (not whatever the path
+    // shows once it has been unmounted).
+    let abs = std::fs::canonicalize(mountpoint)?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let ours = mountinfo.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let fstype = l.split(" - ").nth(1)?.split(' ').next()?;
+        (f.get(4)?.replace("\\040", " ") == abs.to_string_lossy()).then(|| (f[2], fstype))
+    });
+    if !ours.is_some_and(|(d, t)| d == dev && t.starts_with("fuse")) {
+        return Err(std::io::Error::other(format!(
+            "{} is no longer this FUSE mount",
+            abs.display()
+        )));
+    }
+    let bdi = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    std::fs::write(&bdi, kib.to_string()).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("{bdi}: {e} (only root may set it: run the mount as root, or --read-ahead 0)"),
+        )
+    })
 }
 
 /// Checks the mount point the way users expect: it exists, is a directory

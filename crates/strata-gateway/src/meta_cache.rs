@@ -123,13 +123,13 @@ impl MetaCache {
         (at.elapsed() < self.ttl).then(|| v.clone())
     }
 
-    /// Stores a listing fetched at `epoch` (nothing if the cache was
-    /// invalidated since).
     /// Whether anything is cached (a TTL above zero).
     pub fn caches(&self) -> bool {
         !self.ttl.is_zero()
     }
 
+    /// Stores a listing fetched at `epoch` (nothing if the cache was
+    /// invalidated since).
     pub fn put_list(&self, bucket: &str, dir: &str, v: Listing, epoch: u64) {
         if self.ttl.is_zero() {
             return;
