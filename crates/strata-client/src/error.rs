@@ -34,6 +34,8 @@ pub enum ClientError {
     Connection { addr: String, msg: String },
     #[error("{path} changed in the under storage while it was being read; read it again")]
     Changed { path: String },
+    #[error("the master does not offer this call (an older version; upgrade it): {0}")]
+    Unimplemented(String),
     #[error("master: {0}")]
     Other(String),
 }
@@ -57,6 +59,7 @@ impl ClientError {
                 }
             }
             Code::Unavailable => ClientError::UfsUnavailable(msg),
+            Code::Unimplemented => ClientError::Unimplemented(msg),
             _ => ClientError::Other(msg),
         }
     }

@@ -247,16 +247,26 @@ impl Client {
         limit: u32,
     ) -> Result<Vec<FileInfo>> {
         let p = parse_path(path)?;
-        self.master_read(
-            pb::ListPageRequest {
-                path: p.to_string(),
-                start_after: start_after.to_string(),
-                limit,
-            },
-            |mut c, r| async move { c.list_page(r).await },
-        )
-        .await
-        .map(|r| r.entries)
+        let paged = self
+            .master_read(
+                pb::ListPageRequest {
+                    path: p.to_string(),
+                    start_after: start_after.to_string(),
+                    limit,
+                },
+                |mut c, r| async move { c.list_page(r).await },
+            )
+            .await;
+        match paged {
+            Ok(r) => Ok(r.entries),
+            // A master from before ListPage (a rolling upgrade): the whole
+            // directory, cut here.
+            Err(ClientError::Unimplemented(_)) => {
+                let all = self.list(path).await?;
+                Ok(page_of(all, &p.to_string(), start_after, limit.min(10_000)))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Every file below `path` (or `path` itself if it is a file).
@@ -795,5 +805,75 @@ impl Client {
             offset,
             len,
         })
+    }
+}
+
+/// The page `ListPage` gives, cut from a whole listing of `path`: entries
+/// in key order (a directory's key is its name and '/') after
+/// `start_after`, at most `limit`; a file lists itself on the first page.
+fn page_of(mut all: Vec<FileInfo>, path: &str, start_after: &str, limit: u32) -> Vec<FileInfo> {
+    let limit = if limit == 0 { 1000 } else { limit as usize };
+    if let [only] = &all[..]
+        && !only.is_dir
+        && only.path == path
+    {
+        return if start_after.is_empty() {
+            all
+        } else {
+            Vec::new()
+        };
+    }
+    let key = |f: &FileInfo| {
+        if f.is_dir {
+            format!("{}/", f.name)
+        } else {
+            f.name.clone()
+        }
+    };
+    all.retain(|f| key(f).as_str() > start_after);
+    all.sort_by_cached_key(key);
+    all.truncate(limit);
+    all
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    #[test]
+    fn a_whole_listing_is_cut_as_list_page_would() {
+        let e = |name: &str, is_dir: bool| FileInfo {
+            path: format!("/d/{name}"),
+            name: name.into(),
+            is_dir,
+            ..Default::default()
+        };
+        let all = vec![
+            e("b", false),
+            e("a", true),
+            e("a-1", false),
+            e("a.x", true),
+            e("c", false),
+        ];
+        let names = |v: Vec<FileInfo>| v.into_iter().map(|f| f.name).collect::<Vec<_>>();
+        // Key order: a-1, a.x/, a/, b, c.
+        assert_eq!(
+            names(page_of(all.clone(), "/d", "", 0)),
+            ["a-1", "a.x", "a", "b", "c"]
+        );
+        assert_eq!(names(page_of(all.clone(), "/d", "a-1", 2)), ["a.x", "a"]);
+        assert_eq!(
+            names(page_of(all.clone(), "/d", "a", 9)),
+            ["a-1", "a.x", "a", "b", "c"]
+        );
+        assert_eq!(names(page_of(all.clone(), "/d", "a/", 9)), ["b", "c"]);
+        // A file lists itself, once.
+        let f = vec![FileInfo {
+            path: "/d".into(),
+            name: "d".into(),
+            ..Default::default()
+        }];
+        assert_eq!(page_of(f.clone(), "/d", "", 5).len(), 1);
+        assert!(page_of(f, "/d", "x", 5).is_empty());
     }
 }
