@@ -95,18 +95,7 @@ pub enum MountWriteType {
 
 /// True if `mountpoint` is a mount point right now.
 pub fn is_mounted(mountpoint: &Path) -> bool {
-    let Ok(abs) = std::fs::canonicalize(mountpoint) else {
-        return false;
-    };
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = abs.to_string_lossy();
-    text.lines().any(|l| {
-        l.split(' ')
-            .nth(4)
-            .is_some_and(|mp| mp.replace("\\040", " ") == want)
-    })
+    strata_fuse::mounted_at(mountpoint).is_some()
 }
 
 fn fuse_options(args: &MountArgs) -> FuseOptions {

@@ -246,11 +246,11 @@ impl Client {
         start_after: &str,
         limit: u32,
     ) -> Result<Vec<FileInfo>> {
-        let p = parse_path(path)?;
+        let p = parse_path(path)?.to_string();
         let paged = self
             .master_read(
                 pb::ListPageRequest {
-                    path: p.to_string(),
+                    path: p.clone(),
                     start_after: start_after.to_string(),
                     limit,
                 },
@@ -263,7 +263,7 @@ impl Client {
             // directory, cut here.
             Err(ClientError::Unimplemented(_)) => {
                 let all = self.list(path).await?;
-                Ok(page_of(all, &p.to_string(), start_after, limit.min(10_000)))
+                Ok(page_of(all, &p, start_after, limit.min(10_000)))
             }
             Err(e) => Err(e),
         }

@@ -251,6 +251,32 @@ impl MetaCache {
     }
 }
 
+/// What `/proc/self/mountinfo` says of a mount.
+pub struct MountEntry {
+    /// The device, as `MAJOR:MINOR`.
+    pub dev: String,
+    /// The file system type (`fuse`, `fuse.NAME`, `ext4`, ...).
+    pub fstype: String,
+}
+
+/// The file system mounted at `mountpoint` right now (the last mounted,
+/// if several are stacked there), if any.
+pub fn mounted_at(mountpoint: &Path) -> Option<MountEntry> {
+    let abs = std::fs::canonicalize(mountpoint).ok()?;
+    let want = abs.to_string_lossy();
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.get(4)?.replace("\\040", " ") != want {
+            return None;
+        }
+        Some(MountEntry {
+            dev: f[2].to_string(),
+            fstype: l.split(" - ").nth(1)?.split(' ').next()?.to_string(),
+        })
+    })
+}
+
 /// Sets the kernel's read-ahead for the FUSE mount at `mountpoint` to
 /// `kib` KiB (`/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`; writing it needs
 /// root). The kernel sets it to at most 128 KiB when the mount starts
@@ -264,17 +290,10 @@ pub fn set_read_ahead(mountpoint: &Path, kib: u32) -> std::io::Result<()> {
     let dev = format!("{}:{}", libc::major(dev), libc::minor(dev));
     // Only the FUSE mount at that path right now (not whatever the path
     // shows once it has been unmounted).
-    let abs = std::fs::canonicalize(mountpoint)?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let ours = mountinfo.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        let fstype = l.split(" - ").nth(1)?.split(' ').next()?;
-        (f.get(4)?.replace("\\040", " ") == abs.to_string_lossy()).then(|| (f[2], fstype))
-    });
-    if !ours.is_some_and(|(d, t)| d == dev && t.starts_with("fuse")) {
+    if !mounted_at(mountpoint).is_some_and(|m| m.dev == dev && m.fstype.starts_with("fuse")) {
         return Err(std::io::Error::other(format!(
             "{} is no longer this FUSE mount",
-            abs.display()
+            mountpoint.display()
         )));
     }
     let bdi = format!("/sys/class/bdi/{dev}/read_ahead_kb");

@@ -399,6 +399,16 @@ mod tests {
         out
     }
 
+    /// Deterministic pseudo-random numbers below `n`.
+    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
+    }
+
     /// A tree of files (and some empty directories) as `walk` lists it.
     struct Tree {
         files: Vec<String>,
@@ -431,13 +441,7 @@ mod tests {
 
     #[tokio::test]
     async fn walks_cut_the_pages_a_full_listing_cuts() {
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut rnd = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rnd = xorshift(0x2545_f491_4f6c_dd1d);
         let seg = ["a", "b", "ab", "a-", "b.c"];
         let path = |rnd: &mut dyn FnMut(u64) -> u64| {
             (0..1 + rnd(3))
@@ -530,13 +534,7 @@ mod tests {
     fn pages_equal_a_scan_of_every_key() {
         // Deterministic pseudo-random key sets over a small alphabet, so
         // prefixes, delimiters and markers collide often.
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut rnd = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rnd = xorshift(0x9e37_79b9_7f4a_7c15);
         let alphabet = ["a", "b", "/", "-", "ab", "b/"];
         let word = |rnd: &mut dyn FnMut(u64) -> u64| {
             let len = 1 + rnd(5);

@@ -472,21 +472,10 @@ impl Namespace {
     }
 
     pub async fn list(&self, path: &NsPath) -> Result<Vec<pb::FileInfo>, MasterError> {
-        let mut r = self.resolve(path).await?;
-        if !r.inode.is_dir {
-            return Ok(vec![self.file_info(&r)]);
+        match self.listed(path).await? {
+            Ok(dir) => self.infos(&dir, self.store.children(dir.inode.id)?),
+            Err(file) => Ok(vec![file]),
         }
-        if let Some(m) = &r.mount {
-            r.inode = self
-                .ensure_synced(&r.inode, &r.path, m, &r.rel, false)
-                .await?;
-        }
-        let mut out = Vec::new();
-        for c in self.store.children(r.inode.id)? {
-            let cr = self.child_resolved(&r, c)?;
-            out.push(self.file_info(&cr));
-        }
-        Ok(out)
     }
 
     /// Up to `limit` children of directory `path` in key order (a
@@ -498,25 +487,41 @@ impl Namespace {
         start_after: &str,
         limit: usize,
     ) -> Result<Vec<pb::FileInfo>, MasterError> {
+        match self.listed(path).await? {
+            Ok(dir) => self.infos(
+                &dir,
+                self.store.children_page(dir.inode.id, start_after, limit)?,
+            ),
+            Err(file) if start_after.is_empty() => Ok(vec![file]),
+            Err(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// `path` for a listing: a directory, synced with its UFS if mounted
+    /// from one, or (`Err`) a file's info.
+    async fn listed(&self, path: &NsPath) -> Result<Result<Resolved, pb::FileInfo>, MasterError> {
         let mut r = self.resolve(path).await?;
         if !r.inode.is_dir {
-            return Ok(if start_after.is_empty() {
-                vec![self.file_info(&r)]
-            } else {
-                Vec::new()
-            });
+            return Ok(Err(self.file_info(&r)));
         }
         if let Some(m) = &r.mount {
             r.inode = self
                 .ensure_synced(&r.inode, &r.path, m, &r.rel, false)
                 .await?;
         }
-        let mut out = Vec::new();
-        for c in self.store.children_page(r.inode.id, start_after, limit)? {
-            let cr = self.child_resolved(&r, c)?;
-            out.push(self.file_info(&cr));
-        }
-        Ok(out)
+        Ok(Ok(r))
+    }
+
+    /// The infos of `children` of directory `dir`.
+    fn infos(
+        &self,
+        dir: &Resolved,
+        children: Vec<Inode>,
+    ) -> Result<Vec<pb::FileInfo>, MasterError> {
+        children
+            .into_iter()
+            .map(|c| Ok(self.file_info(&self.child_resolved(dir, c)?)))
+            .collect()
     }
 
     fn check_writable(&self, r: &Resolved) -> Result<(), MasterError> {
