@@ -1,6 +1,7 @@
-//! Open files and directories. A read handle serves the kernel from a
-//! window fetched ahead while reads are sequential (1 MiB, doubling up to
-//! 8 MiB while the reader keeps up, back to 1 MiB on a random read); a write handle streams
+//! Open files and directories. A read handle serves the kernel from
+//! windows fetched ahead while reads are sequential (1 MiB, doubling up to
+//! 8 MiB while the reader keeps up, two in flight, back to 1 MiB on a
+//! random read); a write handle streams
 //! sequential writes (and appends) into one SDK writer, committed at every
 //! flush (each close of a descriptor) or fsync, and at release; a write
 //! after a commit continues the file as an append. A write out of order, a
@@ -30,6 +31,17 @@ const MAX_WINDOW: u64 = 8 << 20;
 /// sequential (the kernel's read-ahead and parallel FUSE requests reorder
 /// and skip a little).
 const JUMP: u64 = 8 << 20;
+/// Windows a sequential reader keeps (the newest and the one before it):
+/// the kernel sends its read-ahead as several requests at once, which
+/// arrive in any order, so a read may land just behind the newest window.
+const KEPT: usize = 2;
+/// Windows fetched ahead of a sequential reader at once: one window at a
+/// time left the disk idle while the reader consumed it.
+const DEPTH: usize = 2;
+/// A read this far behind the farthest one so far is a late request of
+/// the same sequential reader, not a random read: it is answered without
+/// resetting the windows.
+const BEHIND: u64 = 16 << 20;
 
 pub enum Kind {
     Read {
@@ -43,82 +55,142 @@ pub enum Kind {
 /// A window being fetched.
 type Fetch = tokio::task::JoinHandle<Result<Bytes, Errno>>;
 
-/// What a read handle fetched: the current window, the one being fetched
-/// behind it while reads are sequential, and where the last read ended.
+/// What a read handle fetched: the last windows, the ones being fetched
+/// after them while reads are sequential, and where the farthest read so
+/// far ended.
 pub struct Window {
-    start: u64,
-    buf: Bytes,
-    last_end: u64,
-    /// The prefetch in flight: where it starts, how long, the task.
-    next: Option<(u64, u64, Fetch)>,
+    /// Fetched windows in file order, newest last, at most [`KEPT`].
+    bufs: std::collections::VecDeque<(u64, Bytes)>,
+    /// Prefetches in flight, each starting where the one before it ends
+    /// (the first where the newest window ends): start, length, task.
+    next: std::collections::VecDeque<(u64, u64, Fetch)>,
+    /// End of the farthest read so far (`u64::MAX` before the first).
+    frontier: u64,
     /// Bytes the next prefetch asks for.
     size: u64,
 }
 
+/// How a read relates to the reader's reads so far.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pattern {
+    /// At or a little past the farthest read (or the first read, at 0).
+    Ahead,
+    /// A little behind the farthest read: a request that arrived late.
+    Late,
+    Random,
+}
+
 impl Window {
-    fn covers(&self, off: u64, want: u64) -> bool {
-        off >= self.start && off + want <= self.start + self.buf.len() as u64
+    fn new() -> Window {
+        Window {
+            bufs: Default::default(),
+            next: Default::default(),
+            frontier: u64::MAX,
+            size: MIN_WINDOW,
+        }
     }
 
-    /// A read at `off` continues the last one (or jumps a little ahead,
-    /// as the kernel's read-ahead does).
-    fn sequential(&self, off: u64) -> bool {
-        self.last_end != u64::MAX && off >= self.last_end && off - self.last_end <= JUMP
+    /// The bytes of a kept window that hold the whole read.
+    fn find(&self, off: u64, want: u64) -> Option<Bytes> {
+        self.bufs.iter().find_map(|(start, buf)| {
+            (off >= *start && off + want <= start + buf.len() as u64)
+                .then(|| buf.slice((off - start) as usize..(off - start + want) as usize))
+        })
     }
 
-    /// The window does not hold the read but the prefetch behind it does.
-    fn caught_up(&self, off: u64, want: u64) -> bool {
-        !self.covers(off, want)
-            && self
-                .next
-                .as_ref()
-                .is_some_and(|(at, len, _)| off >= *at && off < *at + *len)
+    fn pattern(&self, off: u64) -> Pattern {
+        if self.frontier == u64::MAX {
+            return if off == 0 {
+                Pattern::Ahead
+            } else {
+                Pattern::Random
+            };
+        }
+        if off >= self.frontier {
+            if off - self.frontier <= JUMP {
+                return Pattern::Ahead;
+            }
+        } else if self.frontier - off <= BEHIND {
+            return Pattern::Late;
+        }
+        Pattern::Random
     }
 
-    /// The reader caught up with the prefetched window `buf` at `at`: it
-    /// is sequential, so the next window is larger.
+    /// How many prefetches (from the first) must be taken for the one that
+    /// holds `off`, if one does.
+    fn pending(&self, off: u64) -> Option<usize> {
+        self.next
+            .iter()
+            .position(|(at, len, _)| off >= *at && off < at + len)
+            .map(|i| i + 1)
+    }
+
+    /// A prefetched window arrived: kept as the newest; the reader is
+    /// sequential, so the next window is larger.
     fn adopt(&mut self, at: u64, buf: Bytes) {
-        self.start = at;
-        self.buf = buf;
+        self.bufs.push_back((at, buf));
+        while self.bufs.len() > KEPT {
+            self.bufs.pop_front();
+        }
         self.size = (self.size * 2).min(MAX_WINDOW);
     }
 
-    /// A read the window covers; a sequential one starts the prefetch of
-    /// the window after (inside a Tokio runtime).
-    fn serve(&mut self, off: u64, want: u64, sequential: bool, reader: &Reader) -> Bytes {
-        let s = (off - self.start) as usize;
-        self.last_end = off + want;
-        let out = self.buf.slice(s..s + want as usize);
-        if sequential || off == 0 {
+    /// Serves a read a kept window holds; one that moves the reader ahead
+    /// keeps [`DEPTH`] windows being fetched after it (inside a Tokio
+    /// runtime).
+    fn serve(&mut self, off: u64, want: u64, pattern: Pattern, reader: &Reader) -> Option<Bytes> {
+        let out = self.find(off, want)?;
+        if pattern == Pattern::Ahead {
+            self.frontier = if self.frontier == u64::MAX {
+                off + want
+            } else {
+                self.frontier.max(off + want)
+            };
             self.prefetch(reader);
         }
-        out
+        Some(out)
     }
 
-    /// Stops the prefetch in flight, if any.
+    /// Starts over at `off` with `data` as the only window (a random read,
+    /// or a sequential one past everything fetched).
+    fn reset(&mut self, off: u64, data: Bytes) {
+        self.stop_prefetch();
+        self.frontier = off + data.len() as u64;
+        self.bufs.clear();
+        self.bufs.push_back((off, data));
+    }
+
+    /// Stops the prefetches in flight.
     fn stop_prefetch(&mut self) {
-        if let Some((_, _, t)) = self.next.take() {
+        for (_, _, t) in self.next.drain(..) {
             t.abort();
         }
     }
 
-    /// Starts fetching the window after the current one.
+    /// Keeps [`DEPTH`] windows being fetched after the newest one.
     fn prefetch(&mut self, reader: &Reader) {
-        let at = self.start + self.buf.len() as u64;
-        if self.next.is_some() || at >= reader.len() || self.buf.is_empty() {
-            return;
+        while self.next.len() < DEPTH {
+            let at = match (self.next.back(), self.bufs.back()) {
+                (Some((at, len, _)), _) => at + len,
+                (None, Some((start, buf))) if !buf.is_empty() => start + buf.len() as u64,
+                _ => return,
+            };
+            if at >= reader.len() {
+                return;
+            }
+            let r = reader.clone();
+            // Windows stay inside one block, so that pages of a worker on
+            // this host are read from its files.
+            let len = self
+                .size
+                .min(reader.len() - at)
+                .min(reader.block_end(at) - at);
+            // A sequential reader: load the blocks after this one ahead of it.
+            reader.prewarm(at, reader.len());
+            let task =
+                tokio::spawn(async move { r.read_at(at, len).await.map_err(|e| to_errno(&e)) });
+            self.next.push_back((at, len, task));
         }
-        let r = reader.clone();
-        // Windows stay inside one block, so that pages of a worker on this
-        // host are read from its files.
-        let len = self
-            .size
-            .min(reader.len() - at)
-            .min(reader.block_end(at) - at);
-        // A sequential reader: load the blocks after this one ahead of it.
-        reader.prewarm(at, reader.len());
-        let task = tokio::spawn(async move { r.read_at(at, len).await.map_err(|e| to_errno(&e)) });
-        self.next = Some((at, len, task));
     }
 }
 
@@ -214,7 +286,7 @@ impl Open {
         if let Kind::Read { window, .. } = &self.kind
             && let Ok(mut w) = window.try_lock()
         {
-            w.buf = Bytes::new();
+            w.bufs.clear();
             w.stop_prefetch();
         }
     }
@@ -225,13 +297,7 @@ impl Open {
             written: None,
             kind: Kind::Read {
                 reader,
-                window: Mutex::new(Window {
-                    start: 0,
-                    buf: Bytes::new(),
-                    last_end: u64::MAX,
-                    next: None,
-                    size: MIN_WINDOW,
-                }),
+                window: Mutex::new(Window::new()),
             },
         }
     }
@@ -306,38 +372,41 @@ impl Open {
         }
         let want = u64::from(size).min(len - off);
         let mut w = window.try_lock().ok()?;
-        let sequential = w.sequential(off);
-        if w.caught_up(off, want) {
-            let (at, _, task) = w.next.as_mut()?;
-            if !task.is_finished() {
+        let pattern = w.pattern(off);
+        if w.find(off, want).is_none()
+            && let Some(n) = w.pending(off)
+        {
+            if !w.next.iter().take(n).all(|(_, _, t)| t.is_finished()) {
                 return None;
             }
-            let at = *at;
-            let done = futures::FutureExt::now_or_never(task);
-            // Taken once it is done (a finished task is not polled again).
-            w.next = None;
-            let Some(Ok(Ok(b))) = done else {
-                // Failed or cancelled: `read` fetches again (and reports
-                // the error if that fails too).
-                return None;
-            };
-            w.adopt(at, b);
+            for _ in 0..n {
+                let (at, _, mut task) = w.next.pop_front()?;
+                // Taken once done (a finished task is not polled again);
+                // one that failed or was cancelled is dropped, and `read`
+                // fetches again (and reports the error if that fails too).
+                if let Some(Ok(Ok(b))) = futures::FutureExt::now_or_never(&mut task) {
+                    w.adopt(at, b);
+                }
+            }
         }
-        if w.covers(off, want) {
+        let served = {
             let _rt = rt.enter();
-            return Some(w.serve(off, want, sequential, reader));
+            w.serve(off, want, pattern, reader)
+        };
+        if served.is_some() {
+            return served;
         }
-        // Sequential reads past the window wait for the runtime.
-        if sequential || off == 0 {
+        // Sequential reads past the windows wait for the runtime.
+        if pattern == Pattern::Ahead {
             return None;
         }
         let data = reader.read_open_page(off, want)?;
-        // As a random read in `read`: no window, start small again.
-        w.stop_prefetch();
-        w.size = MIN_WINDOW;
-        w.start = off;
-        w.last_end = off + data.len() as u64;
-        w.buf = data.clone();
+        // As in `read`: a late read changes nothing; a random one starts
+        // small again, with no window ahead.
+        if pattern == Pattern::Random {
+            w.size = MIN_WINDOW;
+            w.reset(off, data.clone());
+        }
         Some(data)
     }
 
@@ -364,25 +433,34 @@ impl Open {
         }
         let want = u64::from(size).min(len - off);
         let mut w = window.lock().await;
-        let sequential = w.sequential(off);
-        if w.caught_up(off, want)
-            && let Some((at, _, task)) = w.next.take()
+        let pattern = w.pattern(off);
+        if w.find(off, want).is_none()
+            && let Some(n) = w.pending(off)
         {
-            match task.await {
-                Ok(Ok(b)) => w.adopt(at, b),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {}
+            for _ in 0..n {
+                let Some((at, _, task)) = w.next.pop_front() else {
+                    break;
+                };
+                // One that failed is fetched again below (which reports
+                // the error if that fails too).
+                if let Ok(Ok(b)) = task.await {
+                    w.adopt(at, b);
+                }
             }
         }
-        if w.covers(off, want) {
-            return Ok(w.serve(off, want, sequential, reader));
+        if let Some(b) = w.serve(off, want, pattern, reader) {
+            return Ok(b);
+        }
+        if pattern == Pattern::Late {
+            // A request that arrived after later ones: fetched alone,
+            // leaving the windows and the prefetches as they are.
+            return reader.read_at(off, want).await.map_err(|e| to_errno(&e));
         }
         // Sequential (or a small jump forward the kernel made): fetch a
-        // window and the next one behind it; random reads fetch only what
-        // was asked.
+        // window and the ones after it; random reads fetch only what was
+        // asked.
         w.stop_prefetch();
-        let windowed = sequential || off == 0;
-        let fetch = if windowed {
+        let fetch = if pattern == Pattern::Ahead {
             w.size
                 .min(reader.block_end(off) - off)
                 .max(want)
@@ -394,10 +472,9 @@ impl Open {
         };
         let data = reader.read_at(off, fetch).await.map_err(|e| to_errno(&e))?;
         let out = data.slice(..(want as usize).min(data.len()));
-        w.start = off;
-        w.buf = data;
-        w.last_end = off + out.len() as u64;
-        if windowed {
+        w.reset(off, data);
+        w.frontier = off + out.len() as u64;
+        if pattern == Pattern::Ahead {
             w.prefetch(reader);
         }
         Ok(out)

@@ -138,7 +138,8 @@ type UnopenedMap =
 /// Read handles an `Unopened` keeps.
 const UNOPENED_KEPT: usize = 256;
 /// Of those, the most recent that keep their read windows (so at most
-/// 32 × 16 MiB of window buffers, not 256 × 16 MiB).
+/// 32 × 32 MiB of window buffers, not 256 × 32 MiB: two kept windows and
+/// two being fetched, of up to 8 MiB each).
 const UNOPENED_WINDOWS: usize = 32;
 
 impl Unopened {
