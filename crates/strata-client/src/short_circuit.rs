@@ -146,25 +146,14 @@ enum NoWait {
     Unsupported,
 }
 
-/// pread (or, with `flags`, preadv2) of `dst.len()` bytes at `at`.
+/// preadv2 of `dst.len()` bytes at `at` (with no `flags`, a plain read).
 fn pread_raw(f: &std::fs::File, at: u64, dst: &mut [Uninit], flags: libc::c_int) -> isize {
-    if flags == 0 {
-        // SAFETY: `dst` is `dst.len()` writable bytes; pread writes at most
-        // that many and returns how many.
-        return unsafe {
-            libc::pread(
-                f.as_raw_fd(),
-                dst.as_mut_ptr().cast(),
-                dst.len(),
-                at as libc::off_t,
-            )
-        };
-    }
     let iov = libc::iovec {
         iov_base: dst.as_mut_ptr().cast(),
         iov_len: dst.len(),
     };
-    // SAFETY: one iovec over `dst`, as above.
+    // SAFETY: one iovec over `dst`, `dst.len()` writable bytes; the kernel
+    // writes at most that many and returns how many.
     unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, at as libc::off_t, flags) }
 }
 
@@ -230,8 +219,10 @@ fn pread_resident(f: &std::fs::File, at: u64, dst: &mut [Uninit]) -> Option<NoWa
             done += n as usize;
             continue;
         }
+        if n == 0 {
+            return None;
+        }
         return match std::io::Error::last_os_error().raw_os_error() {
-            _ if n == 0 => None,
             Some(libc::EAGAIN) => Some(NoWait::Cold(done)),
             Some(libc::EOPNOTSUPP) if done == 0 => Some(NoWait::Unsupported),
             _ => None,
@@ -307,12 +298,8 @@ fn pread_parts(parts: &[Part], dst: &mut [Uninit]) -> Option<()> {
 pub(crate) fn read_pages_into(parts: &[Part], dst: &mut [u8]) -> Option<()> {
     // SAFETY: the same memory seen as possibly uninitialised; only
     // initialised bytes (from pread) are ever written through it.
-    let dst = unsafe {
-        std::slice::from_raw_parts_mut(
-            dst.as_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(),
-            dst.len(),
-        )
-    };
+    let dst =
+        unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<Uninit>(), dst.len()) };
     pread_parts(parts, dst)
 }
 
@@ -347,7 +334,10 @@ unsafe impl Sync for Aligned {}
 
 impl Aligned {
     fn new(len: usize) -> Option<Aligned> {
-        let layout = std::alloc::Layout::from_size_align(len.max(1), DIRECT_ALIGN).ok()?;
+        if len == 0 {
+            return None;
+        }
+        let layout = std::alloc::Layout::from_size_align(len, DIRECT_ALIGN).ok()?;
         // SAFETY: a layout of non-zero size.
         let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc(layout) })?;
         Some(Aligned { ptr, layout })
@@ -533,7 +523,7 @@ mod tests {
             assert_eq!(dst, want(&parts));
             // Large reads from the disk (where the file system tells what
             // is in memory, as ext4 and xfs do; tmpfs does not) went to
-            // several threads; the second read found the bytes in memory.
+            // several threads.
             if cold && parts.len() > 2 {
                 assert!(PARALLEL_READS.load(Ordering::Relaxed) > before);
             }

@@ -152,10 +152,11 @@ impl Window {
     }
 
     /// Starts over at `off` with `data` as the only window (a random read,
-    /// or a sequential one past everything fetched).
-    fn reset(&mut self, off: u64, data: Bytes) {
+    /// or a sequential one past everything fetched); the read ended at
+    /// `read_end`.
+    fn reset(&mut self, off: u64, data: Bytes, read_end: u64) {
         self.stop_prefetch();
-        self.frontier = off + data.len() as u64;
+        self.frontier = read_end;
         self.bufs.clear();
         self.bufs.push_back((off, data));
     }
@@ -405,7 +406,7 @@ impl Open {
         // small again, with no window ahead.
         if pattern == Pattern::Random {
             w.size = MIN_WINDOW;
-            w.reset(off, data.clone());
+            w.reset(off, data.clone(), off + data.len() as u64);
         }
         Some(data)
     }
@@ -453,7 +454,9 @@ impl Open {
         }
         if pattern == Pattern::Late {
             // A request that arrived after later ones: fetched alone,
-            // leaving the windows and the prefetches as they are.
+            // leaving the windows and the prefetches as they are (and not
+            // holding them from the reads behind it meanwhile).
+            drop(w);
             return reader.read_at(off, want).await.map_err(|e| to_errno(&e));
         }
         // Sequential (or a small jump forward the kernel made): fetch a
@@ -472,8 +475,7 @@ impl Open {
         };
         let data = reader.read_at(off, fetch).await.map_err(|e| to_errno(&e))?;
         let out = data.slice(..(want as usize).min(data.len()));
-        w.reset(off, data);
-        w.frontier = off + out.len() as u64;
+        w.reset(off, data, off + out.len() as u64);
         if pattern == Pattern::Ahead {
             w.prefetch(reader);
         }
