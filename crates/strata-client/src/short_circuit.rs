@@ -183,10 +183,10 @@ const DIRECT_MIN: usize = 256 << 10;
 /// into `dst`. That saves filling the page cache with the page file and
 /// copying out of it (four readers: 11-14 % of a CPU busy in the kernel
 /// instead of 69-122 %), and the mount does not keep the same bytes twice
-/// (its own file's pages hold them). Small reads stay buffered: a random
-/// reader's 1 MiB windows warm the page files for its later reads
-/// (without that, 4 KiB random reads lost a third of their IOPS).
-/// Otherwise, or if the direct read fails, a plain read.
+/// (its own file's pages hold them). Reads of less than [`PARALLEL_MIN`]
+/// never come here: a direct read costs a second `open` of the page file,
+/// more than it saves on a small read. Otherwise, or if the direct read
+/// fails, a plain read.
 fn pread_cold(f: &std::fs::File, at: u64, dst: &mut [Uninit]) -> Option<()> {
     if dst.len() >= DIRECT_MIN
         && at.is_multiple_of(DIRECT_ALIGN as u64)
