@@ -124,6 +124,9 @@ pub enum FsCmd {
         block_size: Option<String>,
         #[arg(long, value_name = "SIZE")]
         page_size: Option<String>,
+        /// Create the UFS directory if it does not exist (file:// only).
+        #[arg(long)]
+        create: bool,
     },
     /// Remove a mount (cached data stays until evicted or freed).
     Unmount { path: String },
@@ -365,6 +368,7 @@ pub async fn run(cfg: &Config, cmd: FsCmd) -> anyhow::Result<()> {
             sync_interval,
             block_size,
             page_size,
+            create,
         } => match (path, uri) {
             (None, None) => {
                 for m in c.mounts().await? {
@@ -397,6 +401,7 @@ pub async fn run(cfg: &Config, cmd: FsCmd) -> anyhow::Result<()> {
                             sync_interval,
                             block_size: block_size.map(|s| parse_size(&s)).transpose()?,
                             page_size: page_size.map(|s| parse_size(&s)).transpose()?,
+                            create_root: create,
                         },
                     )
                     .await?;

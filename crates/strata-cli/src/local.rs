@@ -1,6 +1,6 @@
 //! `strata local`: a master and a worker in one process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -94,6 +94,21 @@ pub async fn run(mut cfg: Config, args: LocalArgs) -> anyhow::Result<()> {
             }
         }
     }
+    if args.gateway.is_some() && cfg.gateway.bucket_ufs.is_empty() {
+        // New buckets live beside the rest of this instance's data.
+        let base = match &args.data_dir {
+            Some(d) => d.clone(),
+            None => cfg
+                .master
+                .data_dir
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+        };
+        let dir = std::path::absolute(base.join("buckets"))
+            .with_context(|| format!("{}: cannot resolve the bucket directory", base.display()))?;
+        cfg.gateway.bucket_ufs = format!("file://{}", dir.display());
+    }
     let gateway = match &args.gateway {
         Some(listen) => Some(
             strata_gateway::serve(
@@ -119,6 +134,7 @@ pub async fn run(mut cfg: Config, args: LocalArgs) -> anyhow::Result<()> {
     );
     if let Some(g) = &gateway {
         println!("  S3 gateway:     http://{}", g.addr);
+        println!("  new buckets:    {}", cfg.gateway.bucket_ufs);
     }
     for m in client.mounts().await? {
         println!("  mount:          {} -> {}", m.path, m.ufs_uri);

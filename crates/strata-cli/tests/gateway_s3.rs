@@ -1256,3 +1256,87 @@ print("deleted", code(lambda: s3.head_object(Bucket=B, Key="empty/")))
         assert!(out.lines().any(|l| l == want), "no {want:?} in {out}");
     }
 }
+
+/// CreateBucket with `gateway.bucket_ufs` mounts a directory of its own
+/// for the new bucket, which takes writes like any other; DeleteBucket
+/// unmounts it once it holds no object. Without `bucket_ufs` a new bucket
+/// is refused with a message naming the setting, and an existing one is
+/// answered BucketAlreadyOwnedByYou.
+#[tokio::test(flavor = "multi_thread")]
+async fn create_bucket_gives_new_buckets_a_ufs_directory() {
+    let Some((env, plain)) = boto3_gateway() else {
+        return;
+    };
+    let ufs = tempfile::tempdir().unwrap();
+    let root = ufs.path().join("buckets");
+    let gw = GatewayProc::start_with(
+        &env.cluster.master_addr,
+        &format!("[gateway]\nbucket_ufs = \"file://{}\"\n", root.display()),
+    );
+    let out = boto3(
+        &gw.endpoint,
+        r#"
+print("create", code(lambda: s3.create_bucket(Bucket="fresh")))
+print("again", code(lambda: s3.create_bucket(Bucket="fresh")))
+s3.put_object(Bucket="fresh", Key="dir/obj", Body=b"kept in the UFS")
+print("body", s3.get_object(Bucket="fresh", Key="dir/obj")["Body"].read().decode())
+print("listed", sorted(b["Name"] for b in s3.list_buckets()["Buckets"]))
+print("full", code(lambda: s3.delete_bucket(Bucket="fresh")))
+"#,
+    );
+    for want in [
+        "create ok",
+        "again BucketAlreadyOwnedByYou",
+        "body kept in the UFS",
+        "listed ['fresh', 'gwbucket', 's3']",
+        "full BucketNotEmpty",
+    ] {
+        assert!(out.lines().any(|l| l == want), "no {want:?} in {out}");
+    }
+    // Written through to the bucket's own directory.
+    assert_eq!(
+        std::fs::read(root.join("fresh/dir/obj")).unwrap(),
+        b"kept in the UFS"
+    );
+    let c = client(&env.cluster);
+    let mount = c.mounts().await.unwrap();
+    assert!(
+        mount.iter().any(|m| m.path == "/fresh"),
+        "no mount /fresh in {mount:?}"
+    );
+    let out = boto3(
+        &gw.endpoint,
+        r#"
+s3.delete_object(Bucket="fresh", Key="dir/obj")
+print("emptied", code(lambda: s3.delete_bucket(Bucket="fresh")))
+print("gone", code(lambda: s3.head_bucket(Bucket="fresh")))
+print("mounted", code(lambda: s3.delete_bucket(Bucket="gwbucket")))
+"#,
+    );
+    for want in ["emptied ok", "gone 404", "mounted AccessDenied"] {
+        assert!(out.lines().any(|l| l == want), "no {want:?} in {out}");
+    }
+    assert!(
+        !c.mounts().await.unwrap().iter().any(|m| m.path == "/fresh"),
+        "/fresh still mounted"
+    );
+    // A gateway without `bucket_ufs`: no new buckets, and the reason.
+    let out = boto3(
+        &plain.endpoint,
+        r#"
+try:
+    s3.create_bucket(Bucket="other")
+    print("other ok")
+except botocore.exceptions.ClientError as e:
+    print("other", e.response["Error"]["Code"], "bucket_ufs" in e.response["Error"]["Message"])
+print("existing", code(lambda: s3.create_bucket(Bucket="gwbucket")))
+"#,
+    );
+    for want in [
+        "other InvalidRequest True",
+        "existing BucketAlreadyOwnedByYou",
+    ] {
+        assert!(out.lines().any(|l| l == want), "no {want:?} in {out}");
+    }
+    assert!(c.stat("/other").await.is_err(), "/other was created");
+}

@@ -98,6 +98,8 @@ pub struct MountOptions {
     pub sync_interval: Option<i64>,
     pub block_size: Option<u64>,
     pub page_size: Option<u64>,
+    /// Create the UFS directory if it does not exist yet (file:// only).
+    pub create_root: bool,
 }
 
 fn parse_path(p: &str) -> Result<NsPath> {
@@ -385,6 +387,7 @@ impl Client {
                 sync_interval: opts.sync_interval,
                 block_size: opts.block_size,
                 page_size: opts.page_size,
+                create_root: opts.create_root,
             },
             |mut c, r| async move { c.mount(r).await },
         )

@@ -72,6 +72,11 @@ pub struct GatewayConfig {
     /// Seconds HEAD/LIST metadata stays cached in the gateway at most (it
     /// is also dropped whenever the namespace changes); 0: no cache.
     pub metadata_ttl_secs: u64,
+    /// UFS URI under which CreateBucket gives each new bucket a directory
+    /// of its own, mounted at `/BUCKET` (`file:///srv/buckets` or
+    /// `s3://bucket/prefix?...`); empty: CreateBucket creates no buckets
+    /// (buckets are the mounts an administrator made).
+    pub bucket_ufs: String,
 }
 
 /// An access key of the S3 gateway and the buckets it may use ("*": all).
@@ -100,6 +105,7 @@ impl Default for GatewayConfig {
             conn_bandwidth: ByteSize(0),
             requests_per_sec: 0,
             metadata_ttl_secs: 60,
+            bucket_ufs: String::new(),
         }
     }
 }
@@ -652,6 +658,13 @@ impl Config {
         if self.master.sync_interval < -1 {
             return Err("master.sync_interval is -1 (never), 0 (always) or seconds".into());
         }
+        let b = &self.gateway.bucket_ufs;
+        if !b.is_empty() && !b.starts_with("file:///") && !b.starts_with("s3://") {
+            return Err(format!(
+                "gateway.bucket_ufs = {b:?}: expected file:///ABSOLUTE/DIR or \
+                 s3://BUCKET[/PREFIX][?endpoint=...]"
+            ));
+        }
         Ok(())
     }
 
@@ -687,6 +700,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("f.toml") && e.contains("cache_capasity"), "{e}");
+        let e = Config::from_toml_with_env(
+            "",
+            "t",
+            vec![("STRATA_GATEWAY_BUCKET_UFS".into(), "buckets".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("gateway.bucket_ufs") && e.contains("file:///"),
+            "{e}"
+        );
         // Tiers: compact form from the environment, table form from the file.
         let c = Config::from_toml_with_env(
             "",

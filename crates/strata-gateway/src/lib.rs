@@ -25,7 +25,7 @@ use s3s::auth::SimpleAuth;
 use s3s::dto::*;
 use s3s::service::S3ServiceBuilder;
 use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
-use strata_client::{Client, ClientError, FileInfo, Reader, WriteOptions, Writer};
+use strata_client::{Client, ClientError, FileInfo, MountOptions, Reader, WriteOptions, Writer};
 use strata_common::config::GatewayConfig;
 use tokio::net::TcpListener;
 
@@ -74,6 +74,9 @@ pub struct Gateway {
     /// The access policy, when requests are checked against one: keys
     /// limited to some buckets see only those in ListBuckets.
     access: Option<Arc<access::Access>>,
+    /// `gateway.bucket_ufs`: where CreateBucket puts new buckets (empty:
+    /// nowhere).
+    bucket_ufs: String,
 }
 
 impl Gateway {
@@ -86,7 +89,33 @@ impl Gateway {
             uploads: multipart::Uploads::new(upload_dir),
             prewarmed: Default::default(),
             access: None,
+            bucket_ufs: String::new(),
         }
+    }
+
+    /// The UFS directory of a bucket CreateBucket makes: `bucket` below
+    /// `gateway.bucket_ufs` (before its query, if it has one).
+    fn bucket_uri(&self, bucket: &str) -> String {
+        let (base, query) = match self.bucket_ufs.split_once('?') {
+            Some((b, q)) => (b, format!("?{q}")),
+            None => (self.bucket_ufs.as_str(), String::new()),
+        };
+        format!("{}/{bucket}{query}", base.trim_end_matches('/'))
+    }
+
+    /// The mount at `/bucket`, if it is one, and whether CreateBucket made
+    /// it (DeleteBucket removes only those).
+    async fn bucket_mount(&self, bucket: &str, path: &str) -> Result<Option<bool>, ClientError> {
+        // Compared without the query, where the master hides secrets.
+        let base = |u: &str| u.split('?').next().unwrap_or_default().to_string();
+        let ours = base(&self.bucket_uri(bucket));
+        Ok(self
+            .client
+            .mounts()
+            .await?
+            .iter()
+            .find(|m| m.path == path)
+            .map(|m| !self.bucket_ufs.is_empty() && base(&m.ufs_uri) == ours))
     }
 
     /// Real-time prewarm for a GET that ends at `end`: the blocks after it
@@ -686,11 +715,38 @@ impl S3 for Gateway {
         &self,
         req: S3Request<CreateBucketInput>,
     ) -> S3Result<S3Response<CreateBucketOutput>> {
-        self.client
-            .mkdir(&ns_path(&req.input.bucket, None)?, false)
-            .await
-            .map_err(|e| s3_err(e, true))?;
+        let bucket = &req.input.bucket;
+        let path = ns_path(bucket, None)?;
+        if self.bucket_ufs.is_empty() {
+            // S3 clients ask to create the bucket they are about to write
+            // to: an existing one is answered as AWS answers its owner.
+            return match self.client.stat(&path).await {
+                Ok(_) => Err(s3_error!(BucketAlreadyOwnedByYou)),
+                Err(e) if e.is_not_found() => Err(S3Error::with_message(
+                    S3ErrorCode::InvalidRequest,
+                    format!(
+                        "bucket {bucket:?} does not exist and this gateway creates no buckets: \
+                         set gateway.bucket_ufs to a UFS URI under which new buckets get \
+                         their own directory, or mount one with \
+                         `strata fs mount /{bucket} URI`"
+                    ),
+                )),
+                Err(e) => Err(s3_err(e, true)),
+            };
+        }
+        let res = self
+            .client
+            .mount(
+                &path,
+                &self.bucket_uri(bucket),
+                MountOptions {
+                    create_root: true,
+                    ..Default::default()
+                },
+            )
+            .await;
         self.meta.clear();
+        res.map_err(|e| s3_err(e, true))?;
         Ok(S3Response::new(CreateBucketOutput::default()))
     }
 
@@ -698,8 +754,35 @@ impl S3 for Gateway {
         &self,
         req: S3Request<DeleteBucketInput>,
     ) -> S3Result<S3Response<DeleteBucketOutput>> {
-        let path = ns_path(&req.input.bucket, None)?;
-        let res = self.client.delete(&path, false).await;
+        let bucket = &req.input.bucket;
+        let path = ns_path(bucket, None)?;
+        let res = match self.bucket_mount(bucket, &path).await {
+            // A bucket CreateBucket made: unmounted once it holds no
+            // object (empty directories are not objects); its UFS
+            // directory stays.
+            Ok(Some(true)) => {
+                self.meta.clear();
+                let (objects, _, _) = self.list_page(bucket, "", None, After::Start, 1).await?;
+                if objects.is_empty() {
+                    self.client.unmount(&path).await.map(|_| 0)
+                } else {
+                    Err(ClientError::FailedPrecondition(format!(
+                        "{path}: not empty"
+                    )))
+                }
+            }
+            Ok(Some(false)) => {
+                return Err(S3Error::with_message(
+                    S3ErrorCode::AccessDenied,
+                    format!(
+                        "bucket {bucket:?} is a mount an administrator made; \
+                         remove it with `strata fs unmount {path}`"
+                    ),
+                ));
+            }
+            Ok(None) => self.client.delete(&path, false).await,
+            Err(e) => Err(e),
+        };
         self.meta.clear();
         match res {
             Ok(_) => Ok(S3Response::new(DeleteBucketOutput::default())),
@@ -1523,6 +1606,7 @@ pub async fn serve(
         Duration::from_secs(cfg.metadata_ttl_secs),
     );
     gateway.access = Some(policy.clone());
+    gateway.bucket_ufs = cfg.bucket_ufs.clone();
     let mut b = S3ServiceBuilder::new(gateway);
     let mut auth = SimpleAuth::from_single(cfg.access_key.as_str(), cfg.secret_key.as_str());
     for k in &cfg.keys {

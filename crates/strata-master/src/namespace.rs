@@ -880,6 +880,18 @@ impl Namespace {
                 msg: "sync interval is -1 (never), 0 (always) or a number of seconds".into(),
             });
         }
+        if req.create_root && uri.scheme == strata_ufs::Scheme::File {
+            tokio::fs::create_dir_all(&uri.root)
+                .await
+                .map_err(|e| MasterError::Ufs {
+                    path: path.to_string(),
+                    err: UfsError::new(
+                        UfsErrorKind::Other,
+                        uri.display(),
+                        format!("cannot create the directory: {e}"),
+                    ),
+                })?;
+        }
         let ufs = strata_ufs::open(&uri).map_err(Self::ufs_err(&path))?;
         let timeout = Duration::from_secs(self.config.master.mount_check_timeout_secs);
         match tokio::time::timeout(timeout, ufs.check()).await {
