@@ -309,7 +309,7 @@ impl Reader {
             block: s.block,
             page: s.page,
         };
-        let mut files: Vec<Option<std::sync::Arc<std::fs::File>>> =
+        let mut files: Vec<Option<std::sync::Arc<crate::short_circuit::PageFile>>> =
             spans.iter().map(|s| sc.get(&key(s), true)).collect();
         if files.iter().any(Option::is_none) {
             let spec = Client::read_spec(&self.info, off, len).ok()?;
