@@ -36,6 +36,15 @@ use passthrough::IoModes;
 /// Largest read and write the kernel sends in one request.
 pub const MAX_IO: u32 = 1 << 20;
 
+/// The I/O size files report (`st_blksize`), which programs size their
+/// buffers by: Python's `open()` allocates a buffer of this size for every
+/// file it opens, and at 1 MiB that allocation (mapped and unmapped by the
+/// allocator each time) cost 78 µs per file, four times the whole read of
+/// a cached 100 KiB file; up to 256 KiB it costs nothing measurable.
+/// Request sizes do not follow it: the kernel's read-ahead and `max_write`
+/// decide those.
+pub const BLKSIZE: u32 = 128 << 10;
+
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {
     #[error("mount point {0} does not exist (create it with `mkdir -p {0}`)")]
@@ -778,7 +787,7 @@ impl Ctx {
             uid: self.uid,
             gid: self.gid,
             rdev: 0,
-            blksize: MAX_IO,
+            blksize: BLKSIZE,
             flags: 0,
         }
     }
