@@ -95,16 +95,14 @@ pub async fn run(mut cfg: Config, args: LocalArgs) -> anyhow::Result<()> {
         }
     }
     if args.gateway.is_some() && cfg.gateway.bucket_ufs.is_empty() {
-        // New buckets live beside the rest of this instance's data.
-        let base = match &args.data_dir {
-            Some(d) => d.clone(),
-            None => cfg
-                .master
-                .data_dir
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default(),
-        };
+        // New buckets live beside the rest of this instance's data (the
+        // master's directory sits in it, also with --data-dir).
+        let base = cfg
+            .master
+            .data_dir
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let dir = std::path::absolute(base.join("buckets"))
             .with_context(|| format!("{}: cannot resolve the bucket directory", base.display()))?;
         cfg.gateway.bucket_ufs = format!("file://{}", dir.display());

@@ -496,44 +496,49 @@ pub(crate) fn map_pages(parts: &[Part]) -> Option<Vec<Bytes>> {
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     let mut out = Vec::with_capacity(parts.len());
     for part in parts {
-        let (f, skip, take) = part;
-        if *take < MAP_MIN {
-            out.push(read_pages(std::slice::from_ref(part))?);
-            continue;
-        }
-        // A file shorter than expected would fault when read: it is
-        // copied (and fails) instead.
-        let size = f.metadata().ok()?.len();
-        if size < skip + take {
-            out.push(read_pages(std::slice::from_ref(part))?);
-            continue;
-        }
-        let kept = {
-            let mut k = f.map.lock().unwrap_or_else(|p| p.into_inner());
-            if k.is_none() {
-                *k = map_file(f, 0, size as usize).map(Arc::new);
-            }
-            k.clone()
+        let frame = if part.2 >= MAP_MIN {
+            map_part(part, page)?
+        } else {
+            None
         };
-        if let Some(m) = kept.as_ref().filter(|m| skip + take <= m.len as u64) {
-            let frame = resident(m, *skip as usize, *take as usize, page as usize).then(|| {
-                Bytes::from_owner(Shared(m.clone())).slice(*skip as usize..(skip + take) as usize)
-            });
-            out.push(match frame {
-                Some(b) => b,
-                None => read_pages(std::slice::from_ref(part))?,
-            });
-            continue;
-        }
-        let start = skip - skip % page;
-        out.push(
-            match map_resident(f, start, (skip + take - start) as usize, page as usize) {
-                Some(m) => Bytes::from_owner(m).slice((skip - start) as usize..),
-                None => read_pages(std::slice::from_ref(part))?,
-            },
-        );
+        out.push(match frame {
+            Some(b) => b,
+            None => read_pages(std::slice::from_ref(part))?,
+        });
     }
     Some(out)
+}
+
+/// A frame over a mapping of `part` (the page file's kept one, else one
+/// of its own) if every byte of it is in memory; `Some(None)`: copy it
+/// instead; `None`: the file cannot be read.
+fn map_part(part: &Part, page: u64) -> Option<Option<Bytes>> {
+    let (f, skip, take) = part;
+    // A file shorter than expected would fault when read: it is copied
+    // (and fails) instead.
+    let size = f.metadata().ok()?.len();
+    if size < skip + take {
+        return Some(None);
+    }
+    let kept = {
+        let mut k = f.map.lock().unwrap_or_else(|p| p.into_inner());
+        if k.is_none() {
+            *k = map_file(f, 0, size as usize).map(Arc::new);
+        }
+        k.clone()
+    };
+    if let Some(m) = kept.filter(|m| skip + take <= m.len as u64) {
+        return Some(
+            resident(&m, *skip as usize, *take as usize, page as usize).then(|| {
+                Bytes::from_owner(Shared(m)).slice(*skip as usize..(skip + take) as usize)
+            }),
+        );
+    }
+    let start = skip - skip % page;
+    Some(
+        map_resident(f, start, (skip + take - start) as usize, page as usize)
+            .map(|m| Bytes::from_owner(m).slice((skip - start) as usize..)),
+    )
 }
 
 #[cfg(test)]
