@@ -59,7 +59,7 @@ pub async fn run(mut cfg: Config, args: LocalArgs) -> anyhow::Result<()> {
     // The worker and clients dial the address the master actually bound.
     cfg.cluster.master = master.addr.to_string();
     let worker = strata_worker::start(&cfg).await?;
-    let client = strata_client::Client::new(&cfg.cluster.master, cfg.client.clone())?;
+    let client = crate::client(&cfg)?;
     // Ready means the worker is registered and serving.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

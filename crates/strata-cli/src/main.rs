@@ -298,9 +298,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A client for a command; if another process (a mount) uses the
+/// configured `client.local_cache_dir`, the command runs without it.
 pub(crate) fn client(cfg: &Config) -> anyhow::Result<strata_client::Client> {
-    Ok(strata_client::Client::new(
-        &cfg.cluster.master,
-        cfg.client.clone(),
-    )?)
+    match strata_client::Client::new(&cfg.cluster.master, cfg.client.clone()) {
+        Err(strata_client::ClientError::LocalCacheInUse(msg)) => {
+            eprintln!("warning: {msg}; running without it");
+            let mut client = cfg.client.clone();
+            client.local_cache_dir = Default::default();
+            Ok(strata_client::Client::new(&cfg.cluster.master, client)?)
+        }
+        other => Ok(other?),
+    }
 }

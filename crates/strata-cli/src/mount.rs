@@ -130,7 +130,9 @@ async fn file_system(cfg: &Config, args: &MountArgs) -> anyhow::Result<StrataFs>
         cfg.client.local_cache_capacity.0 = strata_common::size::parse_size(c)
             .with_context(|| format!("--local-cache-capacity {c}"))?;
     }
-    let client = crate::client(&cfg)?;
+    // Not `crate::client`: a mount asked for its local cache directory
+    // fails rather than run without it.
+    let client = strata_client::Client::new(&cfg.cluster.master, cfg.client.clone())?;
     Ok(StrataFs::new(
         client,
         tokio::runtime::Handle::current(),

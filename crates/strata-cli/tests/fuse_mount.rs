@@ -1159,6 +1159,54 @@ async fn heavy_client_cache_serves_reads_with_every_worker_down() {
         allocated(cache.path()) >= want,
         "the local cache holds every page read"
     );
+    // One process at a time uses a local cache directory: another client
+    // (here one whose one-page capacity would evict the mount's pages) is
+    // refused, naming the directory and the mount's pid...
+    let daemon = m.child.as_ref().unwrap().id();
+    match strata_client::Client::new(
+        &c.master_list(),
+        strata_common::config::ClientConfig {
+            local_cache_dir: cache.path().to_path_buf(),
+            local_cache_capacity: strata_common::config::ByteSize(4096),
+            ..Default::default()
+        },
+    ) {
+        Err(strata_client::ClientError::LocalCacheInUse(msg)) => {
+            assert!(msg.contains(&cache_dir), "{msg}");
+            assert!(msg.contains(&format!("process {daemon}")), "{msg}");
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("a second process may not use the directory"),
+    }
+    // ...a second mount fails with that message, and a CLI command runs
+    // without the directory, with a warning.
+    let mp2 = tempfile::tempdir().unwrap();
+    let out = Command::new(strata_bin())
+        .args(["--master", &c.master_list(), "mount"])
+        .arg(mp2.path())
+        .args(["--foreground", "--local-cache-dir", &cache_dir])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "second mount: {err}");
+    assert!(
+        err.contains(&format!("in use by process {daemon}")),
+        "{err}"
+    );
+    assert!(!is_mounted(mp2.path()));
+    let out = Command::new(strata_bin())
+        .args(["--master", &c.master_list(), "fs", "cat", "/ds/f1"])
+        .env("STRATA_CLIENT_LOCAL_CACHE_DIR", &cache_dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(out.stdout, files[1]);
+    assert!(err.contains("running without it"), "{err}");
+    assert!(
+        allocated(cache.path()) >= want,
+        "nothing of the mount's was evicted"
+    );
     // With the only worker dead, a client without the local cache cannot
     // read; the mount reads everything from its own directory (the
     // kernel's page cache dropped first, so the reads reach the daemon).

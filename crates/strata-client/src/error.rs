@@ -36,6 +36,10 @@ pub enum ClientError {
     Changed { path: String },
     #[error("the master does not offer this call (an older version; upgrade it): {0}")]
     Unimplemented(String),
+    /// `client.local_cache_dir` is used by another process (one process
+    /// at a time may use a directory).
+    #[error("{0}")]
+    LocalCacheInUse(String),
     #[error("master: {0}")]
     Other(String),
 }

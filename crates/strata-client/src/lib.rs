@@ -132,15 +132,22 @@ impl Client {
             None
         } else {
             let dir = &cfg.local_cache_dir;
-            Some(Arc::new(
+            Some(
                 local_cache::LocalCache::open(dir, cfg.local_cache_capacity.0).map_err(|e| {
-                    ClientError::InvalidArgument(format!(
-                        "client.local_cache_dir {}: {e} (create it, make it writable, \
-                         or leave the setting empty)",
-                        dir.display()
-                    ))
+                    if e.kind() == std::io::ErrorKind::WouldBlock {
+                        ClientError::LocalCacheInUse(format!(
+                            "client.local_cache_dir {}: {e}",
+                            dir.display()
+                        ))
+                    } else {
+                        ClientError::InvalidArgument(format!(
+                            "client.local_cache_dir {}: {e} (create it, make it writable, \
+                             or leave the setting empty)",
+                            dir.display()
+                        ))
+                    }
                 })?,
-            ))
+            )
         };
         masters.keep_fresh();
         let timeout = Duration::from_secs(cfg.io_timeout_secs.max(1));

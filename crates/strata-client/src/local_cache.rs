@@ -17,6 +17,13 @@
 //! At start the index is rebuilt from the directory: a page counts as kept
 //! only if its whole range is allocated data (`SEEK_DATA`/`SEEK_HOLE`), so
 //! a page whose write was cut short by a crash is a hole, fetched again.
+//!
+//! The index lives in memory, so one process at a time may use a
+//! directory: a second one would evict (punch holes in) pages the first
+//! still counts, and the first would read those holes as zeros. Each
+//! process holds an exclusive `flock` on `<dir>/.lock` for as long as it
+//! uses the directory; clients of one process share one cache per
+//! directory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -141,6 +148,63 @@ pub(crate) struct LocalCache {
     dir: PathBuf,
     capacity: u64,
     state: Mutex<State>,
+    /// Holds the directory's `flock` while this process uses it.
+    _lock: File,
+}
+
+/// How long opening a directory another process holds waits for it to be
+/// released (a restarted mount daemon follows the one that just exited).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The caches this process has open, by directory: clients of one process
+/// share one (the lock would refuse a second).
+fn open_caches() -> &'static Mutex<HashMap<PathBuf, std::sync::Weak<LocalCache>>> {
+    static OPEN: std::sync::OnceLock<Mutex<HashMap<PathBuf, std::sync::Weak<LocalCache>>>> =
+        std::sync::OnceLock::new();
+    OPEN.get_or_init(Default::default)
+}
+
+/// Takes the exclusive lock of `dir` (`<dir>/.lock`, holding the pid of
+/// the process that has it), waiting up to `wait` for another process to
+/// release it; `ErrorKind::WouldBlock` naming that process if it does not.
+fn lock_dir(dir: &Path, wait: std::time::Duration) -> std::io::Result<File> {
+    use std::io::{Read, Seek};
+    let path = dir.join(".lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            f.set_len(0)?;
+            f.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0)?;
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        if std::time::Instant::now() >= deadline {
+            let mut holder = String::new();
+            let _ = f.rewind().and_then(|()| f.read_to_string(&mut holder));
+            let holder = match holder.trim() {
+                "" => "another process".to_string(),
+                pid => format!("process {pid}"),
+            };
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "in use by {holder} (one process at a time may use a local cache \
+                     directory: stop that process, or give this one its own directory)"
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// A complete local copy of an object, opened read-only, and pinned in the
@@ -219,10 +283,33 @@ fn punch_hole(f: &File, off: u64, len: u64) -> std::io::Result<()> {
 }
 
 impl LocalCache {
-    /// Opens (creating it if needed) the cache directory and indexes the
-    /// pages already in it.
-    pub(crate) fn open(dir: &Path, capacity: u64) -> std::io::Result<LocalCache> {
+    /// The cache of directory `dir` (created if needed): the one this
+    /// process has open already, or a new one that locks the directory
+    /// and indexes the pages in it. `ErrorKind::WouldBlock` if another
+    /// process holds it.
+    pub(crate) fn open(dir: &Path, capacity: u64) -> std::io::Result<Arc<LocalCache>> {
+        Self::open_waiting(dir, capacity, LOCK_WAIT)
+    }
+
+    fn open_waiting(
+        dir: &Path,
+        capacity: u64,
+        wait: std::time::Duration,
+    ) -> std::io::Result<Arc<LocalCache>> {
         std::fs::create_dir_all(dir)?;
+        let dir = std::fs::canonicalize(dir)?;
+        let mut open = open_caches().lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|_, c| c.strong_count() > 0);
+        if let Some(c) = open.get(&dir).and_then(|c| c.upgrade()) {
+            return Ok(c);
+        }
+        let c = Arc::new(Self::index(&dir, capacity, lock_dir(&dir, wait)?)?);
+        open.insert(dir, Arc::downgrade(&c));
+        Ok(c)
+    }
+
+    /// Indexes the pages in `dir`, which this process has locked.
+    fn index(dir: &Path, capacity: u64, lock: File) -> std::io::Result<LocalCache> {
         let mut found = Vec::new();
         for sub in std::fs::read_dir(dir)? {
             let sub = sub?;
@@ -271,6 +358,7 @@ impl LocalCache {
             dir: dir.to_path_buf(),
             capacity,
             state: Mutex::new(st),
+            _lock: lock,
         };
         c.evict();
         Ok(c)
@@ -628,7 +716,7 @@ mod tests {
         let ps = 4096u64;
         let size = 5 * ps + 100;
         let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-        let c = Arc::new(LocalCache::open(d.path(), 4 * ps).unwrap());
+        let c = LocalCache::open(d.path(), 4 * ps).unwrap();
         // Bytes 100..(3 pages + 50): only page 1 and 2 are whole.
         let (o, l) = (100, 3 * ps - 50);
         c.store(
@@ -665,9 +753,14 @@ mod tests {
         // was stored... 2 was read too) goes; the total stays bounded.
         c.store(9, ps, ps, 0, vec![Bytes::from(vec![1u8; ps as usize])]);
         assert!(c.stats().bytes <= 4 * ps, "{:?}", c.stats());
-        // A new cache over the same directory finds the pages.
+        // A second client of this process shares the cache; once it is
+        // closed, a new one over the same directory finds the pages.
+        let shared = LocalCache::open(d.path(), 4 * ps).unwrap();
+        assert!(Arc::ptr_eq(&shared, &c));
+        let pages = c.stats().pages;
+        drop((c, shared));
         let c2 = LocalCache::open(d.path(), 4 * ps).unwrap();
-        assert_eq!(c2.stats().pages, c.stats().pages);
+        assert_eq!(c2.stats().pages, pages);
         assert!(c2.read(9, ps, ps, 0, ps).is_some());
         // Alignment for fetching.
         assert_eq!(LocalCache::aligned(ps, ps + 5, 10, 10 * ps), (ps, ps));
@@ -681,7 +774,7 @@ mod tests {
         let ps = 4096u64;
         let size = 3 * ps + 10;
         let data: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
-        let c = Arc::new(LocalCache::open(d.path(), 5 * ps).unwrap());
+        let c = LocalCache::open(d.path(), 5 * ps).unwrap();
         assert!(c.whole_file(1, ps, size).is_none());
         c.store(
             1,
@@ -755,5 +848,38 @@ mod tests {
         );
         assert!(c.read(id, ps, 3 * ps, ps, 10).is_none());
         assert!(!d.path().join(&hex[..2]).join(format!("{hex}-0")).exists());
+    }
+
+    #[test]
+    fn a_directory_another_process_holds_is_refused_until_released() {
+        let d = tempfile::tempdir().unwrap();
+        let ps = 4096u64;
+        {
+            let c = LocalCache::open(d.path(), 10 * ps).unwrap();
+            c.store(5, ps, ps, 0, vec![Bytes::from(vec![5u8; ps as usize])]);
+        }
+        // Another process's lock (flock locks of two open file
+        // descriptions conflict within one process too).
+        let other = File::open(d.path().join(".lock")).unwrap();
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(
+            unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+            0
+        );
+        let short = std::time::Duration::from_millis(100);
+        // Its capacity of one page would evict pages the holder counts.
+        let e = LocalCache::open_waiting(d.path(), ps / 2, short)
+            .err()
+            .expect("refused while held");
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        assert!(e.to_string().contains("in use by"), "{e}");
+        let hex = format!("{:032x}", 5u128);
+        let kept = d.path().join(&hex[..2]).join(format!("{hex}.{ps}"));
+        assert_eq!(std::fs::read(&kept).unwrap(), vec![5u8; ps as usize]);
+        drop(other);
+        let c = LocalCache::open_waiting(d.path(), 10 * ps, short).unwrap();
+        assert_eq!(c.stats().pages, 1);
+        let pid = std::fs::read_to_string(d.path().join(".lock")).unwrap();
+        assert_eq!(pid.trim(), std::process::id().to_string());
     }
 }

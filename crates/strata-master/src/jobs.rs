@@ -304,7 +304,12 @@ pub struct JobRunner {
 
 impl JobRunner {
     pub fn start(ns: Arc<Namespace>, config: &Config, me: &str) -> Result<(), MasterError> {
-        let client = Client::new(me, config.client.clone())
+        // Jobs move data between the UFS and the workers: no heavy-client
+        // copy on the master's host (and no clash with a mount there that
+        // uses the configured directory).
+        let mut client_cfg = config.client.clone();
+        client_cfg.local_cache_dir = Default::default();
+        let client = Client::new(me, client_cfg)
             .map_err(|e| MasterError::Internal(format!("job client: {e}")))?;
         let r = Arc::new(JobRunner {
             ns,
