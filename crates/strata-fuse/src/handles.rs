@@ -49,7 +49,16 @@ pub enum Kind {
         window: Mutex<Window>,
     },
     Write(Box<Mutex<WriteState>>),
-    Dir(Vec<(u64, FileType, String)>),
+    Dir(Vec<DirEntry>),
+}
+
+/// One entry of a directory listed at `opendir`: its inode, type and name,
+/// and what the listing said of it (`None` for `.` and `..`).
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: FileType,
+    pub name: String,
+    pub info: Option<strata_client::FileInfo>,
 }
 
 /// A window being fetched.
@@ -348,7 +357,7 @@ impl Open {
         }
     }
 
-    pub fn dir(entries: Vec<(u64, FileType, String)>) -> Open {
+    pub fn dir(entries: Vec<DirEntry>) -> Open {
         Open {
             ino: 0,
             written: None,
@@ -368,7 +377,7 @@ impl Open {
         }
     }
 
-    pub fn entries(&self) -> Option<&[(u64, FileType, String)]> {
+    pub fn entries(&self) -> Option<&[DirEntry]> {
         match &self.kind {
             Kind::Dir(e) => Some(e),
             _ => None,

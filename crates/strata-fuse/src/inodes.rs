@@ -274,6 +274,17 @@ impl Inodes {
         }
     }
 
+    /// Takes back one lookup counted by [`Inodes::ino_for`] that the
+    /// kernel did not receive after all (a listing entry that did not fit).
+    pub fn uncount(&mut self, ino: u64) {
+        if let Some(n) = self.by_ino.get_mut(&ino) {
+            n.lookups = n.lookups.saturating_sub(1);
+            if n.lookups == 0 {
+                self.unreferenced.push_back(ino);
+            }
+        }
+    }
+
     /// The inode of `path`, created if new; `lookup` counts a kernel lookup.
     pub fn ino_for(&mut self, path: &str, lookup: bool) -> u64 {
         let ino = self.ino_made(path, !lookup);

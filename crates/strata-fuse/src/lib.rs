@@ -22,14 +22,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use strata_client::{Client, FileInfo, WriteOptions, WriteType};
 use tokio::runtime::Handle;
 
 pub use errno::to_errno;
-use handles::{Handles, Open};
+use handles::{DirEntry, Handles, Open};
 use inodes::{Inodes, ROOT};
 use passthrough::IoModes;
 
@@ -436,12 +436,79 @@ fn fill_dir(open: &Open, offset: u64, mut reply: ReplyDirectory) {
     let Some(entries) = open.entries() else {
         return reply.error(Errno::ENOTDIR);
     };
-    for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-        if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+    for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        if reply.add(INodeNo(e.ino), (i + 1) as u64, e.kind, &e.name) {
             break;
         }
     }
     reply.ok();
+}
+
+/// Answers a readdirplus from the entries listed at opendir, with the
+/// attributes the listing gave: the kernel then needs no `LOOKUP` for a
+/// name it has just listed (`ls -l`, `os.scandir` and `stat`, `find`).
+/// It counts a lookup for each entry it receives, `.` and `..` aside.
+fn fill_dir_plus(ctx: &Ctx, open: &Open, offset: u64, mut reply: ReplyDirectoryPlus) {
+    let Some(entries) = open.entries() else {
+        return reply.error(Errno::ENOTDIR);
+    };
+    for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        let next = (i + 1) as u64;
+        let Some(info) = &e.info else {
+            // The kernel takes neither a lookup nor the attributes of `.`
+            // and `..` from a readdirplus entry.
+            let attr = dot_attr(e.ino, ctx.uid, ctx.gid);
+            if reply.add(
+                INodeNo(e.ino),
+                next,
+                &e.name,
+                &ctx.entry_ttl,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+            continue;
+        };
+        // Counted before the attributes are taken, so the number cannot be
+        // dropped as listed-only meanwhile; uncounted if it does not fit.
+        let ino = lock(&ctx.inodes).ino_for(&info.path, true);
+        let attr = ctx.attr(ino, info);
+        if reply.add(
+            INodeNo(ino),
+            next,
+            &e.name,
+            &ctx.entry_ttl,
+            &attr,
+            Generation(0),
+        ) {
+            lock(&ctx.inodes).uncount(ino);
+            break;
+        }
+    }
+    reply.ok();
+}
+
+/// Attributes for the `.` and `..` entries of a readdirplus reply (the
+/// kernel ignores them, but each entry carries some).
+fn dot_attr(ino: u64, uid: u32, gid: u32) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::Directory,
+        perm: 0o755,
+        nlink: 2,
+        uid,
+        gid,
+        rdev: 0,
+        blksize: BLKSIZE,
+        flags: 0,
+    }
 }
 
 /// `truncate PATH SIZE` of a file no handle writes: open it for writing,
@@ -571,17 +638,20 @@ struct Ctx {
 
 impl Ctx {
     /// The entries of directory `ino`, with `.` and `..` first.
-    async fn dir_entries(&self, ino: u64) -> Result<Vec<(u64, FileType, String)>, Errno> {
+    async fn dir_entries(&self, ino: u64) -> Result<Vec<DirEntry>, Errno> {
         let (path, parent) = {
             let inodes = lock(&self.inodes);
             let path = inodes.path(ino).ok_or(Errno::ENOENT)?;
             (path, inodes.parent_ino(ino))
         };
         let list = self.client.list(&path).await.map_err(|e| to_errno(&e))?;
-        let mut entries = vec![
-            (ino, FileType::Directory, ".".to_string()),
-            (parent, FileType::Directory, "..".to_string()),
-        ];
+        let dot = |ino, name: &str| DirEntry {
+            ino,
+            kind: FileType::Directory,
+            name: name.to_string(),
+            info: None,
+        };
+        let mut entries = vec![dot(ino, "."), dot(parent, "..")];
         let mut inodes = lock(&self.inodes);
         for e in list {
             // A lookup of a listed name within attr_ttl needs no second
@@ -593,7 +663,12 @@ impl Ctx {
             } else {
                 FileType::RegularFile
             };
-            entries.push((child, kind, e.name));
+            entries.push(DirEntry {
+                ino: child,
+                kind,
+                name: e.name.clone(),
+                info: Some(e),
+            });
         }
         Ok(entries)
     }
@@ -808,6 +883,12 @@ impl Filesystem for StrataFs {
         // ask for `security.capability` before every write (one round trip
         // per write(2) otherwise); set-ID bits are cleared in `write`.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        // Listings with attributes, when the kernel sees they help: the
+        // first batch of a directory, and later ones while the lister also
+        // looks the names up (`ls -l`); plain `ls` gets plain READDIR.
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
         if self.opts.no_open {
             // The kernel keeps pages of files it opens by itself; a change
             // of size or modification time (seen once the attribute
@@ -1446,6 +1527,32 @@ impl Filesystem for StrataFs {
             match ctx.dir_entries(ino.0).await {
                 Ok(entries) => {
                     fill_dir(&ctx.handles.adopt(fh.0, Open::dir(entries)), offset, reply)
+                }
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        let ctx = self.ctx();
+        if let Some(open) = self.handles.get(fh.0) {
+            return fill_dir_plus(&ctx, &open, offset, reply);
+        }
+        if !self.handles.is_inherited(fh.0) {
+            return reply.error(Errno::EBADF);
+        }
+        self.spawn(async move {
+            match ctx.dir_entries(ino.0).await {
+                Ok(entries) => {
+                    let open = ctx.handles.adopt(fh.0, Open::dir(entries));
+                    fill_dir_plus(&ctx, &open, offset, reply)
                 }
                 Err(e) => reply.error(e),
             }
