@@ -302,8 +302,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// configured `client.local_cache_dir`, the command runs without it.
 pub(crate) fn client(cfg: &Config) -> anyhow::Result<strata_client::Client> {
     match strata_client::Client::new(&cfg.cluster.master, cfg.client.clone()) {
-        Err(strata_client::ClientError::LocalCacheInUse(msg)) => {
-            eprintln!("warning: {msg}; running without it");
+        Err(strata_client::ClientError::LocalCacheInUse { dir, holder }) => {
+            eprintln!(
+                "warning: client.local_cache_dir {dir} is in use by {holder}; \
+                 running without it"
+            );
             let mut client = cfg.client.clone();
             client.local_cache_dir = Default::default();
             Ok(strata_client::Client::new(&cfg.cluster.master, client)?)

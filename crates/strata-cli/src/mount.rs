@@ -131,8 +131,20 @@ async fn file_system(cfg: &Config, args: &MountArgs) -> anyhow::Result<StrataFs>
             .with_context(|| format!("--local-cache-capacity {c}"))?;
     }
     // Not `crate::client`: a mount asked for its local cache directory
-    // fails rather than run without it.
-    let client = strata_client::Client::new(&cfg.cluster.master, cfg.client.clone())?;
+    // fails rather than run without it, after waiting a little for a
+    // process that is letting it go (the daemon a restartable mount
+    // replaces, a command finishing).
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let client = loop {
+        match strata_client::Client::new(&cfg.cluster.master, cfg.client.clone()) {
+            Err(strata_client::ClientError::LocalCacheInUse { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => break other?,
+        }
+    };
     Ok(StrataFs::new(
         client,
         tokio::runtime::Handle::current(),

@@ -479,12 +479,14 @@ async fn listings_carry_the_attributes_of_their_entries() {
     let local = tempfile::tempdir().unwrap();
     let ufs = local.path().join("ds");
     std::fs::create_dir_all(ufs.join("sub")).unwrap();
-    // Enough entries for several READDIRPLUS replies (a few KiB each).
+    // Enough entries for several READDIRPLUS replies (up to 128 KiB, about
+    // 700 of these names, each); the first reply comes before the rewrites
+    // below, the later ones after.
     let mut want = vec![("sub".to_string(), true, 0u64)];
-    for i in 0..300u64 {
+    for i in 0..2000u64 {
         let name = format!("file-with-a-longish-name-{i:04}");
-        std::fs::write(ufs.join(&name), vec![7u8; (i * 37) as usize]).unwrap();
-        want.push((name, false, i * 37));
+        std::fs::write(ufs.join(&name), vec![7u8; (i * 7) as usize]).unwrap();
+        want.push((name, false, i * 7));
     }
     want.sort();
     let env = start(ClusterOptions {
@@ -508,7 +510,7 @@ async fn listings_carry_the_attributes_of_their_entries() {
     // Files read through the mount after the listing read right.
     assert_eq!(
         std::fs::read(dir.join("file-with-a-longish-name-0123")).unwrap(),
-        vec![7u8; 123 * 37]
+        vec![7u8; 123 * 7]
     );
     // Changed and removed behind Strata: after a sync and the attribute
     // timeout (1 s), the next listing shows the new size and no old name.
@@ -531,16 +533,50 @@ async fn listings_carry_the_attributes_of_their_entries() {
     );
     let e = std::fs::metadata(dir.join("file-with-a-longish-name-0006")).unwrap_err();
     assert_eq!(errno(&e), libc::ENOENT);
+    // Files rewritten through the mount while a listing of their directory
+    // is being read: the entries that follow carry the new sizes, not the
+    // ones the listing had when the directory was opened.
+    let mut it = std::fs::read_dir(&dir).unwrap();
+    let mut seen: Vec<(String, u64)> = Vec::new();
+    for _ in 0..5 {
+        let e = it.next().unwrap().unwrap();
+        seen.push((
+            e.file_name().into_string().unwrap(),
+            e.metadata().unwrap().len(),
+        ));
+    }
+    let rewritten: Vec<String> = (1..20)
+        .map(|i| format!("file-with-a-longish-name-{:04}", i * 100))
+        .collect();
+    for name in &rewritten {
+        assert!(seen.iter().all(|e| &e.0 != name), "{seen:?}");
+        std::fs::write(dir.join(name), vec![3u8; 12_345]).unwrap();
+    }
+    for e in it {
+        let e = e.unwrap();
+        seen.push((
+            e.file_name().into_string().unwrap(),
+            e.metadata().unwrap().len(),
+        ));
+    }
+    seen.sort();
+    for e in &mut want2 {
+        if rewritten.contains(&e.0) {
+            e.2 = 12_345;
+        }
+    }
+    let seen_files: Vec<_> = seen.into_iter().filter(|e| e.0 != "sub").collect();
+    assert_eq!(seen_files, sizes(&want2));
     // Names the kernel learned from listings and then forgot (dropped
     // dentries) are looked up again correctly.
     // ("2" frees dentries and inodes; root only, else a no-op here.)
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "2");
     assert_eq!(sizes(&listed_sizes(&dir)), sizes(&want2));
     assert_eq!(
-        std::fs::metadata(dir.join("file-with-a-longish-name-0299"))
+        std::fs::metadata(dir.join("file-with-a-longish-name-1999"))
             .unwrap()
             .len(),
-        299 * 37
+        1999 * 7
     );
 }
 
@@ -1260,9 +1296,13 @@ async fn heavy_client_cache_serves_reads_with_every_worker_down() {
             ..Default::default()
         },
     ) {
-        Err(strata_client::ClientError::LocalCacheInUse(msg)) => {
+        Err(e @ strata_client::ClientError::LocalCacheInUse { .. }) => {
+            let msg = e.to_string();
             assert!(msg.contains(&cache_dir), "{msg}");
-            assert!(msg.contains(&format!("process {daemon}")), "{msg}");
+            assert!(
+                msg.contains(&format!("in use by process {daemon}")),
+                "{msg}"
+            );
         }
         Err(e) => panic!("refused for another reason: {e}"),
         Ok(_) => panic!("a second process may not use the directory"),

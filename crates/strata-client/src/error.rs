@@ -38,8 +38,11 @@ pub enum ClientError {
     Unimplemented(String),
     /// `client.local_cache_dir` is used by another process (one process
     /// at a time may use a directory).
-    #[error("{0}")]
-    LocalCacheInUse(String),
+    #[error(
+        "client.local_cache_dir {dir}: in use by {holder} (one process at a time may use a local \
+         cache directory: stop that process, or give this one its own directory)"
+    )]
+    LocalCacheInUse { dir: String, holder: String },
     #[error("master: {0}")]
     Other(String),
 }

@@ -135,10 +135,10 @@ impl Client {
             Some(
                 local_cache::LocalCache::open(dir, cfg.local_cache_capacity.0).map_err(|e| {
                     if e.kind() == std::io::ErrorKind::WouldBlock {
-                        ClientError::LocalCacheInUse(format!(
-                            "client.local_cache_dir {}: {e}",
-                            dir.display()
-                        ))
+                        ClientError::LocalCacheInUse {
+                            dir: dir.display().to_string(),
+                            holder: e.to_string(),
+                        }
                     } else {
                         ClientError::InvalidArgument(format!(
                             "client.local_cache_dir {}: {e} (create it, make it writable, \

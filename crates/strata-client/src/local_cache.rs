@@ -152,9 +152,9 @@ pub(crate) struct LocalCache {
     _lock: File,
 }
 
-/// How long opening a directory another process holds waits for it to be
-/// released (a restarted mount daemon follows the one that just exited).
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long opening a directory this process itself still holds (a cache
+/// of it being dropped on another thread) waits for it to be released.
+const SELF_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The caches this process has open, by directory: clients of one process
 /// share one (the lock would refuse a second).
@@ -165,9 +165,9 @@ fn open_caches() -> &'static Mutex<HashMap<PathBuf, std::sync::Weak<LocalCache>>
 }
 
 /// Takes the exclusive lock of `dir` (`<dir>/.lock`, holding the pid of
-/// the process that has it), waiting up to `wait` for another process to
-/// release it; `ErrorKind::WouldBlock` naming that process if it does not.
-fn lock_dir(dir: &Path, wait: std::time::Duration) -> std::io::Result<File> {
+/// the process that has it). If another process holds it: an error of
+/// kind `WouldBlock` whose message names the holder ("process PID").
+fn lock_dir(dir: &Path) -> std::io::Result<File> {
     use std::io::{Read, Seek};
     let path = dir.join(".lock");
     let mut f = std::fs::OpenOptions::new()
@@ -176,7 +176,7 @@ fn lock_dir(dir: &Path, wait: std::time::Duration) -> std::io::Result<File> {
         .create(true)
         .truncate(false)
         .open(&path)?;
-    let deadline = std::time::Instant::now() + wait;
+    let deadline = std::time::Instant::now() + SELF_WAIT;
     loop {
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -188,22 +188,19 @@ fn lock_dir(dir: &Path, wait: std::time::Duration) -> std::io::Result<File> {
         if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
             return Err(e);
         }
-        if std::time::Instant::now() >= deadline {
-            let mut holder = String::new();
-            let _ = f.rewind().and_then(|()| f.read_to_string(&mut holder));
-            let holder = match holder.trim() {
+        let mut holder = String::new();
+        let _ = f.rewind().and_then(|()| f.read_to_string(&mut holder));
+        let holder = holder.trim();
+        let me = holder == std::process::id().to_string();
+        if !me || std::time::Instant::now() >= deadline {
+            let who = match holder {
                 "" => "another process".to_string(),
+                _ if me => "this process (another path to the same directory?)".to_string(),
                 pid => format!("process {pid}"),
             };
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::WouldBlock,
-                format!(
-                    "in use by {holder} (one process at a time may use a local cache \
-                     directory: stop that process, or give this one its own directory)"
-                ),
-            ));
+            return Err(std::io::Error::new(std::io::ErrorKind::WouldBlock, who));
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
@@ -285,25 +282,25 @@ fn punch_hole(f: &File, off: u64, len: u64) -> std::io::Result<()> {
 impl LocalCache {
     /// The cache of directory `dir` (created if needed): the one this
     /// process has open already, or a new one that locks the directory
-    /// and indexes the pages in it. `ErrorKind::WouldBlock` if another
-    /// process holds it.
+    /// and indexes the pages in it. `ErrorKind::WouldBlock`, naming the
+    /// holder, if another process holds it.
     pub(crate) fn open(dir: &Path, capacity: u64) -> std::io::Result<Arc<LocalCache>> {
-        Self::open_waiting(dir, capacity, LOCK_WAIT)
-    }
-
-    fn open_waiting(
-        dir: &Path,
-        capacity: u64,
-        wait: std::time::Duration,
-    ) -> std::io::Result<Arc<LocalCache>> {
         std::fs::create_dir_all(dir)?;
         let dir = std::fs::canonicalize(dir)?;
         let mut open = open_caches().lock().unwrap_or_else(|p| p.into_inner());
         open.retain(|_, c| c.strong_count() > 0);
         if let Some(c) = open.get(&dir).and_then(|c| c.upgrade()) {
+            if c.capacity != capacity {
+                tracing::warn!(
+                    "local cache {}: already open in this process with a capacity of {} bytes, \
+                     which it keeps (asked for {capacity})",
+                    dir.display(),
+                    c.capacity
+                );
+            }
             return Ok(c);
         }
-        let c = Arc::new(Self::index(&dir, capacity, lock_dir(&dir, wait)?)?);
+        let c = Arc::new(Self::index(&dir, capacity, lock_dir(&dir)?)?);
         open.insert(dir, Arc::downgrade(&c));
         Ok(c)
     }
@@ -860,24 +857,28 @@ mod tests {
         }
         // Another process's lock (flock locks of two open file
         // descriptions conflict within one process too).
-        let other = File::open(d.path().join(".lock")).unwrap();
+        let other = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.path().join(".lock"))
+            .unwrap();
         // SAFETY: flock on a descriptor we own.
         assert_eq!(
             unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
             0
         );
-        let short = std::time::Duration::from_millis(100);
+        other.set_len(0).unwrap();
+        other.write_all_at(b"4242\n", 0).unwrap();
         // Its capacity of one page would evict pages the holder counts.
-        let e = LocalCache::open_waiting(d.path(), ps / 2, short)
+        let e = LocalCache::open(d.path(), ps / 2)
             .err()
             .expect("refused while held");
         assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
-        assert!(e.to_string().contains("in use by"), "{e}");
+        assert_eq!(e.to_string(), "process 4242");
         let hex = format!("{:032x}", 5u128);
         let kept = d.path().join(&hex[..2]).join(format!("{hex}.{ps}"));
         assert_eq!(std::fs::read(&kept).unwrap(), vec![5u8; ps as usize]);
         drop(other);
-        let c = LocalCache::open_waiting(d.path(), 10 * ps, short).unwrap();
+        let c = LocalCache::open(d.path(), 10 * ps).unwrap();
         assert_eq!(c.stats().pages, 1);
         let pid = std::fs::read_to_string(d.path().join(".lock")).unwrap();
         assert_eq!(pid.trim(), std::process::id().to_string());

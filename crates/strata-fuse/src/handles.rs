@@ -59,6 +59,9 @@ pub struct DirEntry {
     pub kind: FileType,
     pub name: String,
     pub info: Option<strata_client::FileInfo>,
+    /// Found missing since the listing (a readdirplus entry must carry
+    /// current attributes, so it leaves such a name out).
+    pub gone: std::sync::atomic::AtomicBool,
 }
 
 /// A window being fetched.

@@ -444,17 +444,30 @@ fn fill_dir(open: &Open, offset: u64, mut reply: ReplyDirectory) {
     reply.ok();
 }
 
-/// Answers a readdirplus from the entries listed at opendir, with the
-/// attributes the listing gave: the kernel then needs no `LOOKUP` for a
-/// name it has just listed (`ls -l`, `os.scandir` and `stat`, `find`).
-/// It counts a lookup for each entry it receives, `.` and `..` aside.
-fn fill_dir_plus(ctx: &Ctx, open: &Open, offset: u64, mut reply: ReplyDirectoryPlus) {
+/// Answers a readdirplus from the entries listed at opendir, with their
+/// attributes: the kernel then needs no `LOOKUP` for a name it has just
+/// listed (`ls -l`, `os.scandir` and `stat`, `find`). It counts a lookup
+/// for each entry it receives, `.` and `..` aside. Attributes come from
+/// the mount's metadata cache, as a lookup's do (fresh within the
+/// attribute timeout, dropped by every change made through the mount),
+/// never from the listing alone, which may be older than a write or a
+/// rename made since: an entry whose metadata has expired ends the batch,
+/// and if it is the first, the reply is handed back for
+/// [`Ctx::refresh_listed`].
+fn fill_dir_plus(
+    ctx: &Ctx,
+    open: &Open,
+    offset: u64,
+    mut reply: ReplyDirectoryPlus,
+) -> Option<ReplyDirectoryPlus> {
     let Some(entries) = open.entries() else {
-        return reply.error(Errno::ENOTDIR);
+        reply.error(Errno::ENOTDIR);
+        return None;
     };
+    let mut added = false;
     for (i, e) in entries.iter().enumerate().skip(offset as usize) {
         let next = (i + 1) as u64;
-        let Some(info) = &e.info else {
+        let Some(listed) = &e.info else {
             // The kernel takes neither a lookup nor the attributes of `.`
             // and `..` from a readdirplus entry.
             let attr = dot_attr(e.ino, ctx.uid, ctx.gid);
@@ -468,12 +481,22 @@ fn fill_dir_plus(ctx: &Ctx, open: &Open, offset: u64, mut reply: ReplyDirectoryP
             ) {
                 break;
             }
+            added = true;
             continue;
+        };
+        if e.gone.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
+        }
+        let Some(info) = ctx.meta.get(&listed.path, ctx.attr_ttl) else {
+            if !added {
+                return Some(reply);
+            }
+            break;
         };
         // Counted before the attributes are taken, so the number cannot be
         // dropped as listed-only meanwhile; uncounted if it does not fit.
         let ino = lock(&ctx.inodes).ino_for(&info.path, true);
-        let attr = ctx.attr(ino, info);
+        let attr = ctx.attr(ino, &info);
         if reply.add(
             INodeNo(ino),
             next,
@@ -485,8 +508,10 @@ fn fill_dir_plus(ctx: &Ctx, open: &Open, offset: u64, mut reply: ReplyDirectoryP
             lock(&ctx.inodes).uncount(ino);
             break;
         }
+        added = true;
     }
     reply.ok();
+    None
 }
 
 /// Attributes for the `.` and `..` entries of a readdirplus reply (the
@@ -650,6 +675,7 @@ impl Ctx {
             kind: FileType::Directory,
             name: name.to_string(),
             info: None,
+            gone: Default::default(),
         };
         let mut entries = vec![dot(ino, "."), dot(parent, "..")];
         let mut inodes = lock(&self.inodes);
@@ -668,9 +694,47 @@ impl Ctx {
                 kind,
                 name: e.name.clone(),
                 info: Some(e),
+                gone: Default::default(),
             });
         }
         Ok(entries)
+    }
+
+    /// Fetches the metadata of the next listed entries of `open` from
+    /// `offset` whose cached metadata has expired (up to a batch of them),
+    /// and marks those found missing since the listing as gone. The first
+    /// other error, if any.
+    async fn refresh_listed(&self, open: &Open, offset: u64) -> Result<(), Errno> {
+        use futures::StreamExt;
+        const BATCH: usize = 128;
+        let Some(entries) = open.entries() else {
+            return Err(Errno::ENOTDIR);
+        };
+        let stale: Vec<(usize, String)> = entries
+            .iter()
+            .enumerate()
+            .skip(offset as usize)
+            .filter(|(_, e)| !e.gone.load(std::sync::atomic::Ordering::Relaxed))
+            .filter_map(|(i, e)| e.info.as_ref().map(|info| (i, info.path.clone())))
+            .filter(|(_, p)| self.meta.get(p, self.attr_ttl).is_none())
+            .take(BATCH)
+            .collect();
+        let mut results = futures::stream::iter(stale)
+            .map(|(i, p)| async move { (i, self.stat_cached(&p).await) })
+            .buffer_unordered(16);
+        let mut first_err = None;
+        while let Some((i, r)) = results.next().await {
+            match r {
+                Ok(_) => {}
+                Err(err) if err.is_not_found() => {
+                    entries[i].gone.store(true, std::sync::atomic::Ordering::Relaxed)
+                }
+                Err(err) => {
+                    first_err.get_or_insert(to_errno(&err));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Opens file `ino` again for reading under handle `fh`, which an
@@ -1539,22 +1603,30 @@ impl Filesystem for StrataFs {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        reply: ReplyDirectoryPlus,
+        mut reply: ReplyDirectoryPlus,
     ) {
         let ctx = self.ctx();
-        if let Some(open) = self.handles.get(fh.0) {
-            return fill_dir_plus(&ctx, &open, offset, reply);
-        }
-        if !self.handles.is_inherited(fh.0) {
+        let open = self.handles.get(fh.0);
+        if let Some(open) = &open {
+            match fill_dir_plus(&ctx, open, offset, reply) {
+                None => return,
+                Some(r) => reply = r,
+            }
+        } else if !self.handles.is_inherited(fh.0) {
             return reply.error(Errno::EBADF);
         }
         self.spawn(async move {
-            match ctx.dir_entries(ino.0).await {
-                Ok(entries) => {
-                    let open = ctx.handles.adopt(fh.0, Open::dir(entries));
-                    fill_dir_plus(&ctx, &open, offset, reply)
-                }
-                Err(e) => reply.error(e),
+            let open = match open {
+                Some(o) => o,
+                // An earlier daemon's directory handle: list it again.
+                None => match ctx.dir_entries(ino.0).await {
+                    Ok(entries) => ctx.handles.adopt(fh.0, Open::dir(entries)),
+                    Err(e) => return reply.error(e),
+                },
+            };
+            let res = ctx.refresh_listed(&open, offset).await;
+            if let Some(reply) = fill_dir_plus(&ctx, &open, offset, reply) {
+                reply.error(res.err().unwrap_or(Errno::EIO));
             }
         });
     }
