@@ -578,6 +578,20 @@ async fn listings_carry_the_attributes_of_their_entries() {
             .len(),
         1999 * 7
     );
+    // Every name stat'ed one by one after the attribute timeout, as `ls -l`
+    // and `find` do once they have read a large listing: after a few
+    // misses the mount lists the directory again and answers the rest from
+    // that listing; a name removed behind Strata stays gone.
+    std::thread::sleep(Duration::from_millis(1100));
+    for (name, is_dir, size) in &want2 {
+        let m = std::fs::metadata(dir.join(name)).unwrap();
+        assert_eq!(m.is_dir(), *is_dir, "{name}");
+        if !is_dir {
+            assert_eq!(m.len(), *size, "{name}");
+        }
+    }
+    let e = std::fs::metadata(dir.join("file-with-a-longish-name-0006")).unwrap_err();
+    assert_eq!(errno(&e), libc::ENOENT);
 }
 
 #[tokio::test(flavor = "multi_thread")]

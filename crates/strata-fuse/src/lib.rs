@@ -222,6 +222,36 @@ struct MetaCache {
     by_path: Mutex<std::collections::HashMap<String, (std::time::Instant, FileInfo)>>,
     /// How long an entry is used (the mount's attribute timeout).
     ttl: Duration,
+    /// Recent misses per directory (see [`MetaCache::relist_for`]).
+    misses: Mutex<std::collections::HashMap<String, DirMisses>>,
+}
+
+/// Misses of names in one directory within one second after which the
+/// mount lists the directory again (one call) instead of asking the
+/// master about each name (`ls -l` and `find` of a large directory stat
+/// every name after reading the whole listing, when the attribute timeout
+/// has passed for most of them). At least this many, and at least one in
+/// [`RELIST_SHARE`] of the directory's entries (so a huge directory whose
+/// files are stat'ed at random is not listed over and over).
+const RELIST_AFTER_MISSES: usize = 32;
+const RELIST_SHARE: usize = 64;
+
+/// A directory is listed again for misses at most once per attribute
+/// timeout, and at most once per this many times the duration of its last
+/// listing.
+const RELIST_COST_FACTOR: u32 = 2;
+
+#[derive(Default)]
+struct DirMisses {
+    /// Start of the current one-second window and the misses in it.
+    window: Option<std::time::Instant>,
+    misses: usize,
+    /// Entries of the directory when it was last listed for misses.
+    entries: usize,
+    /// When the last listing for misses ended, and how long it took.
+    listed: Option<(std::time::Instant, Duration)>,
+    /// A listing in progress, which other misses in the directory await.
+    pending: Option<futures::future::Shared<futures::future::BoxFuture<'static, ()>>>,
 }
 
 /// Entries a [`MetaCache`] holds before it drops expired ones (a listing
@@ -233,6 +263,7 @@ impl MetaCache {
         MetaCache {
             by_path: Mutex::default(),
             ttl,
+            misses: Mutex::default(),
         }
     }
 
@@ -258,6 +289,65 @@ impl MetaCache {
 
     fn forget(&self, path: &str) {
         lock(&self.by_path).remove(path);
+    }
+
+    /// Called when `path` is not in the cache: once names of its directory
+    /// keep missing, lists that directory again (one call, awaited by every
+    /// miss in it meanwhile) and caches every entry, so the next misses
+    /// are answered from a listing as fresh as a `stat`.
+    async fn relist_for(self: &Arc<Self>, client: &Client, path: &str) {
+        use futures::FutureExt;
+        let Some((dir, _)) = path.rsplit_once('/') else {
+            return;
+        };
+        let dir = if dir.is_empty() { "/" } else { dir };
+        let listing = {
+            let mut m = lock(&self.misses);
+            if m.len() > 4096 {
+                m.retain(|_, d| d.pending.is_some());
+            }
+            let now = std::time::Instant::now();
+            let d = m.entry(dir.to_string()).or_default();
+            match &d.pending {
+                Some(p) => p.clone(),
+                None => {
+                    if d.window.is_none_or(|w| now - w >= Duration::from_secs(1)) {
+                        d.window = Some(now);
+                        d.misses = 0;
+                    }
+                    d.misses += 1;
+                    let recent = d.listed.is_some_and(|(at, took)| {
+                        now - at < self.ttl.max(took * RELIST_COST_FACTOR)
+                    });
+                    let wanted = RELIST_AFTER_MISSES.max(d.entries / RELIST_SHARE);
+                    if d.misses < wanted || recent {
+                        return;
+                    }
+                    let (me, client, dir) = (self.clone(), client.clone(), dir.to_string());
+                    let f = async move {
+                        let start = std::time::Instant::now();
+                        let mut entries = 0;
+                        if let Ok(list) = client.list(&dir).await {
+                            entries = list.len();
+                            for e in &list {
+                                me.put(e);
+                            }
+                        }
+                        let mut m = lock(&me.misses);
+                        let d = m.entry(dir).or_default();
+                        d.pending = None;
+                        d.misses = 0;
+                        d.entries = entries;
+                        d.listed = Some((std::time::Instant::now(), start.elapsed()));
+                    }
+                    .boxed()
+                    .shared();
+                    d.pending = Some(f.clone());
+                    f
+                }
+            }
+        };
+        listing.await;
     }
 }
 
@@ -453,12 +543,14 @@ fn fill_dir(open: &Open, offset: u64, mut reply: ReplyDirectory) {
 /// never from the listing alone, which may be older than a write or a
 /// rename made since: an entry whose metadata has expired ends the batch,
 /// and if it is the first, the reply is handed back for
-/// [`Ctx::refresh_listed`].
+/// [`Ctx::refresh_listed`], whose results (`fresh`, by entry index) come
+/// first on the second try.
 fn fill_dir_plus(
     ctx: &Ctx,
     open: &Open,
     offset: u64,
     mut reply: ReplyDirectoryPlus,
+    fresh: &std::collections::HashMap<usize, FileInfo>,
 ) -> Option<ReplyDirectoryPlus> {
     let Some(entries) = open.entries() else {
         reply.error(Errno::ENOTDIR);
@@ -487,7 +579,11 @@ fn fill_dir_plus(
         if e.gone.load(std::sync::atomic::Ordering::Relaxed) {
             continue;
         }
-        let Some(info) = ctx.meta.get(&listed.path, ctx.attr_ttl) else {
+        let Some(info) = fresh
+            .get(&i)
+            .cloned()
+            .or_else(|| ctx.meta.get(&listed.path, ctx.attr_ttl))
+        else {
             if !added {
                 return Some(reply);
             }
@@ -702,13 +798,18 @@ impl Ctx {
 
     /// Fetches the metadata of the next listed entries of `open` from
     /// `offset` whose cached metadata has expired (up to a batch of them),
-    /// and marks those found missing since the listing as gone. The first
-    /// other error, if any.
-    async fn refresh_listed(&self, open: &Open, offset: u64) -> Result<(), Errno> {
+    /// and marks those found missing since the listing as gone. What was
+    /// fetched, by entry index, and the first other error, if any.
+    async fn refresh_listed(
+        &self,
+        open: &Open,
+        offset: u64,
+    ) -> (std::collections::HashMap<usize, FileInfo>, Option<Errno>) {
         use futures::StreamExt;
         const BATCH: usize = 128;
+        let mut fresh = std::collections::HashMap::new();
         let Some(entries) = open.entries() else {
-            return Err(Errno::ENOTDIR);
+            return (fresh, Some(Errno::ENOTDIR));
         };
         let stale: Vec<(usize, String)> = entries
             .iter()
@@ -725,16 +826,18 @@ impl Ctx {
         let mut first_err = None;
         while let Some((i, r)) = results.next().await {
             match r {
-                Ok(_) => {}
-                Err(err) if err.is_not_found() => {
-                    entries[i].gone.store(true, std::sync::atomic::Ordering::Relaxed)
+                Ok(info) => {
+                    fresh.insert(i, info);
                 }
+                Err(err) if err.is_not_found() => entries[i]
+                    .gone
+                    .store(true, std::sync::atomic::Ordering::Relaxed),
                 Err(err) => {
                     first_err.get_or_insert(to_errno(&err));
                 }
             }
         }
-        first_err.map_or(Ok(()), Err)
+        (fresh, first_err)
     }
 
     /// Opens file `ino` again for reading under handle `fh`, which an
@@ -828,6 +931,10 @@ impl Ctx {
 
     /// `stat` through the metadata cache (fresh for `attr_ttl`).
     async fn stat_cached(&self, path: &str) -> Result<FileInfo, strata_client::ClientError> {
+        if let Some(i) = self.meta.get(path, self.attr_ttl) {
+            return Ok(i);
+        }
+        self.meta.relist_for(&self.client, path).await;
         if let Some(i) = self.meta.get(path, self.attr_ttl) {
             return Ok(i);
         }
@@ -1608,7 +1715,7 @@ impl Filesystem for StrataFs {
         let ctx = self.ctx();
         let open = self.handles.get(fh.0);
         if let Some(open) = &open {
-            match fill_dir_plus(&ctx, open, offset, reply) {
+            match fill_dir_plus(&ctx, open, offset, reply, &Default::default()) {
                 None => return,
                 Some(r) => reply = r,
             }
@@ -1624,9 +1731,9 @@ impl Filesystem for StrataFs {
                     Err(e) => return reply.error(e),
                 },
             };
-            let res = ctx.refresh_listed(&open, offset).await;
-            if let Some(reply) = fill_dir_plus(&ctx, &open, offset, reply) {
-                reply.error(res.err().unwrap_or(Errno::EIO));
+            let (fresh, err) = ctx.refresh_listed(&open, offset).await;
+            if let Some(reply) = fill_dir_plus(&ctx, &open, offset, reply, &fresh) {
+                reply.error(err.unwrap_or(Errno::EIO));
             }
         });
     }
