@@ -134,11 +134,11 @@ async fn file_system(cfg: &Config, args: &MountArgs) -> anyhow::Result<StrataFs>
     // fails rather than run without it, after waiting a little for a
     // process that is letting it go (the daemon a restartable mount
     // replaces, a command finishing).
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(2);
     let client = loop {
         match strata_client::Client::new(&cfg.cluster.master, cfg.client.clone()) {
             Err(strata_client::ClientError::LocalCacheInUse { .. })
-                if std::time::Instant::now() < deadline =>
+                if Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }

@@ -254,6 +254,25 @@ struct DirMisses {
     pending: Option<futures::future::Shared<futures::future::BoxFuture<'static, ()>>>,
 }
 
+impl DirMisses {
+    /// Counts a miss at `now`; true if the directory should be listed
+    /// again for it (see [`RELIST_AFTER_MISSES`], [`RELIST_COST_FACTOR`]).
+    fn miss(&mut self, now: std::time::Instant, ttl: Duration) -> bool {
+        if self
+            .window
+            .is_none_or(|w| now - w >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.misses = 0;
+        }
+        self.misses += 1;
+        let recent = self
+            .listed
+            .is_some_and(|(at, took)| now - at < ttl.max(took * RELIST_COST_FACTOR));
+        self.misses >= RELIST_AFTER_MISSES.max(self.entries / RELIST_SHARE) && !recent
+    }
+}
+
 /// Entries a [`MetaCache`] holds before it drops expired ones (a listing
 /// of a data set of a few hundred thousand files stays whole).
 const META_CACHE_ENTRIES: usize = 400_000;
@@ -308,43 +327,33 @@ impl MetaCache {
             }
             let now = std::time::Instant::now();
             let d = m.entry(dir.to_string()).or_default();
-            match &d.pending {
-                Some(p) => p.clone(),
-                None => {
-                    if d.window.is_none_or(|w| now - w >= Duration::from_secs(1)) {
-                        d.window = Some(now);
-                        d.misses = 0;
-                    }
-                    d.misses += 1;
-                    let recent = d.listed.is_some_and(|(at, took)| {
-                        now - at < self.ttl.max(took * RELIST_COST_FACTOR)
-                    });
-                    let wanted = RELIST_AFTER_MISSES.max(d.entries / RELIST_SHARE);
-                    if d.misses < wanted || recent {
-                        return;
-                    }
-                    let (me, client, dir) = (self.clone(), client.clone(), dir.to_string());
-                    let f = async move {
-                        let start = std::time::Instant::now();
-                        let mut entries = 0;
-                        if let Ok(list) = client.list(&dir).await {
-                            entries = list.len();
-                            for e in &list {
-                                me.put(e);
-                            }
-                        }
-                        let mut m = lock(&me.misses);
-                        let d = m.entry(dir).or_default();
-                        d.pending = None;
-                        d.misses = 0;
-                        d.entries = entries;
-                        d.listed = Some((std::time::Instant::now(), start.elapsed()));
-                    }
-                    .boxed()
-                    .shared();
-                    d.pending = Some(f.clone());
-                    f
+            if let Some(p) = &d.pending {
+                p.clone()
+            } else {
+                if !d.miss(now, self.ttl) {
+                    return;
                 }
+                let (me, client, dir) = (self.clone(), client.clone(), dir.to_string());
+                let f = async move {
+                    let start = std::time::Instant::now();
+                    let mut entries = 0;
+                    if let Ok(list) = client.list(&dir).await {
+                        entries = list.len();
+                        for e in &list {
+                            me.put(e);
+                        }
+                    }
+                    let mut m = lock(&me.misses);
+                    let d = m.entry(dir).or_default();
+                    d.pending = None;
+                    d.misses = 0;
+                    d.entries = entries;
+                    d.listed = Some((std::time::Instant::now(), start.elapsed()));
+                }
+                .boxed()
+                .shared();
+                d.pending = Some(f.clone());
+                f
             }
         };
         listing.await;
@@ -558,41 +567,36 @@ fn fill_dir_plus(
     };
     let mut added = false;
     for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        // `counted`: the kernel takes a lookup for the entry (for all but
+        // `.` and `..`, whose attributes it ignores too).
+        let (ino, attr, counted) = match &e.info {
+            None => {
+                let dir = FileInfo {
+                    is_dir: true,
+                    ..FileInfo::default()
+                };
+                (e.ino, ctx.attr(e.ino, &dir), false)
+            }
+            Some(_) if e.gone.load(std::sync::atomic::Ordering::Relaxed) => continue,
+            Some(listed) => {
+                let Some(info) = fresh
+                    .get(&i)
+                    .cloned()
+                    .or_else(|| ctx.meta.get(&listed.path, ctx.attr_ttl))
+                else {
+                    if !added {
+                        return Some(reply);
+                    }
+                    break;
+                };
+                // Counted before the attributes are taken, so the number
+                // cannot be dropped as listed-only meanwhile; uncounted if
+                // it does not fit.
+                let ino = lock(&ctx.inodes).ino_for(&info.path, true);
+                (ino, ctx.attr(ino, &info), true)
+            }
+        };
         let next = (i + 1) as u64;
-        let Some(listed) = &e.info else {
-            // The kernel takes neither a lookup nor the attributes of `.`
-            // and `..` from a readdirplus entry.
-            let attr = dot_attr(e.ino, ctx.uid, ctx.gid);
-            if reply.add(
-                INodeNo(e.ino),
-                next,
-                &e.name,
-                &ctx.entry_ttl,
-                &attr,
-                Generation(0),
-            ) {
-                break;
-            }
-            added = true;
-            continue;
-        };
-        if e.gone.load(std::sync::atomic::Ordering::Relaxed) {
-            continue;
-        }
-        let Some(info) = fresh
-            .get(&i)
-            .cloned()
-            .or_else(|| ctx.meta.get(&listed.path, ctx.attr_ttl))
-        else {
-            if !added {
-                return Some(reply);
-            }
-            break;
-        };
-        // Counted before the attributes are taken, so the number cannot be
-        // dropped as listed-only meanwhile; uncounted if it does not fit.
-        let ino = lock(&ctx.inodes).ino_for(&info.path, true);
-        let attr = ctx.attr(ino, &info);
         if reply.add(
             INodeNo(ino),
             next,
@@ -601,35 +605,15 @@ fn fill_dir_plus(
             &attr,
             Generation(0),
         ) {
-            lock(&ctx.inodes).uncount(ino);
+            if counted {
+                lock(&ctx.inodes).uncount(ino);
+            }
             break;
         }
         added = true;
     }
     reply.ok();
     None
-}
-
-/// Attributes for the `.` and `..` entries of a readdirplus reply (the
-/// kernel ignores them, but each entry carries some).
-fn dot_attr(ino: u64, uid: u32, gid: u32) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(ino),
-        size: 0,
-        blocks: 0,
-        atime: UNIX_EPOCH,
-        mtime: UNIX_EPOCH,
-        ctime: UNIX_EPOCH,
-        crtime: UNIX_EPOCH,
-        kind: FileType::Directory,
-        perm: 0o755,
-        nlink: 2,
-        uid,
-        gid,
-        rdev: 0,
-        blksize: BLKSIZE,
-        flags: 0,
-    }
 }
 
 /// `truncate PATH SIZE` of a file no handle writes: open it for writing,
