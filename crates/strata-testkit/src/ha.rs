@@ -77,8 +77,36 @@ fn signal_pid(pid: u32, sig: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A free port on 127.0.0.1 (bound and released; loopback only).
+/// A free port on 127.0.0.1 (bound and released; loopback only) for a
+/// process started later. Taken below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), so that no port the kernel hands to
+/// another process meanwhile (a `:0` bind of a parallel test, an outgoing
+/// connection) can be this one, as a `:0` reservation could be.
 pub fn free_addr() -> anyhow::Result<String> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (
+        ephemeral_start.saturating_sub(12_000).max(1024),
+        ephemeral_start,
+    );
+    if hi > lo + 1000 {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ (u64::from(std::process::id()) << 20);
+        for _ in 0..200 {
+            let n = seed.wrapping_add(SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(7919));
+            let port = lo + n.wrapping_mul(0x9E37_79B9_7F4A_7C15) % (hi - lo);
+            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+                return Ok(l.local_addr()?.to_string());
+            }
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.to_string())
 }
